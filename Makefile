@@ -1,0 +1,34 @@
+# specli: the README's two commands are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PAIR   := qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
+PROMPT := Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring and a short usage example.
+
+.PHONY: run test install models lint clean
+
+# The venv is rebuilt when pyproject.toml changes.  llama-cpp-python compiles from
+# source on first install (several minutes on 2 cores); pip caches the wheel after.
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing specli and its dependencies (first time: llama-cpp-python builds from source, 3-11 min)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+models: install
+	$(BIN)/specli pull $(PAIR)
+
+run: models
+	$(BIN)/specli generate -p "$(PROMPT)" -n 256 --stats
+
+test: models
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -ra
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,78 @@
+"""The one interface every model runtime implements.
+
+The engine only ever talks to a model through this protocol, so a GGUF target can
+be verified against an ONNX drafter (or any later runtime) without the loop
+knowing which is which.  A backend owns one sequence of tokens in its KV cache
+(`tokens`) and keeps it exact: `eval` appends, `truncate` rolls back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model: context size, CPU threads, GPU layers."""
+
+    n_ctx: int = 4096
+    n_threads: int | None = None  # None: every core this process may use
+    n_gpu_layers: int = 0
+    n_batch: int = 512
+    # Batch-invariance vs speed: llama.cpp's flash-attention path changes float
+    # summation order with batch size, so verify batches drift from one-token
+    # decoding.  "auto" lets llama.cpp choose; "off" keeps greedy output closest to
+    # plain decoding.  kv_type "f32" reduces that drift further at 2x KV memory.
+    flash_attn: str = "auto"  # "auto" | "on" | "off"
+    kv_type: str = "f16"  # "f16" | "f32"
+
+
+class Backend(Protocol):
+    """A loaded causal LM with its tokenizer and a single rollback-able KV sequence."""
+
+    name: str  # runtime, e.g. "llama.cpp"
+    path: str
+    n_vocab: int
+    n_ctx: int
+    tokens: list[int]  # what the KV cache holds, in order
+    bos: int | None  # the BOS token id, if the vocabulary has one
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
+        """Text to token ids; `special` parses control tokens such as <|im_end|>."""
+        ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes a token stands for (may be part of a UTF-8 character)."""
+        ...
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, end of turn)."""
+        ...
+
+    def vocab_texts(self) -> list[bytes]:
+        """Every token's string, by id: two models share a tokenizer iff these match."""
+        ...
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The model's own chat template applied, ending with the assistant's turn."""
+        ...
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether a raw prompt must start with the BOS token."""
+        ...
+
+    def eval(self, tokens: Sequence[int], logits_for: Sequence[int] = ()) -> np.ndarray:
+        """Append `tokens` to the KV cache; return logits rows only for the given
+        indices into `tokens` (shape (len(logits_for), n_vocab), float32)."""
+        ...
+
+    def truncate(self, n: int) -> None:
+        """Drop everything after the first `n` cached tokens; raise if the cache cannot."""
+        ...
+
+    def close(self) -> None: ...

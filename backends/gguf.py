@@ -1,0 +1,279 @@
+"""GGUF models through llama-cpp-python's low-level API.
+
+Why the low-level API and not `llama_cpp.Llama`: `Llama` keeps an
+(n_batch x n_vocab) score buffer and, for per-position logits, needs
+`logits_all=True`, which computes the LM head for every prompt token.  Here a
+batch marks exactly the positions under verification, and KV rollback checks
+`llama_memory_seq_rm`'s result instead of ignoring it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from ..errors import SpecliError
+from .base import LoadOptions
+
+GGUF_MAGIC = b"GGUF"
+_FLASH = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+_KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}
+
+# llama.cpp reports why a load failed only through its log: keep the tail of it.
+_LOG_TAIL: deque[str] = deque(maxlen=40)
+_LOG_LOCK = threading.Lock()
+_VERBOSE = bool(os.environ.get("SPECLI_VERBOSE"))
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    msg = text.decode("utf-8", errors="replace")
+    with _LOG_LOCK:
+        _LOG_TAIL.append(msg)
+    if _VERBOSE:
+        os.write(2, text)
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def _last_error() -> str:
+    """The most telling line llama.cpp logged, for a one-line error message."""
+    with _LOG_LOCK:
+        lines = [ln.strip() for ln in _LOG_TAIL if ln.strip()]
+    for ln in reversed(lines):
+        if "error" in ln.lower() or "failed" in ln.lower():
+            return ln
+    return lines[-1] if lines else "no details from llama.cpp"
+
+
+def check_gguf_file(path: str | os.PathLike[str]) -> Path:
+    """Fail early, in one line, on a missing, unreadable or non-GGUF file."""
+    p = Path(path)
+    if not p.exists():
+        raise SpecliError(f"model file not found: {p}")
+    if p.is_dir():
+        raise SpecliError(f"model path is a directory, not a GGUF file: {p}")
+    try:
+        with p.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise SpecliError(f"cannot read model file {p}: {e.strerror or e}") from None
+    if magic != GGUF_MAGIC:
+        raise SpecliError(f"not a GGUF file (bad magic {magic!r}): {p}")
+    return p
+
+
+def default_threads() -> int:
+    """All cores this process may run on: decoding is memory-bound, so more
+    threads than cores only adds contention."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class GGUFModel:
+    """One llama.cpp model and context holding a single KV sequence (seq 0)."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path: str | os.PathLike[str], opts: LoadOptions | None = None) -> None:
+        opts = opts or LoadOptions()
+        _init_backend()
+        p = check_gguf_file(path)
+        self.path = str(p)
+        self._model = None
+        self._ctx = None
+        self._batch = None
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = opts.n_gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(self.path.encode(), mparams)
+        if not self._model:
+            raise SpecliError(f"llama.cpp could not load {p.name}: {_last_error()}")
+
+        n_train = llama_cpp.llama_model_n_ctx_train(self._model)
+        self.n_ctx = min(opts.n_ctx, n_train) if n_train > 0 else opts.n_ctx
+        self.n_batch = max(1, min(opts.n_batch, self.n_ctx))
+        threads = opts.n_threads or default_threads()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        cparams.flash_attn_type = _FLASH[opts.flash_attn]
+        cparams.type_k = cparams.type_v = _KV_TYPES[opts.kv_type]
+        if opts.n_gpu_layers == 0:  # keep everything on the CPU, KV included
+            cparams.offload_kqv = False
+            cparams.op_offload = False
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise SpecliError(f"llama.cpp could not create a context for {p.name}: {_last_error()}")
+        self.n_threads = threads
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        self.bos = bos if bos >= 0 else None
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.tokens: list[int] = []
+        self._piece_cache: dict[int, bytes] = {}
+        self._logits_buf = np.empty(self.n_vocab, dtype=np.float32)
+
+    # -- tokenizer -----------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_bos, special)
+        if n < 0:  # buffer too small: -n is the size needed
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_bos, special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            piece = buf.raw[:n]
+            self._piece_cache[token] = piece
+        return piece
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def vocab_texts(self) -> list[bytes]:
+        get = llama_cpp.llama_vocab_get_text
+        return [get(self._vocab, i) or b"" for i in range(self.n_vocab)]
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return (llama_cpp.llama_vocab_get_text(self._vocab, token) or b"").decode(
+            "utf-8", errors="replace"
+        )
+
+    def chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        template = self.chat_template()
+        if not template:
+            raise SpecliError(
+                f"{Path(self.path).name} has no chat template; use --raw to send the prompt as is"
+            )
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        fmt = Jinja2ChatFormatter(
+            template,
+            eos_token=self._token_text(llama_cpp.llama_vocab_eos(self._vocab)),
+            bos_token=self._token_text(llama_cpp.llama_vocab_bos(self._vocab)),
+            add_generation_prompt=True,
+        )
+        try:
+            return fmt(messages=messages).prompt  # type: ignore[arg-type]
+        except Exception as e:  # a template error names the template's own complaint
+            raise SpecliError(f"chat template of {Path(self.path).name} failed: {e}") from None
+
+    # -- KV cache ------------------------------------------------------------------
+    def eval(self, tokens: Sequence[int], logits_for: Sequence[int] = ()) -> np.ndarray:
+        if len(self.tokens) + len(tokens) > self.n_ctx:
+            raise SpecliError(
+                f"context full: {len(self.tokens)} + {len(tokens)} tokens > --ctx {self.n_ctx}"
+            )
+        want = set(logits_for)
+        rows: list[np.ndarray] = []
+        b = self._batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            pos0 = len(self.tokens)
+            out_idx = []
+            for j, tok in enumerate(chunk):
+                b.token[j] = tok
+                b.pos[j] = pos0 + j
+                b.n_seq_id[j] = 1
+                b.seq_id[j][0] = 0
+                flag = (start + j) in want
+                b.logits[j] = flag
+                if flag:
+                    out_idx.append(j)
+            b.n_tokens = len(chunk)
+            rc = llama_cpp.llama_decode(self._ctx, b)
+            if rc != 0:
+                # a failed decode may leave a partial batch in the cache: drop it
+                llama_cpp.llama_memory_seq_rm(self._mem, 0, pos0, -1)
+                raise SpecliError(f"llama_decode failed (code {rc}): {_last_error()}")
+            self.tokens.extend(chunk)
+            for j in out_idx:
+                ptr = llama_cpp.llama_get_logits_ith(self._ctx, j)
+                rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        if not rows:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        return np.stack(rows)
+
+    def truncate(self, n: int) -> None:
+        if n > len(self.tokens):
+            return
+        # remove even when n == len(tokens): an eval interrupted between llama_decode
+        # and our bookkeeping may have left cells past the end
+        if not llama_cpp.llama_memory_seq_rm(self._mem, 0, n, -1):
+            raise SpecliError(
+                f"KV cache rollback to {n} tokens failed for {Path(self.path).name} "
+                "(recurrent or hybrid models cannot roll back partially)"
+            )
+        del self.tokens[n:]
+
+    def reset(self) -> None:
+        llama_cpp.llama_memory_clear(self._mem, True)
+        self.tokens.clear()
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:  # models are big: free them even if close() was forgotten
+        try:
+            self.close()
+        except Exception:
+            pass

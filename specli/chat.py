@@ -1,0 +1,118 @@
+"""Interactive (or scripted) multi-turn chat over the engine.
+
+The whole conversation is re-rendered through the chat template each turn; the
+engine keeps the KV prefix it shares with the previous turn, so only the new
+turn is prefilled.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from rich.console import Console
+
+from .engine import GenerationConfig, Result
+from .errors import SpecliError
+from .runtime import Loaded, encode_messages
+from .tokens import TextStream
+
+HELP = "commands: /stats  /reset  /exit   (Ctrl-C stops an answer, Ctrl-D quits)"
+
+
+class ChatSession:
+    def __init__(
+        self,
+        loaded: Loaded,
+        cfg: GenerationConfig,
+        *,
+        system: str | None,
+        write: Callable[[str], None],
+        err: Console,
+    ) -> None:
+        self.loaded = loaded
+        self.cfg = GenerationConfig(
+            max_tokens=cfg.max_tokens, params=cfg.params, draft_max=cfg.draft_max,
+            reuse_prefix=True,
+        )
+        self.system = system
+        self.write = write
+        self.err = err
+        self.messages: list[dict[str, str]] = []
+        self.last: Result | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def run(self, stdin: TextIO) -> None:
+        interactive = stdin.isatty()
+        if interactive:
+            self.err.print(f"specli chat ({self.loaded.method}); {HELP}", markup=False)
+        while True:
+            try:
+                line = input(">>> ") if interactive else stdin.readline()
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                self.err.print("\n(Ctrl-D or /exit to quit)", markup=False)
+                continue
+            if not interactive and line == "":
+                break  # end of the script
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if self.command(line.strip()):
+                    break
+                continue
+            self.answer(line)
+        if interactive:
+            self.err.print("bye", markup=False)
+
+    def command(self, cmd: str) -> bool:
+        """Run a slash command; True means leave."""
+        if cmd in ("/exit", "/quit", "/bye"):
+            return True
+        if cmd == "/reset":
+            self.reset()
+            self.err.print("(conversation cleared)", markup=False)
+        elif cmd == "/stats":
+            from .cli import stats_lines
+
+            if self.last is None:
+                self.err.print("(no answer yet)", markup=False)
+            else:
+                self.err.print("\n".join(stats_lines(self.last)), markup=False)
+        else:
+            self.err.print(f"unknown command {cmd}; {HELP}", markup=False)
+        return False
+
+    def answer(self, user_text: str) -> None:
+        loaded = self.loaded
+        self.messages.append({"role": "user", "content": user_text})
+        try:
+            tokens = encode_messages(loaded.target, self.messages)
+            loaded.engine.check_prompt(tokens)
+        except SpecliError as e:
+            self.messages.pop()
+            self.err.print(f"specli: {e} (try /reset)", markup=False)
+            return
+        res = Result(method=loaded.method)
+        stream = TextStream(loaded.target.token_bytes)
+        parts: list[str] = []
+        try:
+            for chunk in loaded.engine.stream(tokens, self.cfg, res):
+                piece = stream.push(chunk)
+                parts.append(piece)
+                self.write(piece)
+        except KeyboardInterrupt:
+            res.stop_reason = "interrupted"
+        parts.append(stream.flush())
+        self.write(parts[-1] + "\n")
+        self.messages.append({"role": "assistant", "content": "".join(parts)})
+        self.last = res
+        if res.stop_reason == "interrupted":
+            self.err.print("(stopped)", markup=False)
+        sys.stdout.flush()

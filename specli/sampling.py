@@ -1,0 +1,163 @@
+"""Turning logits into the probability rows that speculative sampling compares.
+
+Speculative sampling is lossless only if the target distribution ``p`` and the draft
+distribution ``q`` are produced by the *same* deterministic transformation (temperature,
+top-k, top-p, renormalisation) of their respective logits: the verifier then reproduces
+exactly the truncated target distribution a plain sampler would use. Every tie in this
+module is therefore broken by a fixed rule (lowest token id wins), never by chance.
+
+Pure functions: numpy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# First candidate-set size tried by the nucleus search before falling back to larger sets.
+_TOP_P_FIRST_GUESS = 64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How logits become probabilities; shared by target and draft, which keeps it lossless."""
+
+    temperature: float = 0.0  # 0 means greedy (argmax)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is plain argmax (temperature 0)."""
+        return self.temperature == 0
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line message if any setting is out of range."""
+        t = self.temperature
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (got {t!r})")
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, 0 meaning off (got {k!r})")
+        p = self.top_p
+        if not isinstance(p, (int, float)) or not (0.0 < p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], 1 meaning off (got {p!r})")
+
+    def rng(self) -> np.random.Generator:
+        """A fresh generator from ``seed`` (None gives OS entropy)."""
+        return np.random.default_rng(self.seed)
+
+
+def probs_from_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Map raw logits (V,) or (n, V) to float64 probabilities of the same shape.
+
+    Order: temperature, top-k, softmax, top-p (nucleus), renormalise. Greedy params give a
+    one-hot at ``np.argmax``. Deterministic tie rules (lowest id kept) make the same logits
+    always give the same row, so target and draft rows are truncated identically.
+    """
+    params.validate()
+    x = np.asarray(logits)
+    if x.ndim not in (1, 2) or x.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (V,) or (n, V) with V > 0 (got {x.shape})")
+    squeeze = x.ndim == 1
+    x2 = x.reshape(1, -1) if squeeze else x
+    n, vocab = x2.shape
+
+    if params.greedy:
+        out = np.zeros((n, vocab), dtype=np.float64)
+        out[np.arange(n), np.argmax(x2, axis=1)] = 1.0
+        return out[0] if squeeze else out
+
+    scaled = np.divide(x2, float(params.temperature), dtype=np.float64)
+    if not np.all(np.isfinite(scaled.max(axis=1))):
+        raise ValueError("logits: every row needs a finite maximum (no NaN or +inf)")
+
+    if 0 < params.top_k < vocab:
+        # Sparse path: only k entries survive, so exponentiate and sort just those.
+        out = np.zeros((n, vocab), dtype=np.float64)
+        for r in range(n):
+            ids = _top_k_ids(scaled[r], params.top_k)
+            vals = np.exp(scaled[r, ids] - scaled[r, ids].max())
+            vals /= vals.sum()
+            if params.top_p < 1.0:
+                keep = _nucleus_positions(vals, params.top_p)
+                ids, vals = ids[keep], vals[keep] / vals[keep].sum()
+            out[r, ids] = vals
+        return out[0] if squeeze else out
+
+    probs = np.exp(np.subtract(scaled, scaled.max(axis=1, keepdims=True), out=scaled), out=scaled)
+    probs /= probs.sum(axis=1, keepdims=True)
+    if params.top_p < 1.0:
+        for r in range(n):
+            _nucleus_dense_inplace(probs[r], params.top_p)
+    return probs[0] if squeeze else probs
+
+
+def _top_k_ids(row: np.ndarray, k: int) -> np.ndarray:
+    """Ids (ascending) of exactly k entries: all above the k-th largest value, then ties by id."""
+    vocab = row.shape[0]
+    ids = np.argpartition(row, vocab - k)[vocab - k :]
+    kth = row[ids].min()
+    n_tied_in = int(np.count_nonzero(row[ids] == kth))
+    if int(np.count_nonzero(row == kth)) == n_tied_in:  # no tie straddles the boundary
+        return np.sort(ids)
+    above = np.flatnonzero(row > kth)
+    tied = np.flatnonzero(row == kth)[: k - above.shape[0]]
+    return np.sort(np.concatenate([above, tied]))
+
+
+def _nucleus_positions(vals: np.ndarray, top_p: float) -> np.ndarray:
+    """Positions of the smallest prefix, by descending prob, whose mass reaches top_p.
+
+    ``vals`` must be ordered by ascending token id, so the stable sort breaks ties by lowest id.
+    """
+    order = np.argsort(-vals, kind="stable")
+    cum = np.cumsum(vals[order])
+    n_keep = min(int(np.count_nonzero(cum < top_p)) + 1, order.shape[0])
+    return np.sort(order[:n_keep])
+
+
+def _nucleus_dense_inplace(row: np.ndarray, top_p: float) -> None:
+    """Apply top-p to a full-vocabulary row without sorting all of it.
+
+    Candidates are every entry at or above a partition threshold (all ties included, so they form
+    an exact prefix of the global descending order); the set grows until it holds top_p of the
+    mass. The result equals that of a full stable sort of the row.
+    """
+    vocab = row.shape[0]
+    m = min(_TOP_P_FIRST_GUESS, vocab)
+    while True:
+        if m >= vocab:
+            cand = np.arange(vocab)
+        else:
+            cand = np.flatnonzero(row >= np.partition(row, vocab - m)[vocab - m])
+        if m >= vocab or float(row[cand].sum()) >= top_p:
+            break
+        m = min(vocab, m * 8)
+    vals = row[cand]
+    keep = _nucleus_positions(vals, top_p)
+    kept_ids, kept_vals = cand[keep], vals[keep]
+    row[:] = 0.0
+    row[kept_ids] = kept_vals / kept_vals.sum()
+
+
+def sample(probs_row: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw one index from a non-negative row (need not sum exactly to 1).
+
+    Uses one ``rng.random()`` and an inverse-CDF search; ``side="right"`` means an index whose
+    probability is zero (a flat step of the CDF) can never be chosen, which matters because the
+    verifier's residual rows are full of exact zeros.
+    """
+    row = np.asarray(probs_row, dtype=np.float64)
+    cdf = np.cumsum(row)
+    total = cdf[-1]
+    if not total > 0 or not np.isfinite(total):
+        raise ValueError("sample: probability row must have a positive, finite sum")
+    u = rng.random()
+    idx = int(np.searchsorted(cdf, u * total, side="right"))
+    if idx >= row.shape[0]:  # u * total rounded up to total: take the last non-zero bucket
+        idx = int(np.flatnonzero(row > 0)[-1])
+    return idx

@@ -1,0 +1,35 @@
+"""Token-sequence helpers shared by the engine, drafters and front ends."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Callable, Iterable, Sequence
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest shared prefix: how much of a KV cache can be kept."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class TextStream:
+    """Turns token pieces into text without ever emitting half a UTF-8 character:
+    a token may end mid-character, and the decoder holds those bytes back."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
+        self._token_bytes = token_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, tokens: Iterable[int]) -> str:
+        return self._decoder.decode(b"".join(self._token_bytes(t) for t in tokens))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+def detokenize(token_bytes: Callable[[int], bytes], tokens: Iterable[int]) -> str:
+    stream = TextStream(token_bytes)
+    return stream.push(tokens) + stream.flush()

@@ -1,0 +1,156 @@
+"""The command line as a user meets it: real subprocesses on tiny generated models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SPECLI = str(Path(sys.executable).parent / "specli")
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = dict(os.environ)
+    e["SPECLI_HOME"] = str(tmp_path / "home")  # never touch the user's cache
+    e["HF_HUB_OFFLINE"] = "1"
+    e.pop("SPECLI_DEBUG", None)
+    return e
+
+
+def run(args, env, stdin: str | None = "", timeout=120):
+    return subprocess.run(
+        [SPECLI, *args], input=stdin, capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def assert_one_line_error(p, *needles):
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_generate_streams_text_and_stats(tiny_paths, env):
+    t, d = str(tiny_paths["target"]), str(tiny_paths["draft"])
+    p = run(["generate", t, "--draft", d, "-p", "Hello there", "-n", "12", "--stats"], env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip()
+    assert "method draft" in p.stderr and "accepted" in p.stderr
+
+
+def test_generate_json(tiny_paths, env):
+    t, d = str(tiny_paths["target"]), str(tiny_paths["draft"])
+    p = run(["generate", t, "-d", d, "-p", "Hello", "-n", "10", "--json"], env)
+    assert p.returncode == 0, p.stderr
+    obj = json.loads(p.stdout)
+    assert set(obj) >= {"text", "tokens", "n_prompt", "n_generated", "stop_reason", "method",
+                        "stats"}
+    assert set(obj["stats"]) >= {"drafted", "accepted", "acceptance_rate", "mean_accepted",
+                                 "target_forwards", "prefill_tok_s", "decode_tok_s", "wall_s"}
+    assert obj["method"] == "draft" and obj["n_generated"] == len(obj["tokens"]) <= 10
+
+
+def test_prompt_from_stdin_and_file(tiny_paths, env, tmp_path):
+    t = str(tiny_paths["target"])
+    a = run(["generate", t, "-m", "none", "-n", "8", "--json"], env, stdin="Tell me a story")
+    f = tmp_path / "p.txt"
+    f.write_text("Tell me a story")
+    b = run(["generate", t, "-m", "none", "-n", "8", "--json", "-f", str(f)], env)
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    assert json.loads(a.stdout)["tokens"] == json.loads(b.stdout)["tokens"]
+
+
+def test_seeded_sampling_is_reproducible(tiny_paths, env):
+    t, d = str(tiny_paths["target"]), str(tiny_paths["draft"])
+    args = ["generate", t, "-d", d, "-p", "Hi", "-n", "16", "-t", "0.9", "--seed", "5", "--json"]
+    a, b = run(args, env), run(args, env)
+    assert json.loads(a.stdout)["tokens"] == json.loads(b.stdout)["tokens"]
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["generate", "/nope/model.gguf", "-p", "x"], ["model file not found"]),
+        (["generate", "no-such-model", "-p", "x"], ["unknown model"]),
+        (["generate", "{target}", "-p", "x", "-t", "-1"], ["temperature"]),
+        (["generate", "{target}", "-p", "x", "--top-p", "0"], ["top_p"]),
+        (["generate", "{target}", "-p", "x", "--top-k", "-3"], ["top_k"]),
+        (["generate", "{target}", "-p", "   "], ["empty prompt"]),
+        (["generate", "{target}", "-f", "/nope/prompt.txt"], ["prompt file not found"]),
+        (["generate", "{target}", "-p", "word " * 200, "--ctx", "64"], ["context holds"]),
+        (["generate", "{target}", "-d", "{other}", "-p", "x"], ["different tokenizer",
+                                                                 "other.gguf", "target.gguf"]),
+        (["generate", "{notgguf}", "-p", "x"], ["not a GGUF file"]),
+        (["generate", "{target}", "-m", "draft", "-p", "x"], ["needs a draft model"]),
+        (["generate", "{target}", "-m", "fast", "-p", "x"], ["unknown method"]),
+        (["pull", "qwen-nonexistent"], ["unknown model"]),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tiny_paths, env, tmp_path, args, needles):
+    notgguf = tmp_path / "fake.gguf"
+    notgguf.write_text("this is not a model")
+    fill = {"target": tiny_paths["target"], "other": tiny_paths["other"], "notgguf": notgguf}
+    p = run([a.format(**fill) for a in args], env)
+    assert_one_line_error(p, *needles)
+
+
+def test_empty_stdin_is_an_error(tiny_paths, env):
+    p = run(["generate", str(tiny_paths["target"])], env, stdin="")
+    assert_one_line_error(p, "empty prompt")
+
+
+def test_unreadable_model_is_an_error(tiny_paths, env, tmp_path):
+    if os.geteuid() == 0:
+        # root reads anything: a directory stands in for an unreadable file
+        p = run(["generate", str(tmp_path), "-p", "x"], env)
+        assert_one_line_error(p, "directory")
+    else:
+        f = tmp_path / "locked.gguf"
+        f.write_bytes(Path(tiny_paths["target"]).read_bytes())
+        f.chmod(0)
+        assert_one_line_error(run(["generate", str(f), "-p", "x"], env), "not readable")
+
+
+def test_closed_pipe_exits_quietly(tiny_paths, env):
+    cmd = (
+        f"set -o pipefail; '{SPECLI}' generate '{tiny_paths['target']}' -m none -n 400 "
+        "-p 'Once upon a time' | head -c 10"
+    )
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+    assert len(p.stdout.encode()) <= 10
+
+
+def test_chat_is_scriptable(tiny_paths, env):
+    t, d = str(tiny_paths["target"]), str(tiny_paths["draft"])
+    script = "Hello!\n/stats\nTell me more.\n/reset\n/bogus\nAgain\n/exit\nnever read\n"
+    p = run(["chat", t, "-d", d, "-n", "8"], env, stdin=script)
+    assert p.returncode == 0, p.stderr
+    assert len([ln for ln in p.stdout.splitlines()]) >= 3  # three answers
+    assert "method draft" in p.stderr  # /stats
+    assert "conversation cleared" in p.stderr
+    assert "unknown command /bogus" in p.stderr
+
+
+def test_help_teaches(env):
+    p = run(["--help"], env)
+    assert p.returncode == 0 and "speculative" in p.stdout and "generate" in p.stdout
+    p = run(["generate", "--help"], env)
+    for flag in ("--draft", "--method", "--max-tokens", "--temperature", "--top-k", "--top-p",
+                 "--seed", "--system", "--raw", "--draft-max", "--threads", "--ctx", "--stats",
+                 "--json"):
+        assert flag in p.stdout, flag
+
+
+def test_models_lists_registry(env):
+    p = run(["models"], env)
+    assert p.returncode == 0, p.stderr
+    assert "qwen2.5-coder-1.5b-instruct" in p.stdout and "qwen2.5-coder-0.5b-instruct" in p.stdout

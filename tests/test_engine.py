@@ -1,0 +1,183 @@
+"""The engine on tiny generated GGUF models: fast, no download, real llama.cpp."""
+
+from __future__ import annotations
+
+import llama_cpp
+import numpy as np
+import pytest
+from specli.backends.base import LoadOptions
+from specli.backends.gguf import GGUFModel, check_gguf_file
+
+from specli.drafters.model import ModelDrafter, check_same_tokenizer
+from specli.engine import Engine, GenerationConfig
+from specli.errors import SpecliError
+from specli.fidelity import analyse, first_difference
+from specli.runtime import encode_prompt
+from specli.sampling import SamplingParams
+from specli.tokens import TextStream, detokenize
+
+PROMPT = "Once upon a time, the little robot"
+
+
+def _prompt(model) -> list[int]:
+    return encode_prompt(model, PROMPT)
+
+
+def test_plain_decoding_is_the_argmax_chain(tiny_models):
+    """Method none must be exactly step-by-step greedy decoding."""
+    t = tiny_models["target"]
+    prompt = _prompt(t)
+    res = Engine(t).generate(prompt, GenerationConfig(max_tokens=24), "none")
+    t.truncate(0)
+    t.eval(prompt[:-1])
+    last, manual = prompt[-1], []
+    for _ in range(len(res.tokens)):
+        last = int(np.argmax(t.eval([last], [0])[0]))
+        manual.append(last)
+    assert res.tokens == manual
+    assert res.stats.target_forwards == len(res.tokens)
+    assert res.stats.mean_accepted == 1.0
+
+
+@pytest.mark.parametrize("drafter", ["draft", "same"])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_draft_equals_plain_up_to_noise(tiny_models, drafter, k):
+    t, d = tiny_models["target"], tiny_models[drafter]
+    prompt = _prompt(t)
+    cfg = GenerationConfig(max_tokens=48, draft_max=k)
+    plain = Engine(t).generate(prompt, cfg, "none")
+    spec = Engine(t, ModelDrafter(d)).generate(prompt, cfg, "draft")
+    i = first_difference(plain.tokens, spec.tokens)
+    if i is None:
+        assert plain.tokens == spec.tokens
+    else:
+        div = analyse(t, prompt, plain.tokens, i, window=k + 2)
+        assert div.explained, div
+    assert spec.stats.drafted > 0
+    assert spec.stats.target_forwards < plain.stats.target_forwards
+    if drafter == "same":  # an exact copy of the target agrees (nearly) always
+        assert spec.stats.acceptance_rate > 0.9
+
+
+def test_target_cache_tracks_context(tiny_models):
+    """After a run, the target's KV holds the prompt and output minus the pending token."""
+    t, d = tiny_models["target"], tiny_models["draft"]
+    prompt = _prompt(t)
+    res = Engine(t, ModelDrafter(d)).generate(prompt, GenerationConfig(max_tokens=30), "draft")
+    full = prompt + res.tokens
+    assert t.tokens == full[: len(t.tokens)]
+    assert len(t.tokens) >= len(full) - 2
+
+
+def test_rollback_is_exact(tiny_models):
+    """Logits after eval + truncate + eval equal those of a fresh evaluation."""
+    t = tiny_models["target"]
+    prompt = _prompt(t)
+    t.truncate(0)
+    t.eval(prompt)
+    fresh = t.eval([5], [0])[0]
+    t.truncate(0)
+    t.eval(prompt)
+    t.eval([7, 8, 9, 10])  # a rejected draft
+    t.truncate(len(prompt))
+    again = t.eval([5], [0])[0]
+    assert np.array_equal(fresh, again)
+
+
+def test_failed_rollback_is_reported(tiny_models, monkeypatch):
+    t = tiny_models["target"]
+    t.truncate(0)
+    t.eval(_prompt(t))
+    monkeypatch.setattr(llama_cpp, "llama_memory_seq_rm", lambda *a: False)
+    with pytest.raises(SpecliError, match="rollback"):
+        t.truncate(2)
+
+
+def test_stops_on_end_of_generation(tiny_models, monkeypatch):
+    t, d = tiny_models["target"], tiny_models["draft"]
+    prompt = _prompt(t)
+    plain = Engine(t).generate(prompt, GenerationConfig(max_tokens=20), "none")
+    stop_tok = plain.tokens[6]
+    first = plain.tokens.index(stop_tok)
+    monkeypatch.setattr(t, "is_eog", lambda tok: tok == stop_tok)
+    for drafter in (None, ModelDrafter(d)):
+        res = Engine(t, drafter).generate(prompt, GenerationConfig(max_tokens=20), "x")
+        assert res.stop_reason == "eos"
+        assert res.tokens == plain.tokens[:first]
+
+
+def test_max_tokens_and_context_limit(tiny_paths):
+    small = GGUFModel(tiny_paths["target"], LoadOptions(n_ctx=48, n_threads=1, flash_attn="off"))
+    draft = GGUFModel(tiny_paths["draft"], LoadOptions(n_ctx=48, n_threads=1, flash_attn="off"))
+    try:
+        prompt = _prompt(small)
+        eng = Engine(small, ModelDrafter(draft))
+        res = eng.generate(prompt, GenerationConfig(max_tokens=5), "draft")
+        assert (len(res.tokens), res.stop_reason) == (5, "length")
+        res = eng.generate(prompt, GenerationConfig(max_tokens=1000, draft_max=6), "draft")
+        assert res.stop_reason == "context"
+        assert len(prompt) + len(res.tokens) <= 48 + 1
+        with pytest.raises(SpecliError, match="context holds"):
+            eng.check_prompt(list(range(48)))
+        with pytest.raises(SpecliError, match="empty prompt"):
+            eng.check_prompt([])
+    finally:
+        small.close()
+        draft.close()
+
+
+def test_sampling_reproducible_and_uses_draft_distributions(tiny_models):
+    t, d = tiny_models["target"], tiny_models["draft"]
+    prompt = _prompt(t)
+
+    def run(seed):
+        params = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=seed)
+        return Engine(t, ModelDrafter(d)).generate(
+            prompt, GenerationConfig(max_tokens=40, params=params), "draft"
+        )
+
+    a, b, c = run(3), run(3), run(4)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+    assert a.stats.accepted > 0
+    draft = ModelDrafter(d).propose(prompt, 3, SamplingParams(temperature=1.0, seed=0),
+                                    np.random.default_rng(0))
+    assert draft.probs is not None and draft.probs.shape == (len(draft.tokens), d.n_vocab)
+    assert np.allclose(draft.probs.sum(axis=1), 1.0)
+
+
+def test_different_tokenizer_is_refused(tiny_models):
+    with pytest.raises(SpecliError, match="different tokenizer") as e:
+        check_same_tokenizer(tiny_models["target"], tiny_models["other"])
+    assert "other.gguf" in str(e.value) and "target.gguf" in str(e.value)
+    check_same_tokenizer(tiny_models["target"], tiny_models["draft"])
+
+
+def test_not_gguf_and_missing_files(tmp_path):
+    bad = tmp_path / "notes.gguf"
+    bad.write_text("hello")
+    with pytest.raises(SpecliError, match="not a GGUF"):
+        check_gguf_file(bad)
+    with pytest.raises(SpecliError, match="not found"):
+        check_gguf_file(tmp_path / "missing.gguf")
+    with pytest.raises(SpecliError, match="directory"):
+        check_gguf_file(tmp_path)
+
+
+def test_text_stream_never_splits_a_character():
+    pieces = {1: "héllo ".encode()[:2], 2: "héllo ".encode()[2:], 3: "✓".encode()[:1],
+              4: "✓".encode()[1:]}
+    stream = TextStream(pieces.__getitem__)
+    out = [stream.push([1]), stream.push([2]), stream.push([3])]
+    assert out == ["h", "éllo ", ""]  # the half of ✓ is held back
+    assert stream.push([4]) + stream.flush() == "✓"
+    assert detokenize(pieces.__getitem__, [1, 2, 3, 4]) == "héllo ✓"
+
+
+def test_chat_template_is_applied(tiny_models):
+    t = tiny_models["target"]
+    text = t.chat_prompt([{"role": "user", "content": "hi"}])
+    assert "hi" in text and text != "hi"
+    raw = encode_prompt(t, "hi", raw=True)
+    templ = encode_prompt(t, "hi")
+    assert len(templ) > len(raw)
