@@ -38,8 +38,9 @@ def specli_decode(engine: Engine, prompt: list[int], n: int) -> tuple[float, int
 def peer_decode(llm: Llama, prompt: list[int], n: int) -> tuple[float, int]:
     llm.reset()
     stamps = []
-    for _ in llm.create_completion(prompt, max_tokens=n, temperature=0.0, stream=True):
-        stamps.append(time.perf_counter())
+    for chunk in llm.create_completion(prompt, max_tokens=n, temperature=0.0, stream=True):
+        if chunk["choices"][0]["text"] or chunk["choices"][0]["finish_reason"] is None:
+            stamps.append(time.perf_counter())  # the closing chunk carries no token
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps)
 
 

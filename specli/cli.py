@@ -65,6 +65,13 @@ ThreadsOpt = Annotated[
     typer.Option("--threads", min=1, help="CPU threads per model. Default: all cores."),
 ]
 CtxOpt = Annotated[int, typer.Option("--ctx", min=16, help="Context size in tokens.")]
+GpuLayersOpt = Annotated[
+    int,
+    typer.Option(
+        "--gpu-layers", "-ngl", min=0,
+        help="Layers to offload to the GPU (needs a GPU build of llama-cpp-python; 0 = CPU).",
+    ),
+]
 DraftMaxOpt = Annotated[
     int,
     typer.Option("--draft-max", "-k", min=1, max=64, help="Tokens drafted per round."),
@@ -190,6 +197,7 @@ def generate(
     draft_max: DraftMaxOpt = 4,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
+    gpu_layers: GpuLayersOpt = 0,
     stats: Annotated[bool, typer.Option("--stats", help="Print statistics to stderr.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (text, tokens, stats) instead.")
@@ -211,7 +219,7 @@ def generate(
     text_in = _read_prompt(prompt, file)
     if not text_in.strip():
         raise SpecliError("empty prompt: give text with -p, -f FILE or on stdin")
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads)
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
     loaded = runtime.load(model, draft, method, opts, console=err)
     tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
     loaded.engine.check_prompt(tokens)
@@ -263,6 +271,7 @@ def chat(
     draft_max: DraftMaxOpt = 4,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 8192,
+    gpu_layers: GpuLayersOpt = 0,
 ) -> None:
     """Chat with a model, multi-turn, answers streamed as they are accepted.
 
@@ -274,7 +283,8 @@ def chat(
     from .chat import ChatSession
 
     params = _params(temperature, top_k, top_p, seed)
-    loaded = runtime.load(model, draft, method, LoadOptions(n_ctx=ctx, n_threads=threads), err)
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
+    loaded = runtime.load(model, draft, method, opts, err)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
     ChatSession(loaded, cfg, system=system, write=_write, err=err).run(sys.stdin)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -192,12 +193,12 @@ def render_models(registry: Registry, console: Console) -> None:
     for m in registry.models.values():
         present = m.is_present()
         models.add_row(
-            m.name,
+            escape(m.name),
             m.role,
-            m.tokenizer,
+            escape(m.tokenizer),
             human_size(m.size),
             "[green]yes[/]" if present else "[dim]no[/]",
-            str(m.local_path),
+            escape(str(m.local_path)),
         )
     console.print(models)
 
@@ -207,7 +208,7 @@ def render_models(registry: Registry, console: Console) -> None:
     for p in registry.pairs.values():
         tok = "same" if p.same_tokenizer else "[yellow]different[/] (not yet supported)"
         default = "*" if p.name == registry.default_pair.name else ""
-        pairs.add_row(p.name, p.target, p.draft, tok, default)
+        pairs.add_row(escape(p.name), escape(p.target), escape(p.draft), tok, default)
     console.print(pairs)
 
 

@@ -14,9 +14,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # for `tinymodel`
 
+from tinymodel import write_tiny_model  # noqa: E402
+
 from specli.backends.base import LoadOptions  # noqa: E402
 from specli.backends.gguf import GGUFModel  # noqa: E402
-from tinymodel import write_tiny_model  # noqa: E402
 
 REAL_TARGET = "qwen2.5-coder-1.5b-instruct"
 REAL_DRAFT = "qwen2.5-coder-0.5b-instruct"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import llama_cpp
 import numpy as np
 import pytest
+
 from specli.backends.base import LoadOptions
 from specli.backends.gguf import GGUFModel, check_gguf_file
-
 from specli.drafters.model import ModelDrafter, check_same_tokenizer
 from specli.engine import Engine, GenerationConfig
 from specli.errors import SpecliError

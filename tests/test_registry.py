@@ -380,6 +380,8 @@ def test_resolve_model(env: Path) -> None:
     assert resolve_model(str(gguf), registry=reg) == gguf
     with pytest.raises(SpecliError, match="directory"):
         resolve_model(str(env), registry=reg)
+    with pytest.raises(SpecliError, match="empty"):
+        resolve_model(" ", registry=reg)
     with pytest.raises(SpecliError, match="model file not found: nope/x.gguf"):
         resolve_model("nope/x.gguf", registry=reg)
     with pytest.raises(SpecliError, match="model file not found: missing.gguf"):
