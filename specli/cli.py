@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -42,6 +43,18 @@ app = typer.Typer(
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(help="Target model: GGUF path or registry name. Default: the default pair."),
+]
+TemperatureOpt = Annotated[
+    float, typer.Option("--temperature", "-t", help="0 = greedy (deterministic).")
+]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k likeliest tokens; 0 = off.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1.0 = off.")]
+SeedOpt = Annotated[
+    int | None, typer.Option("--seed", help="Seed for sampling: same seed, same text.")
+]
 MethodOpt = Annotated[
     str,
     typer.Option(
@@ -167,10 +180,7 @@ def _write(text: str) -> None:
 
 @app.command()
 def generate(
-    model: Annotated[
-        str | None,
-        typer.Argument(help="Target model: GGUF path or registry name. Default: the default pair."),
-    ] = None,
+    model: ModelArg = None,
     draft: DraftOpt = None,
     method: MethodOpt = "auto",
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text.")] = None,
@@ -180,16 +190,10 @@ def generate(
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")
     ] = 256,
-    temperature: Annotated[
-        float, typer.Option("--temperature", "-t", help="0 = greedy (deterministic).")
-    ] = 0.0,
-    top_k: Annotated[
-        int, typer.Option("--top-k", help="Keep the k likeliest tokens; 0 = off.")
-    ] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1.0 = off.")] = 1.0,
-    seed: Annotated[
-        int | None, typer.Option("--seed", help="Seed for sampling: same seed, same text.")
-    ] = None,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
     system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
     raw: Annotated[
         bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")
@@ -254,20 +258,17 @@ def generate(
 
 @app.command()
 def chat(
-    model: Annotated[
-        str | None,
-        typer.Argument(help="Target model: GGUF path or registry name. Default: the default pair."),
-    ] = None,
+    model: ModelArg = None,
     draft: DraftOpt = None,
     method: MethodOpt = "auto",
     system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens per answer.")
     ] = 1024,
-    temperature: Annotated[float, typer.Option("--temperature", "-t")] = 0.0,
-    top_k: Annotated[int, typer.Option("--top-k")] = 0,
-    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
     draft_max: DraftMaxOpt = 4,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 8192,
@@ -323,9 +324,94 @@ def models() -> None:
     render_models(load_registry(), Console(highlight=False, width=width))
 
 
+@app.command()
+def bench(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="Target model: GGUF path or registry name. Default: the default pair."),
+    ] = None,
+    draft: DraftOpt = None,
+    methods: Annotated[
+        str,
+        typer.Option(
+            "--methods",
+            help="Comma list of: none (plain decoding, always run first: the reference), "
+            "draft (specli with --draft), peer-none (llama-cpp-python's Llama), peer-pld "
+            "(its prompt-lookup decoding).",
+        ),
+    ] = "none,draft,peer-none,peer-pld",
+    categories: Annotated[
+        str | None,
+        typer.Option("--categories", help="Comma list of prompt categories. Default: all."),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", help="First N prompts of each category.")
+    ] = 5,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", "-n", help="Tokens to generate per prompt.")
+    ] = 128,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder (created). Default: specli-bench-DATE."),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="JSONL prompts in Spec-Bench's format (turns, category). Default: Spec-Bench.",
+        ),
+    ] = None,
+    temperature: Annotated[
+        float,
+        typer.Option("--temperature", "-t", help="0 = greedy (identity is then checked)."),
+    ] = 0.0,
+    draft_max: DraftMaxOpt = 4,
+    threads: ThreadsOpt = None,
+    ctx: CtxOpt = 4096,
+) -> None:
+    """Measure methods against plain decoding on the same prompts, in one process.
+
+    Each prompt runs every method back to back (drift hits all alike), after one untimed
+    warm-up. Writes results.jsonl (one row per prompt and method, as they finish),
+    summary.json, summary.md (also printed) and speedup.png (with the plot extra).
+    Ctrl-C stops and still writes the summary of what finished.
+
+    Example:
+
+      specli bench --categories coding,summarization --limit 2 -n 64 --out bench-out
+    """
+    import time
+
+    from . import bench as bm
+    from . import runtime
+    from .backends.gguf import default_threads
+    from .prompts import load_prompts, pick
+
+    method_list = bm.parse_methods(methods)
+    if limit < 1:
+        raise SpecliError(f"--limit must be at least 1 (got {limit})")
+    if max_tokens < 1:
+        raise SpecliError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    params = _params(temperature, 0, 1.0, None)
+    chosen = pick(load_prompts(prompts), bm.parse_list(categories), limit)
+    out_dir = out or Path(f"specli-bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    used = "draft" if "draft" in method_list else "none"
+    loaded = runtime.load(model, draft, used, LoadOptions(n_ctx=ctx, n_threads=threads), err)
+    plan = bm.Plan(chosen, method_list, max_tokens, params, draft_max,
+                   threads or default_threads(), out_dir)
+    plan.meta = bm.describe(plan, loaded, ["specli", *sys.argv[1:]], loaded.target.n_ctx)
+    summary, interrupted = bm.run(loaded, plan, err)
+    _write(bm.render_markdown(summary, plan.meta))
+    err.print(f"wrote {out_dir}/: results.jsonl, summary.json, summary.md", markup=False)
+    if interrupted:
+        raise typer.Exit(130)
+
+
 def main() -> None:
     """Console-script entry: turn every expected failure into one line and an exit code.
     Usage errors, --help and exit codes are click's (standalone mode)."""
+    # `kill` gets the same clean stop as Ctrl-C: partial downloads removed, text flushed
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         app()
     except SpecliError as e:
@@ -345,6 +431,10 @@ def main() -> None:
             markup=False,
         )
         sys.exit(70)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _silence_stdout() -> None:

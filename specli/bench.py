@@ -1,0 +1,399 @@
+"""`specli bench`: every method against plain decoding, on the same prompts, in one process.
+
+On a noisy CPU only ratios measured side by side mean anything, so the models load once,
+each prompt runs every method back to back (`none` first: the reference) and every method
+is timed alike: prefill ends at the first emitted chunk, decode runs from there to the end
+of generation and counts only the tokens after that chunk.  The peers are llama-cpp-python's
+own `Llama`, driven through its public API only.  The arithmetic (`summarize`) is apart from
+the running so tests can check it on recorded rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shlex
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import fmean
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .engine import Engine, GenerationConfig, Result
+from .errors import SpecliError
+from .fidelity import analyse, first_difference
+from .prompts import Prompt
+from .runtime import Loaded, encode_prompt
+from .sampling import SamplingParams
+
+METHODS = ("none", "draft", "peer-none", "peer-pld")
+PLOT_HINT = "install the plot extra (pip install 'specli[plot]') to get speedup.png"
+WARMUP_TEXT = "Say hello."
+_IDENTITY_KEYS = ("identical", "matches", "divergence_index", "gap", "noise", "explained")
+_NO_IDENTITY = dict.fromkeys(_IDENTITY_KEYS)
+
+
+def parse_methods(text: str) -> list[str]:
+    """Comma list to methods in order; `none` always runs first, since every ratio needs it."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = next((m for m in names if m not in METHODS), None)
+    if bad is not None or not names:
+        raise SpecliError(f"unknown method {bad!r}; choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(["none", *names]))
+
+
+def parse_list(text: str | None) -> list[str] | None:
+    """Comma list, or None (meaning all) when empty."""
+    items = [c.strip() for c in (text or "").split(",") if c.strip()]
+    return items or None
+
+
+@dataclass
+class Plan:
+    prompts: list[Prompt]
+    methods: list[str]
+    n_tokens: int
+    params: SamplingParams
+    draft_max: int
+    threads: int
+    out: Path
+    meta: dict = field(default_factory=dict)  # command, models, machine: for the summary header
+
+
+@dataclass
+class Clock:
+    """One run's timestamps, the same for every method, so decode excludes prefill and the
+    first emitted chunk for all alike."""
+
+    start: float = field(default_factory=time.perf_counter)
+    first: float | None = None
+    n_first: int = 0  # tokens generated when the first chunk arrived
+    end: float = 0.0
+
+    def chunk(self, n_so_far: int) -> None:
+        if self.first is None:
+            self.first, self.n_first = time.perf_counter(), n_so_far
+
+    def fields(self, n: int) -> dict:
+        first = self.end if self.first is None else self.first
+        decode_s, after = self.end - first, n - min(self.n_first, n)
+        return {
+            "prefill_s": first - self.start,
+            "decode_s": decode_s,
+            "decode_tok_s": after / decode_s if after > 0 and decode_s > 0 else None,
+            "wall_s": self.end - self.start,
+        }
+
+
+Runner = Callable[[list[int], int], dict]
+
+
+def specli_runner(engine: Engine, method: str, params: SamplingParams, draft_max: int) -> Runner:
+    def run(prompt: list[int], n: int) -> dict:
+        res = Result(method=method)
+        clock = Clock()
+        for _ in engine.stream(prompt, GenerationConfig(n, params, draft_max), res):
+            clock.chunk(len(res.tokens))
+        clock.end = time.perf_counter()
+        s = res.stats
+        return {
+            "n_prompt": s.n_prompt, "n_generated": s.n_generated, "stop_reason": res.stop_reason,
+            **clock.fields(s.n_generated), "target_forwards": s.target_forwards,
+            "drafted": s.drafted, "accepted": s.accepted, "mean_accepted": s.mean_accepted,
+            "tokens": res.tokens, "stats": s.as_dict(),
+        }
+
+    return run
+
+
+class Peer:
+    """llama-cpp-python's `Llama` (plain, or with its prompt-lookup drafter at its defaults),
+    loaded once and reset between prompts.
+
+    Its stream yields text, not token ids, so ids and timing come from a `stopping_criteria`
+    hook: it is called as each token is sampled, with the evaluated prefix (every earlier
+    token, verified), and once more after the loop with a prefix that may hold unverified
+    drafts, which is dropped.  The first call ends prefill: the first text chunk can come
+    later, since the stream holds back bytes it takes for part of a UTF-8 character.
+    The last token of a run cut by max_tokens is sampled but never evaluated; under greedy
+    decoding it is recovered after timing with `Llama.generate` on that prefix (plain:
+    the cached logits, exact; lookup: at most one replayed token).  Sampled runs keep counts only.
+    """
+
+    def __init__(self, method: str, path: str, n_ctx: int, threads: int) -> None:
+        import llama_cpp
+        from llama_cpp.llama_speculative import LlamaDraftModel, LlamaPromptLookupDecoding
+
+        class CountingLookup(LlamaDraftModel):
+            """The peer's drafter, counting rounds and drafted tokens (it reports neither)."""
+
+            def __init__(self) -> None:
+                self.inner, self.rounds, self.drafted = LlamaPromptLookupDecoding(), 0, 0
+
+            def __call__(self, input_ids, /, **kwargs):
+                out = self.inner(input_ids, **kwargs)
+                self.rounds, self.drafted = self.rounds + 1, self.drafted + len(out)
+                return out
+
+        self.method, self._criteria = method, llama_cpp.StoppingCriteriaList
+        self.drafter = CountingLookup() if method == "peer-pld" else None
+        try:
+            self.llm = llama_cpp.Llama(
+                path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                draft_model=self.drafter,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise SpecliError(f"llama-cpp-python could not load {Path(path).name}: {e}") from None
+
+    def __call__(self, prompt: list[int], n: int, temperature: float) -> dict:
+        llm, d = self.llm, self.drafter
+        llm.reset()
+        if d is not None:
+            d.rounds = d.drafted = 0
+        seen: list = []
+        clock, finish = Clock(), None
+
+        def record(ids, _logits) -> bool:
+            seen.append(ids)
+            clock.chunk(len(seen))
+            return False
+
+        # top_k/top_p/min_p off: the plain temperature distribution specli samples from
+        stream = llm.create_completion(
+            prompt, max_tokens=n, temperature=temperature, top_k=0, top_p=1.0, min_p=0.0,
+            repeat_penalty=1.0, stream=True, stopping_criteria=self._criteria([record]),
+        )
+        for chunk in stream:
+            finish = chunk["choices"][0]["finish_reason"]
+        clock.end = time.perf_counter()
+        sampled = seen[:-1]
+        n_gen = len(sampled) - (finish == "stop")  # "stop": the last sample was end-of-turn
+        tokens: list[int] | None = [int(t) for t in sampled[-1][len(prompt):]] if sampled else []
+        if len(tokens) < n_gen:
+            tokens = tokens + [self._next_greedy(prompt + tokens)] if temperature == 0 else None
+        forwards = 1 + d.rounds if d is not None else len(sampled)
+        return {
+            "n_prompt": len(prompt), "n_generated": n_gen,
+            "stop_reason": {"stop": "eos"}.get(finish or "", finish), **clock.fields(n_gen),
+            "target_forwards": forwards, "drafted": d.drafted if d is not None else 0,
+            "accepted": len(sampled) - forwards, "mean_accepted": len(sampled) / forwards,
+            "tokens": tokens,
+        }
+
+    def _next_greedy(self, context: list[int]) -> int:
+        gen = self.llm.generate(context, temp=0.0, top_k=0, top_p=1.0, min_p=0.0)
+        try:
+            return int(next(gen))
+        finally:
+            gen.close()
+
+
+def identity(loaded: Loaded, prompt: list[int], ref: dict, row: dict) -> dict:
+    """Greedy only: equal to `none`'s tokens, or else is the first divergence a near-tie
+    (fidelity's rule)?  A run cut by max_tokens says nothing past its end."""
+    a, b = ref["tokens"], row["tokens"]
+    if b is None:
+        return dict(_NO_IDENTITY)
+    i = first_difference(a, b)
+    short = min((a, ref), (b, row), key=lambda x: len(x[0]))[1]
+    if i is None and (len(a) == len(b) or short["stop_reason"] == "length"):
+        return {**_NO_IDENTITY, "identical": True, "matches": True}
+    i = min(len(a), len(b)) if i is None else i
+    out = {**_NO_IDENTITY, "identical": False, "matches": False, "divergence_index": i}
+    if i < len(a):  # else `none` ended here: its end-of-turn token is not kept to replay
+        d = analyse(loaded.target, prompt, a, i)
+        out.update(gap=d.gap, noise=d.noise, explained=d.explained, matches=d.explained)
+    return out
+
+
+def geomean(xs: Iterable[float]) -> float | None:
+    vals = list(xs)
+    return math.exp(fmean(math.log(x) for x in vals)) if vals else None
+
+
+def _cell(rows: list[dict], ref: dict[int, dict]) -> dict:
+    pairs = [(r, ref[r["prompt"]]) for r in rows if r["prompt"] in ref]
+    judged = [r["matches"] for r in rows if r.get("matches") is not None]
+    accepted = [r["mean_accepted"] for r in rows if r.get("mean_accepted") is not None]
+    return {
+        "prompts": len(rows),
+        "speedup": geomean(
+            r["decode_tok_s"] / b["decode_tok_s"] for r, b in pairs
+            if r["decode_tok_s"] and b["decode_tok_s"]
+        ),
+        "e2e_speedup": geomean(b["wall_s"] / r["wall_s"] for r, b in pairs if r["wall_s"] > 0),
+        "mean_accepted": fmean(accepted) if accepted else None,
+        "identity_rate": sum(judged) / len(judged) if judged else None,
+        "decode_tok_s": geomean(r["decode_tok_s"] for r in rows if r["decode_tok_s"]),
+    }
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per method, per category and overall (over prompts, not categories): geometric-mean
+    decode and end-to-end speedups against `none` on the same prompt, mean accepted tokens
+    per target forward, and the fraction of greedy rows that match `none`."""
+    ref = {r["prompt"]: r for r in rows if r["method"] == "none"}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cats = list(dict.fromkeys(r["category"] for r in rows))
+    table = {}
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        table[m] = {c: _cell([r for r in mine if r["category"] == c], ref) for c in cats}
+        table[m]["overall"] = _cell(mine, ref)
+    return {"methods": methods, "categories": cats, "table": table}
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def render_markdown(summary: dict, meta: dict) -> str:
+    cols = [*summary["categories"], "overall"]
+    lines = ["# specli bench", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items()]
+    lines += [
+        "",
+        "Decode speedup vs `none` (geometric mean over prompts; tokens after the first "
+        "emitted chunk, prefill excluded) / mean accepted tokens per target forward:",
+        "",
+        "| method | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for m, row in summary["table"].items():
+        cells = [f"{_fmt(row[c]['speedup'], '.2f')}x / {_fmt(row[c]['mean_accepted'], '.2f')}"
+                 for c in cols]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| method | identity rate (near-tie rule) | end-to-end speedup | decode tok/s | runs |",
+        "|---|---|---|---|---|",
+    ]
+    for m, row in summary["table"].items():
+        o = row["overall"]
+        ident = "n/a" if o["identity_rate"] is None else f"{100 * o['identity_rate']:.0f}%"
+        lines.append(f"| {m} | {ident} | {_fmt(o['e2e_speedup'], '.2f')}x | "
+                     f"{_fmt(o['decode_tok_s'], '.1f')} | {o['prompts']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_speedup(summary: dict, path: Path) -> bool:
+    """Grouped bars, category x method; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cols = [*summary["categories"], "overall"]
+    methods = [m for m in summary["methods"] if m != "none"] or summary["methods"]
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cols) * max(1, len(methods) / 2)), 4))
+    for i, m in enumerate(methods):
+        vals = [summary["table"][m][c]["speedup"] or 0.0 for c in cols]
+        ax.bar([x + i * width for x in range(len(cols))], vals, width, label=m)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(cols))])
+    ax.set_xticklabels(cols, rotation=30, ha="right")
+    ax.set_ylabel("decode speedup vs none (x)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    return f"{os.cpu_count()} cores, {cpu} ({platform.machine()})"
+
+
+def write_summary(rows: list[dict], plan: Plan, console: Console) -> dict:
+    summary = {"meta": plan.meta, **summarize(rows)}
+    (plan.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
+    (plan.out / "summary.md").write_text(render_markdown(summary, plan.meta), "utf-8")
+    if not plot_speedup(summary, plan.out / "speedup.png"):
+        console.print(PLOT_HINT, markup=False)
+    return summary
+
+
+def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
+    """Run the plan, writing each row as it finishes; Ctrl-C stops and still summarizes.
+    Returns the summary and whether it was interrupted."""
+    encoded = [encode_prompt(loaded.target, p.text) for p in plan.prompts]
+    n_ctx = loaded.target.n_ctx
+    too_long = next((i for i, t in enumerate(encoded) if len(t) + plan.n_tokens >= n_ctx), None)
+    if too_long is not None:
+        raise SpecliError(
+            f"prompt {plan.prompts[too_long].id} is {len(encoded[too_long])} tokens; with "
+            f"-n {plan.n_tokens} it needs more than --ctx {n_ctx}: raise --ctx or lower -n"
+        )
+    runners: dict[str, Runner] = {}
+    for m in plan.methods:
+        if m.startswith("peer-"):
+            peer = Peer(m, loaded.target.path, n_ctx, plan.threads)
+            runners[m] = lambda p, n, peer=peer: peer(p, n, plan.params.temperature)
+        else:
+            engine = Engine(loaded.target, loaded.drafter_for(m))
+            runners[m] = specli_runner(engine, m, plan.params, plan.draft_max)
+    warm = encode_prompt(loaded.target, WARMUP_TEXT)
+    for r in runners.values():  # first-call costs (page faults, buffers) are not counted
+        r(warm, min(4, plan.n_tokens))
+
+    plan.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    interrupted = False
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with (plan.out / "results.jsonl").open("w", encoding="utf-8") as out, \
+            Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("bench", total=len(plan.prompts) * len(plan.methods))
+        try:
+            for i, (p, tokens) in enumerate(zip(plan.prompts, encoded, strict=True)):
+                ref: dict | None = None
+                for m in plan.methods:
+                    bar.update(task, description=f"{p.category} {i + 1}/{len(encoded)} {m}")
+                    row = runners[m](tokens, plan.n_tokens)
+                    ref = ref or row
+                    greedy = plan.params.greedy
+                    row.update(identity(loaded, tokens, ref, row) if greedy else _NO_IDENTITY)
+                    row = {"prompt": i, "prompt_id": p.id, "category": p.category,
+                           "method": m, **row}
+                    rows.append(row)
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+                    bar.advance(task)
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        total = len(plan.prompts) * len(plan.methods)
+        plan.meta["interrupted"] = f"yes, {len(rows)} of {total} runs finished"
+    return write_summary(rows, plan, console), interrupted
+
+
+def describe(plan: Plan, loaded: Loaded, command: Sequence[str], ctx: int) -> dict:
+    """The summary header: enough to reproduce and to judge the numbers."""
+    from importlib.metadata import version
+
+    return {
+        "command": shlex.join(command),
+        "target": Path(loaded.target.path).name,
+        "draft": Path(loaded.draft.path).name if loaded.draft is not None else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": machine(),
+        "threads": plan.threads,
+        "n_tokens": plan.n_tokens,
+        "temperature": plan.params.temperature,
+        "draft_max": plan.draft_max,
+        "ctx": ctx,
+        "prompts": len(plan.prompts),
+        "versions": f"specli {version('specli')}, llama-cpp-python {version('llama_cpp_python')}",
+    }

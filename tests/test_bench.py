@@ -1,0 +1,201 @@
+"""`specli bench`: the summary arithmetic on recorded rows, and a smoke run on tiny models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from specli import bench as bm
+from specli.errors import SpecliError
+
+SPECLI = str(Path(sys.executable).parent / "specli")
+ALL = "none,draft,peer-none,peer-pld"
+
+
+def row(i, cat, method, tok_s, wall, acc, matches=None):
+    return {"prompt": i, "prompt_id": str(i), "category": cat, "method": method,
+            "decode_tok_s": tok_s, "wall_s": wall, "mean_accepted": acc, "matches": matches}
+
+
+# prompts 0, 1 in category "a", 2, 3 in "b"; `none` first on each prompt, as the bench runs
+ROWS = [
+    row(0, "a", "none", 10.0, 2.0, 1.0, True), row(0, "a", "draft", 20.0, 1.0, 3.0, True),
+    row(0, "a", "peer-pld", 5.0, 4.0, 1.0, None),
+    row(1, "a", "none", 20.0, 2.0, 1.0, True), row(1, "a", "draft", 10.0, 2.0, 2.0, False),
+    row(1, "a", "peer-pld", 20.0, 2.0, 1.0, None),
+    row(2, "b", "none", 10.0, 4.0, 1.0, True), row(2, "b", "draft", 40.0, 2.0, 1.5, True),
+    row(2, "b", "peer-pld", None, 4.0, 1.0, None),  # no tokens after the first chunk
+    row(3, "b", "none", 40.0, 4.0, 1.0, True), row(3, "b", "draft", 40.0, 4.0, 2.5, True),
+    row(3, "b", "peer-pld", 80.0, 1.0, 1.0, None),
+]
+
+
+def test_summary_arithmetic_by_hand():
+    s = bm.summarize(ROWS)
+    assert s["methods"] == ["none", "draft", "peer-pld"] and s["categories"] == ["a", "b"]
+    d, p, n = s["table"]["draft"], s["table"]["peer-pld"], s["table"]["none"]
+    # draft decode ratios 2, 0.5 | 4, 1: geometric means 1, 2; overall (2*.5*4*1)^(1/4)
+    assert d["a"]["speedup"] == pytest.approx(1.0)
+    assert d["b"]["speedup"] == pytest.approx(2.0)
+    assert d["overall"]["speedup"] == pytest.approx(math.sqrt(2))
+    # wall ratios none/draft 2, 1 | 2, 1
+    assert d["a"]["e2e_speedup"] == pytest.approx(math.sqrt(2))
+    assert d["overall"]["e2e_speedup"] == pytest.approx(math.sqrt(2))
+    # mean accepted: (3 + 2) / 2, (1.5 + 2.5) / 2, all four
+    assert (d["a"]["mean_accepted"], d["b"]["mean_accepted"]) == (2.5, 2.0)
+    assert d["overall"]["mean_accepted"] == pytest.approx(2.25)
+    assert (d["a"]["identity_rate"], d["b"]["identity_rate"]) == (0.5, 1.0)
+    assert d["overall"]["identity_rate"] == 0.75 and d["overall"]["prompts"] == 4
+    # peer: ratios .5, 1 | (none), 2 -> a: sqrt(.5), b: 2, overall (.5*1*2)^(1/3) = 1
+    assert p["a"]["speedup"] == pytest.approx(math.sqrt(0.5))
+    assert p["b"]["speedup"] == pytest.approx(2.0)
+    assert p["overall"]["speedup"] == pytest.approx(1.0)
+    assert p["overall"]["e2e_speedup"] == pytest.approx((0.5 * 1 * 1 * 4) ** 0.25)
+    assert p["overall"]["identity_rate"] is None  # sampled rows: identity undefined
+    assert n["overall"]["speedup"] == 1.0 and n["overall"]["identity_rate"] == 1.0
+    # geometric mean of the absolute decode speeds: (10*20*10*40)^(1/4)
+    assert n["overall"]["decode_tok_s"] == pytest.approx(80000 ** 0.25)
+    md = bm.render_markdown(s, {"command": "specli bench"})
+    assert "| method | a | b | overall |" in md
+    assert "| draft | 1.00x / 2.50 | 2.00x / 2.00 | 1.41x / 2.25 |" in md
+    assert "| draft | 75% | 1.41x |" in md and "| peer-pld | n/a |" in md
+
+
+def test_geomean_and_clock():
+    assert bm.geomean([]) is None
+    assert bm.geomean([2.0, 8.0]) == pytest.approx(4.0)
+    c = bm.Clock(start=10.0, first=11.0, n_first=5, end=13.0)  # a 5-token first round
+    assert c.fields(9) == {"prefill_s": 1.0, "decode_s": 2.0, "decode_tok_s": 2.0,
+                           "wall_s": 3.0}
+    assert bm.Clock(start=0.0, first=1.0, n_first=1, end=1.5).fields(1)["decode_tok_s"] is None
+
+
+def test_parse_methods_puts_the_reference_first():
+    assert bm.parse_methods("peer-pld, draft,draft") == ["none", "peer-pld", "draft"]
+    with pytest.raises(SpecliError, match="unknown method 'fast'"):
+        bm.parse_methods("none,fast")
+
+
+def test_plot_needs_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
+    assert bm.plot_speedup(bm.summarize(ROWS), tmp_path / "x.png") is False
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = dict(os.environ)
+    e["SPECLI_HOME"] = str(tmp_path / "home")  # never touch the user's cache
+    e["HF_HUB_OFFLINE"] = "1"
+    e.pop("SPECLI_DEBUG", None)
+    return e
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    f = tmp_path / "prompts.jsonl"
+    texts = [("alpha", "Hello there, tell me a story"), ("alpha", "Once upon a time"),
+             ("beta", "Why is the sky blue?"), ("beta", "Tell me about cats and dogs"),
+             ("beta", "not picked with --limit 2")]
+    f.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) + "\n"
+                         for i, (c, t) in enumerate(texts)))
+    return f
+
+
+def bench_args(tiny_paths, prompts_file, out, *extra):
+    return [SPECLI, "bench", str(tiny_paths["target"]), "--draft", str(tiny_paths["draft"]),
+            "--prompts", str(prompts_file), "--limit", "2", "-n", "8", "--ctx", "512",
+            "--threads", "1", "--out", str(out), *extra]
+
+
+def test_bench_smoke_writes_everything(tiny_paths, env, prompts_file, tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.run(bench_args(tiny_paths, prompts_file, out, "--methods", ALL),
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 4
+    assert [r["method"] for r in rows[:4]] == ALL.split(",")  # interleaved per prompt
+    for r in rows:
+        assert r["n_generated"] >= 8 and r["decode_tok_s"] > 0 and r["target_forwards"] >= 1
+        assert r["identical"] is not None  # greedy: the peers' token ids were recovered
+        assert len(r["tokens"]) == r["n_generated"]
+        if r["method"] == "none":
+            assert r["identical"] and r["mean_accepted"] == 1.0
+    assert any(r["drafted"] > 0 for r in rows if r["method"] == "draft")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["categories"] == ["alpha", "beta"]
+    assert set(summary["table"]["peer-pld"]) == {"alpha", "beta", "overall"}
+    assert summary["meta"]["n_tokens"] == 8 and summary["meta"]["target"] == "target.gguf"
+    md = (out / "summary.md").read_text()
+    assert "| method | alpha | beta | overall |" in md and "| peer-none |" in md
+    assert md in p.stdout
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "speedup.png").stat().st_size > 1000
+    else:
+        assert bm.PLOT_HINT in p.stderr
+
+
+def test_bench_sampled_has_no_identity(tiny_paths, env, prompts_file, tmp_path):
+    out = tmp_path / "out"
+    args = bench_args(tiny_paths, prompts_file, out, "--methods", "none,peer-none",
+                      "--categories", "beta", "-t", "0.8")
+    p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 and {r["category"] for r in rows} == {"beta"}
+    assert all(r["identical"] is None for r in rows)
+
+
+def test_ctrl_c_still_writes_the_summary(tiny_paths, env, tmp_path):
+    many = tmp_path / "many.jsonl"  # enough work (seconds) to be interrupted mid-run
+    many.write_text("".join(json.dumps({"category": "c", "turns": [f"Story number {i}"]}) + "\n"
+                            for i in range(60)))
+    out = tmp_path / "out"
+    args = bench_args(tiny_paths, many, out, "--methods", "none,draft")
+    args[args.index("--limit") + 1] = "60"
+    args[args.index("-n") + 1] = "400"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (results.exists() and results.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["interrupted"].startswith("yes")
+    assert (out / "summary.md").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--methods", "none,fast"], "unknown method"),
+        (["--categories", "gamma"], "unknown categories"),
+        (["--limit", "0"], "--limit must be at least 1"),
+    ],
+)
+def test_bench_bad_input_is_one_line(tiny_paths, env, prompts_file, tmp_path, extra, needle):
+    args = bench_args(tiny_paths, prompts_file, tmp_path / "out", *extra)
+    p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode != 0 and len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def test_bench_missing_prompts_file(tiny_paths, env, tmp_path):
+    args = bench_args(tiny_paths, tmp_path / "nope.jsonl", tmp_path / "out")
+    p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode != 0 and len(lines) == 1 and "cannot read prompts" in lines[0], p.stderr
+    assert not (tmp_path / "out").exists()
