@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PAIR   := qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 PROMPT := Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring and a short usage example.
 
-.PHONY: run test install models lint clean bench
+.PHONY: run test install models lint clean bench bench-budget
 
 # The venv is rebuilt when pyproject.toml changes.  llama-cpp-python compiles from
 # source on first install (several minutes on 2 cores); pip caches the wheel after.
@@ -29,7 +29,14 @@ test: models
 
 # Every method on the first 2 Spec-Bench prompts of each category (about 10 min on 2 cores).
 bench: models
-	$(BIN)/specli bench --limit 2 -n 64 --methods none,draft,peer-none,peer-pld --out benchmarks/results/$$(date +%F)-cpu2
+	$(BIN)/specli bench --limit 2 -n 64 --methods none,draft,draft@fixed:4,peer-none,peer-pld \
+		--out benchmarks/results/$$(date +%F)-cpu2
+
+# The draft budget against fixed draft lengths: 3 prompts per category, 128 tokens (~25 min).
+bench-budget: models
+	$(BIN)/specli bench --limit 3 -n 128 \
+		--methods none,draft,draft@fixed:2,draft@fixed:4,draft@fixed:8 \
+		--out benchmarks/results/$$(date +%F)-cpu2-budget
 
 lint: install
 	$(BIN)/ruff check .

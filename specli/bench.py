@@ -25,6 +25,7 @@ from statistics import fmean
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .budget import parse_budget
 from .engine import Engine, GenerationConfig, Result
 from .errors import SpecliError
 from .fidelity import analyse, first_difference
@@ -40,12 +41,30 @@ _NO_IDENTITY = dict.fromkeys(_IDENTITY_KEYS)
 
 
 def parse_methods(text: str) -> list[str]:
-    """Comma list to methods in order; `none` always runs first, since every ratio needs it."""
+    """Comma list to methods in order; `none` always runs first, since every ratio needs it.
+    `draft@fixed:K` (or `draft@auto`) runs the draft method under that budget."""
     names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = next((m for m in names if m not in METHODS), None)
+    bad = next((m for m in names if not _known(m)), None)
     if bad is not None or not names:
-        raise SpecliError(f"unknown method {bad!r}; choose from {', '.join(METHODS)}")
+        raise SpecliError(
+            f"unknown method {bad!r}; choose from {', '.join(METHODS)}, draft@fixed:K"
+        )
     return list(dict.fromkeys(["none", *names]))
+
+
+def _known(method: str) -> bool:
+    base, _, budget = method.partition("@")
+    if not budget:
+        return base in METHODS
+    try:
+        parse_budget(budget)
+    except ValueError:
+        return False
+    return base == "draft"
+
+
+def uses_draft(methods: Sequence[str]) -> bool:
+    return any(m.partition("@")[0] == "draft" for m in methods)
 
 
 def parse_list(text: str | None) -> list[str] | None:
@@ -62,6 +81,7 @@ class Plan:
     params: SamplingParams
     draft_max: int
     threads: int
+    budget: str  # for the plain `draft` method; `draft@fixed:K` names its own
     out: Path
     meta: dict = field(default_factory=dict)  # command, models, machine: for the summary header
 
@@ -144,9 +164,11 @@ class Peer:
         self.method, self._criteria = method, llama_cpp.StoppingCriteriaList
         self.drafter = CountingLookup() if method == "peer-pld" else None
         try:
+            # logits_all with a drafter: llama-cpp-python 0.3.36 sizes its score buffer by
+            # n_batch unless told, and then fails on prompts longer than n_batch
             self.llm = llama_cpp.Llama(
                 path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
-                draft_model=self.drafter,
+                draft_model=self.drafter, logits_all=self.drafter is not None,
             )
         except (ValueError, RuntimeError) as e:
             raise SpecliError(f"llama-cpp-python could not load {Path(path).name}: {e}") from None
@@ -295,14 +317,17 @@ def plot_speedup(summary: dict, path: Path) -> bool:
     methods = [m for m in summary["methods"] if m != "none"] or summary["methods"]
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cols) * max(1, len(methods) / 2)), 4))
+    top = 1.0
     for i, m in enumerate(methods):
         vals = [summary["table"][m][c]["speedup"] or 0.0 for c in cols]
         ax.bar([x + i * width for x in range(len(cols))], vals, width, label=m)
+        top = max(top, *vals)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_ylim(0, top * 1.15)
     ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(cols))])
     ax.set_xticklabels(cols, rotation=30, ha="right")
     ax.set_ylabel("decode speedup vs none (x)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -342,7 +367,8 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
             peer = Peer(m, loaded.target.path, n_ctx, plan.threads)
             runners[m] = lambda p, n, peer=peer: peer(p, n, plan.params.temperature)
         else:
-            engine = Engine(loaded.target, loaded.drafter_for(m))
+            base, _, budget = m.partition("@")
+            engine = loaded.make_engine(base, budget or plan.budget)
             runners[m] = specli_runner(engine, m, plan.params, plan.draft_max)
     warm = encode_prompt(loaded.target, WARMUP_TEXT)
     for r in runners.values():  # first-call costs (page faults, buffers) are not counted
@@ -393,6 +419,7 @@ def describe(plan: Plan, loaded: Loaded, command: Sequence[str], ctx: int) -> di
         "n_tokens": plan.n_tokens,
         "temperature": plan.params.temperature,
         "draft_max": plan.draft_max,
+        "budget": plan.budget,
         "ctx": ctx,
         "prompts": len(plan.prompts),
         "versions": f"specli {version('specli')}, llama-cpp-python {version('llama_cpp_python')}",

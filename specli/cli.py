@@ -87,7 +87,18 @@ GpuLayersOpt = Annotated[
 ]
 DraftMaxOpt = Annotated[
     int,
-    typer.Option("--draft-max", "-k", min=1, max=64, help="Tokens drafted per round."),
+    typer.Option(
+        "--draft-max", "-k", min=1, max=64,
+        help="Most tokens drafted per round (the budget chooses 0..this each round).",
+    ),
+]
+BudgetOpt = Annotated[
+    str,
+    typer.Option(
+        "--budget",
+        help="auto: each round drafts as much as the measured costs and acceptance say pays "
+        "(possibly nothing: never slower than plain decoding by design); fixed:K: always K.",
+    ),
 ]
 
 
@@ -127,11 +138,14 @@ def stats_lines(res: Result) -> list[str]:
         f"generated {s.n_generated} tokens in {s.decode_s:.2f} s ({s.decode_tok_s:.1f} tok/s)",
         f"target forward passes {s.target_forwards} ({s.mean_accepted:.2f} tokens each)",
     ]
-    if s.drafted:
+    if res.budget:
         lines.append(
-            f"drafted {s.drafted}, accepted {s.accepted} ({100 * s.acceptance_rate:.1f}%); "
+            f"budget {res.budget}: drafted in {s.draft_rounds} of {s.target_forwards} rounds, "
+            f"{s.drafted} tokens, accepted {s.accepted} ({100 * s.acceptance_rate:.1f}%); "
             f"time drafting {s.draft_s:.2f} s, verifying {s.verify_s:.2f} s"
         )
+    if res.cost_note:
+        lines.append(res.cost_note)
     lines.append(f"wall {s.wall_s:.2f} s")
     return lines
 
@@ -145,6 +159,7 @@ def result_json(res: Result, text: str, model: str, draft: str | None) -> dict:
         "n_generated": s.n_generated,
         "stop_reason": res.stop_reason,
         "method": res.method,
+        "budget": res.budget or None,
         "model": model,
         "draft": draft,
         "stats": {
@@ -153,6 +168,7 @@ def result_json(res: Result, text: str, model: str, draft: str | None) -> dict:
             "acceptance_rate": s.acceptance_rate,
             "mean_accepted": s.mean_accepted,
             "target_forwards": s.target_forwards,
+            "draft_rounds": s.draft_rounds,
             "prefill_s": s.prefill_s,
             "prefill_tok_s": s.prefill_tok_s,
             "decode_s": s.decode_s,
@@ -198,7 +214,8 @@ def generate(
     raw: Annotated[
         bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")
     ] = False,
-    draft_max: DraftMaxOpt = 4,
+    draft_max: DraftMaxOpt = 8,
+    budget: BudgetOpt = "auto",
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
     gpu_layers: GpuLayersOpt = 0,
@@ -224,7 +241,7 @@ def generate(
     if not text_in.strip():
         raise SpecliError("empty prompt: give text with -p, -f FILE or on stdin")
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
-    loaded = runtime.load(model, draft, method, opts, console=err)
+    loaded = runtime.load(model, draft, method, opts, console=err, budget=budget)
     tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
     loaded.engine.check_prompt(tokens)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
@@ -269,7 +286,8 @@ def chat(
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = None,
-    draft_max: DraftMaxOpt = 4,
+    draft_max: DraftMaxOpt = 8,
+    budget: BudgetOpt = "auto",
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 8192,
     gpu_layers: GpuLayersOpt = 0,
@@ -285,7 +303,7 @@ def chat(
 
     params = _params(temperature, top_k, top_p, seed)
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
-    loaded = runtime.load(model, draft, method, opts, err)
+    loaded = runtime.load(model, draft, method, opts, err, budget=budget)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
     ChatSession(loaded, cfg, system=system, write=_write, err=err).run(sys.stdin)
 
@@ -314,6 +332,30 @@ def pull(
 
 
 @app.command()
+def calibrate(
+    model: ModelArg = None,
+    draft: DraftOpt = None,
+    threads: ThreadsOpt = None,
+    ctx: CtxOpt = 4096,
+    gpu_layers: GpuLayersOpt = 0,
+) -> None:
+    """Measure (again) what verifying k tokens and drafting one cost on this machine.
+
+    The adaptive budget does this automatically on first use of a model pair with given
+    threads and GPU layers and caches it in $SPECLI_HOME/calibration; this forces a
+    fresh measurement and prints it.
+    """
+    from . import runtime
+    from .budget import describe_costs
+
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
+    loaded = runtime.load(model, draft, "auto", opts, err, budget="fixed:1")
+    cost = loaded.cost_model(err, force=True)
+    print(describe_costs(cost))
+    print("verify seconds by tokens per pass: " + " ".join(f"{v:.4f}" for v in cost.verify))
+
+
+@app.command()
 def models() -> None:
     """List known models and pairs, whether each is downloaded, its size and path."""
     from .pull import render_models
@@ -326,18 +368,16 @@ def models() -> None:
 
 @app.command()
 def bench(
-    model: Annotated[
-        str | None,
-        typer.Argument(help="Target model: GGUF path or registry name. Default: the default pair."),
-    ] = None,
+    model: ModelArg = None,
     draft: DraftOpt = None,
     methods: Annotated[
         str,
         typer.Option(
             "--methods",
             help="Comma list of: none (plain decoding, always run first: the reference), "
-            "draft (specli with --draft), peer-none (llama-cpp-python's Llama), peer-pld "
-            "(its prompt-lookup decoding).",
+            "draft (specli with --draft under --budget), draft@fixed:K (a fixed draft "
+            "length K), peer-none (llama-cpp-python's Llama), peer-pld (its prompt-lookup "
+            "decoding).",
         ),
     ] = "none,draft,peer-none,peer-pld",
     categories: Annotated[
@@ -365,7 +405,8 @@ def bench(
         float,
         typer.Option("--temperature", "-t", help="0 = greedy (identity is then checked)."),
     ] = 0.0,
-    draft_max: DraftMaxOpt = 4,
+    draft_max: DraftMaxOpt = 8,
+    budget: BudgetOpt = "auto",
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
 ) -> None:
@@ -395,14 +436,16 @@ def bench(
     params = _params(temperature, 0, 1.0, None)
     chosen = pick(load_prompts(prompts), bm.parse_list(categories), limit)
     out_dir = out or Path(f"specli-bench-{time.strftime('%Y%m%d-%H%M%S')}")
-    used = "draft" if "draft" in method_list else "none"
-    loaded = runtime.load(model, draft, used, LoadOptions(n_ctx=ctx, n_threads=threads), err)
+    used = "draft" if bm.uses_draft(method_list) else "none"
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads)
+    loaded = runtime.load(model, draft, used, opts, err, budget=budget)
     plan = bm.Plan(chosen, method_list, max_tokens, params, draft_max,
-                   threads or default_threads(), out_dir)
+                   threads or default_threads(), budget, out_dir)
     plan.meta = bm.describe(plan, loaded, ["specli", *sys.argv[1:]], loaded.target.n_ctx)
     summary, interrupted = bm.run(loaded, plan, err)
     _write(bm.render_markdown(summary, plan.meta))
-    err.print(f"wrote {out_dir}/: results.jsonl, summary.json, summary.md", markup=False)
+    written = ", ".join(sorted(f.name for f in out_dir.iterdir()))
+    err.print(f"wrote {out_dir}/: {written}", markup=False)
     if interrupted:
         raise typer.Exit(130)
 

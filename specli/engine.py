@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .backends.base import Backend
+from .budget import Budget, FixedBudget
 from .drafters.base import Draft, Drafter
 from .errors import SpecliError
 from .sampling import SamplingParams, probs_from_logits
@@ -28,7 +29,7 @@ from .verify import Verdict, verify_greedy, verify_sampled
 class GenerationConfig:
     max_tokens: int = 256
     params: SamplingParams = field(default_factory=SamplingParams)
-    draft_max: int = 4  # tokens drafted per round (fixed for now)
+    draft_max: int = 8  # most tokens drafted per round; the budget picks 0..draft_max
     reuse_prefix: bool = False  # keep a cached prompt prefix (chat turns)
 
 
@@ -45,6 +46,7 @@ class Stats:
     verify_s: float = 0.0
     wall_s: float = 0.0
     n_prefilled: int = 0  # prompt tokens actually evaluated (fewer when a prefix was reused)
+    draft_rounds: int = 0  # rounds in which the budget chose to draft
 
     @property
     def acceptance_rate(self) -> float:
@@ -79,6 +81,8 @@ class Result:
     tokens: list[int] = field(default_factory=list)
     stop_reason: str = ""  # "eos", "length", "context", "interrupted"
     stats: Stats = field(default_factory=Stats)
+    budget: str = ""  # the draft budget's name, when a drafter ran
+    cost_note: str = ""  # the budget's cost model, in words (for --stats)
 
 
 def verify(draft: Draft, logits: np.ndarray, params: SamplingParams, rng) -> Verdict:
@@ -90,9 +94,12 @@ def verify(draft: Draft, logits: np.ndarray, params: SamplingParams, rng) -> Ver
 
 
 class Engine:
-    def __init__(self, target: Backend, drafter: Drafter | None = None) -> None:
+    def __init__(
+        self, target: Backend, drafter: Drafter | None = None, budget: Budget | None = None
+    ) -> None:
         self.target = target
         self.drafter = drafter
+        self.budget = budget or FixedBudget()
 
     def check_prompt(self, prompt: Sequence[int]) -> None:
         if not prompt:
@@ -109,7 +116,13 @@ class Engine:
         """Yield accepted tokens chunk by chunk while filling `res`."""
         self.check_prompt(prompt)
         t, d, st = self.target, self.drafter, res.stats
+        if d is not None:
+            res.budget = self.budget.name
+            res.cost_note = self.budget.describe()
         rng = cfg.params.rng()
+        # A seeded sampled run must replay exactly: its budget then decides from the
+        # calibrated costs and the (deterministic) acceptance history, not the clock.
+        timed = cfg.params.greedy or cfg.params.seed is None
         start = time.perf_counter()
 
         # Prefill everything but the last prompt token, with no logits at all.
@@ -127,21 +140,26 @@ class Engine:
             if left <= 0 or len(ctx) >= t.n_ctx:
                 res.stop_reason = "length" if left <= 0 else "context"
                 break
-            k = min(cfg.draft_max, left - 1, t.n_ctx - len(ctx))
+            k_cap = min(cfg.draft_max, left - 1, t.n_ctx - len(ctx))
+            k = self.budget.plan(k_cap) if d is not None and k_cap > 0 else 0
 
             t0 = time.perf_counter()
-            draft = d.propose(ctx, k, cfg.params, rng) if d is not None and k > 0 else Draft()
+            draft = d.propose(ctx, k, cfg.params, rng, self.budget.keep_going) if k else Draft()
             t1 = time.perf_counter()
             logits = t.eval([ctx[-1], *draft.tokens], range(len(draft.tokens) + 1))
             v = verify(draft, logits, cfg.params, rng)
             t.truncate(len(ctx) + v.n_accepted)  # drop the rejected tail
+            t2 = time.perf_counter()
+            if d is not None:
+                timing = (t1 - t0, t2 - t1) if timed else None
+                self.budget.observe(draft.confidence, v.n_accepted, timing)
+                d.accepted(len(draft.tokens), v.n_accepted)
             st.draft_s += t1 - t0
-            st.verify_s += time.perf_counter() - t1
+            st.verify_s += t2 - t1
             st.target_forwards += 1
+            st.draft_rounds += bool(draft.tokens)
             st.drafted += len(draft.tokens)
             st.accepted += v.n_accepted
-            if d is not None:
-                d.accepted(len(draft.tokens), v.n_accepted)
 
             new = draft.tokens[: v.n_accepted] + [v.next_token]
             eog = next((i for i, tok in enumerate(new) if t.is_eog(tok)), None)
@@ -159,6 +177,8 @@ class Engine:
                 res.stop_reason = "eos"
                 break
         st.wall_s = time.perf_counter() - start
+        if d is not None:
+            res.cost_note = self.budget.describe()  # as tracked online by the end
 
     def generate(self, prompt: Sequence[int], cfg: GenerationConfig, method: str) -> Result:
         """Run to the end; for callers that do not stream."""

@@ -5,14 +5,15 @@ Shared by `generate`, `chat` and `bench` so the three load and encode alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
 from .backends.base import Backend, LoadOptions
 from .backends.gguf import GGUFModel
-from .drafters.base import Drafter
+from .budget import AdaptiveBudget, Budget, CostModel, FixedBudget, parse_budget
+from .calibrate import load_or_measure
 from .drafters.model import ModelDrafter, check_same_tokenizer
 from .engine import Engine
 from .errors import SpecliError
@@ -24,27 +25,48 @@ METHODS = ("auto", "none", "draft")
 
 @dataclass
 class Loaded:
-    engine: Engine
     target: Backend
     draft: Backend | None
-    method: str  # the method actually used: "none" or "draft"
+    method: str  # the method the user gets: "none" or "draft"
     target_name: str
     draft_name: str | None
+    opts: LoadOptions
+    budget_spec: str = "auto"
+    engine: Engine = field(init=False)
+    _cost: CostModel | None = field(default=None, init=False, repr=False)
 
-    def drafter_for(self, method: str) -> Drafter | None:
-        """A drafter for `method` on the already loaded models (bench switches methods)."""
+    def cost_model(self, console: Console | None = None, force: bool = False) -> CostModel:
+        """Calibrated costs for this target/draft pair, measured once per machine setup."""
+        if self._cost is None or force:
+            with _status(console, "calibrating (first use of this model pair here)"):
+                self._cost, _ = load_or_measure(self.target, self.draft, self.opts, force=force)
+        return self._cost
+
+    def make_budget(self, spec: str) -> Budget:
+        k = _parse_budget(spec)
+        return FixedBudget(k) if k is not None else AdaptiveBudget(self.cost_model())
+
+    def make_engine(self, method: str, budget: str = "auto") -> Engine:
+        """An engine for `method` on the loaded models (bench switches methods)."""
         if method == "none":
-            return None
+            return Engine(self.target)
         if method == "draft":
             if self.draft is None:
                 raise SpecliError("--method draft needs a draft model (--draft)")
-            return ModelDrafter(self.draft)
+            return Engine(self.target, ModelDrafter(self.draft), self.make_budget(budget))
         raise SpecliError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
     def close(self) -> None:
         for m in (self.target, self.draft):
             if m is not None:
                 m.close()
+
+
+def _parse_budget(spec: str) -> int | None:
+    try:
+        return parse_budget(spec)
+    except ValueError as e:
+        raise SpecliError(str(e)) from None
 
 
 def choose_models(model: str | None, draft: str | None, method: str) -> tuple[str, str | None]:
@@ -75,6 +97,7 @@ def load(
     method: str,
     opts: LoadOptions,
     console: Console | None = None,
+    budget: str = "auto",
 ) -> Loaded:
     model, draft = choose_models(model, draft, method)
     reg = load_registry()
@@ -93,8 +116,11 @@ def load(
             dm.close()
             raise
     used = "draft" if dm is not None else "none"
-    engine = Engine(target, ModelDrafter(dm) if dm is not None else None)
-    return Loaded(engine, target, dm, used, model, draft)
+    loaded = Loaded(target, dm, used, model, draft, opts, budget)
+    if used == "draft" and _parse_budget(budget) is None:
+        loaded.cost_model(console)  # measured here, with a spinner, on first use
+    loaded.engine = loaded.make_engine(used, budget)
+    return loaded
 
 
 def encode_prompt(

@@ -7,6 +7,7 @@ the real-model tests FAIL: they never skip silently.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,16 @@ def qwen_pair():
     yield target, draft
     target.close()
     draft.close()
+
+
+@pytest.fixture
+def env(tmp_path):
+    """Environment for CLI subprocesses: a private model cache and no hub."""
+    e = dict(os.environ)
+    e["SPECLI_HOME"] = str(tmp_path / "home")  # never touch the user's cache
+    e["HF_HUB_OFFLINE"] = "1"
+    e.pop("SPECLI_DEBUG", None)
+    return e
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from specli import bench as bm
 from specli.errors import SpecliError
 
 SPECLI = str(Path(sys.executable).parent / "specli")
-ALL = "none,draft,peer-none,peer-pld"
+ALL = "none,draft,draft@fixed:3,peer-none,peer-pld"
 
 
 def row(i, cat, method, tok_s, wall, acc, matches=None):
@@ -92,15 +91,6 @@ def test_plot_needs_matplotlib(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def env(tmp_path):
-    e = dict(os.environ)
-    e["SPECLI_HOME"] = str(tmp_path / "home")  # never touch the user's cache
-    e["HF_HUB_OFFLINE"] = "1"
-    e.pop("SPECLI_DEBUG", None)
-    return e
-
-
-@pytest.fixture
 def prompts_file(tmp_path):
     f = tmp_path / "prompts.jsonl"
     texts = [("alpha", "Hello there, tell me a story"), ("alpha", "Once upon a time"),
@@ -123,15 +113,15 @@ def test_bench_smoke_writes_everything(tiny_paths, env, prompts_file, tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * 4
-    assert [r["method"] for r in rows[:4]] == ALL.split(",")  # interleaved per prompt
+    assert len(rows) == 4 * 5
+    assert [r["method"] for r in rows[:5]] == ALL.split(",")  # interleaved per prompt
     for r in rows:
         assert r["n_generated"] >= 8 and r["decode_tok_s"] > 0 and r["target_forwards"] >= 1
         assert r["identical"] is not None  # greedy: the peers' token ids were recovered
         assert len(r["tokens"]) == r["n_generated"]
         if r["method"] == "none":
             assert r["identical"] and r["mean_accepted"] == 1.0
-    assert any(r["drafted"] > 0 for r in rows if r["method"] == "draft")
+    assert any(r["drafted"] > 0 for r in rows if r["method"] == "draft@fixed:3")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["categories"] == ["alpha", "beta"]
     assert set(summary["table"]["peer-pld"]) == {"alpha", "beta", "overall"}

@@ -13,15 +13,6 @@ import pytest
 SPECLI = str(Path(sys.executable).parent / "specli")
 
 
-@pytest.fixture
-def env(tmp_path):
-    e = dict(os.environ)
-    e["SPECLI_HOME"] = str(tmp_path / "home")  # never touch the user's cache
-    e["HF_HUB_OFFLINE"] = "1"
-    e.pop("SPECLI_DEBUG", None)
-    return e
-
-
 def run(args, env, stdin: str | None = "", timeout=120):
     return subprocess.run(
         [SPECLI, *args], input=stdin, capture_output=True, text=True, env=env, timeout=timeout

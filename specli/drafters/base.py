@@ -7,7 +7,7 @@ which is why any drafter, however wrong, keeps the output lossless.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +23,11 @@ class Draft:
 
     tokens: list[int] = field(default_factory=list)
     probs: np.ndarray | None = None  # (len(tokens), vocab) or None
+    confidence: list[float] = field(default_factory=list)  # drafter's p(token), per token
+
+
+KeepGoing = Callable[[Sequence[float]], bool]
+"""Asked after each drafted token with the confidences so far: draft another?"""
 
 
 class Drafter(Protocol):
@@ -34,8 +39,10 @@ class Drafter(Protocol):
         k: int,
         params: SamplingParams,
         rng: np.random.Generator,
+        keep_going: KeepGoing | None = None,
     ) -> Draft:
-        """Up to `k` tokens likely to follow `context` (prompt + accepted output)."""
+        """Up to `k` tokens likely to follow `context` (prompt + accepted output);
+        stop early when `keep_going` says another token would not pay."""
         ...
 
     def accepted(self, n_drafted: int, n_accepted: int) -> None:

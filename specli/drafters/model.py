@@ -16,7 +16,7 @@ from ..backends.base import Backend
 from ..errors import SpecliError
 from ..sampling import SamplingParams, probs_from_logits, sample
 from ..tokens import common_prefix
-from .base import Draft
+from .base import Draft, KeepGoing
 
 
 def check_same_tokenizer(target: Backend, draft: Backend) -> None:
@@ -63,31 +63,40 @@ class ModelDrafter:
         k: int,
         params: SamplingParams,
         rng: np.random.Generator,
+        keep_going: KeepGoing | None = None,
     ) -> Draft:
-        if k <= 0:
-            return Draft()
-        room = self.model.n_ctx - len(context)
-        k = min(k, room)
+        k = min(k, self.model.n_ctx - len(context))
         if k <= 0:
             return Draft()
         logits = self._sync(context)
-        tokens: list[int] = []
+        draft = Draft()
         rows: list[np.ndarray] = []
         for i in range(k):
             if params.greedy:
                 tok = int(np.argmax(logits))
+                conf = _top_probability(logits, tok)
             else:
                 q = probs_from_logits(logits, params)
                 tok = sample(q, rng)
+                conf = float(q[tok])
                 rows.append(q)
-            tokens.append(tok)
+            draft.tokens.append(tok)
+            draft.confidence.append(conf)
             if i == k - 1 or self.model.is_eog(tok):
                 break
+            if keep_going is not None and not keep_going(draft.confidence):
+                break
             logits = self.model.eval([tok], [0])[0]
-        return Draft(tokens, np.stack(rows) if rows else None)
+        draft.probs = np.stack(rows) if rows else None
+        return draft
 
     def accepted(self, n_drafted: int, n_accepted: int) -> None:
         pass  # the next _sync rolls back whatever was rejected
 
     def reset(self) -> None:
         self.model.truncate(0)
+
+
+def _top_probability(logits: np.ndarray, tok: int) -> float:
+    """Softmax probability of `tok`: the drafter's confidence in a greedy guess."""
+    return float(1.0 / np.exp(logits - logits[tok]).sum())

@@ -1,0 +1,266 @@
+"""How much to draft: a hardware-aware budget from measured costs and acceptance.
+
+On a CPU, verifying k tokens costs far more than one step, and a draft model costs
+a good fraction of the target; on a GPU verification is nearly flat in k.  So the
+draft length that pays differs by an order of magnitude between machines, and a
+fixed length loses somewhere.  Each round we pick the length k (0 = a plain
+step) that maximises expected tokens per second,
+
+    rate(k) = E[tokens | k] / (k * draft_cost + verify_cost(k + 1)),
+    E[tokens | k] = 1 + sum_{i<=k} prod_{j<=i} p_j,
+
+with p_j the estimated probability that draft token j is accepted given the ones
+before it were.  While drafting, the drafter's own confidence refines p_j and
+drafting stops once one more token is expected to cost more than it pays
+(SpecDec++'s stop rule, in expected-rate form).  Pure: numbers in, numbers out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+CONF_EDGES = (0.3, 0.5, 0.7, 0.85, 0.95)  # drafter confidence bins: [0,.3) [.3,.5) ... [.95,1]
+
+
+@dataclass
+class CostModel:
+    """Seconds per target forward of n tokens (`verify[n-1]`, n = 1..len) and per
+    drafted token.  Measured by calibration, then tracked online."""
+
+    verify: list[float]
+    draft: float
+
+    def verify_cost(self, n: int) -> float:
+        """Cost of one target pass over n tokens; linear beyond the measured range."""
+        if n <= len(self.verify):
+            return self.verify[n - 1]
+        if len(self.verify) == 1:
+            return self.verify[0] * n
+        slope = max(self.verify[-1] - self.verify[-2], 0.0)
+        return self.verify[-1] + slope * (n - len(self.verify))
+
+    def round_cost(self, k: int) -> float:
+        return k * self.draft + self.verify_cost(k + 1)
+
+
+def expected_tokens(p: Sequence[float]) -> float:
+    """Tokens one round yields when draft token i is accepted with probability p[i]
+    (given its predecessors were): the target's own token plus the accepted prefix."""
+    total, survive = 1.0, 1.0
+    for pi in p:
+        survive *= pi
+        total += survive
+    return total
+
+
+def rate(cost: CostModel, p: Sequence[float]) -> float:
+    return expected_tokens(p) / cost.round_cost(len(p))
+
+
+def best_length(cost: CostModel, p: Sequence[float], k_max: int) -> int:
+    """The draft length in 0..k_max with the highest expected tokens per second."""
+    best_k, best_rate = 0, rate(cost, [])
+    for k in range(1, min(k_max, len(p)) + 1):
+        r = rate(cost, p[:k])
+        if r > best_rate:
+            best_k, best_rate = k, r
+    return best_k
+
+
+def keep_drafting(cost: CostModel, p_so_far: Sequence[float], p_next: float) -> bool:
+    """Draft one more token only if the round's expected rate improves."""
+    return rate(cost, [*p_so_far, p_next]) > rate(cost, p_so_far)
+
+
+@dataclass
+class Acceptance:
+    """Online acceptance estimates: per draft position, and per bin of the drafter's
+    confidence (its probability for the token it proposed).  Beta-smoothed counts,
+    decayed so the estimates follow the text as it changes."""
+
+    prior_mean: float = 0.6
+    prior_weight: float = 2.0
+    decay: float = 0.98
+    positions: int = 64
+    pos_hits: list[float] = field(default_factory=list)
+    pos_tries: list[float] = field(default_factory=list)
+    conf_hits: list[float] = field(default_factory=lambda: [0.0] * (len(CONF_EDGES) + 1))
+    conf_tries: list[float] = field(default_factory=lambda: [0.0] * (len(CONF_EDGES) + 1))
+
+    def __post_init__(self) -> None:
+        self.pos_hits = self.pos_hits or [0.0] * self.positions
+        self.pos_tries = self.pos_tries or [0.0] * self.positions
+
+    def _mean(self, hits: float, tries: float) -> float:
+        a = self.prior_mean * self.prior_weight
+        return (hits + a) / (tries + self.prior_weight)
+
+    def by_position(self, k: int) -> list[float]:
+        """p_i for i = 1..k from position statistics (conditional on reaching i)."""
+        n = min(k, self.positions)
+        out = [self._mean(self.pos_hits[i], self.pos_tries[i]) for i in range(n)]
+        return out + [out[-1]] * (k - n) if out else []
+
+    def by_confidence(self, conf: float, position: int) -> float:
+        """p for a drafted token: its confidence bin, falling back toward the
+        position estimate while the bin has few observations."""
+        b = conf_bin(conf)
+        tries = self.conf_tries[b]
+        pos = self.by_position(position + 1)[-1]
+        if tries <= 0:
+            return pos
+        w = tries / (tries + 4.0)  # trust the bin more as it fills
+        return w * (self.conf_hits[b] / tries) + (1 - w) * pos
+
+    def update(self, confidences: Sequence[float], n_accepted: int) -> None:
+        """Draft tokens 0..n_accepted-1 were accepted, token n_accepted (if drafted)
+        rejected, later ones never judged."""
+        self._decay()
+        judged = min(len(confidences), n_accepted + 1)
+        for i in range(min(judged, self.positions)):
+            hit = 1.0 if i < n_accepted else 0.0
+            self.pos_tries[i] += 1
+            self.pos_hits[i] += hit
+            b = conf_bin(confidences[i])
+            self.conf_tries[b] += 1
+            self.conf_hits[b] += hit
+
+    def _decay(self) -> None:
+        for arr in (self.pos_hits, self.pos_tries, self.conf_hits, self.conf_tries):
+            for i in range(len(arr)):
+                arr[i] *= self.decay
+
+
+def conf_bin(conf: float) -> int:
+    for i, edge in enumerate(CONF_EDGES):
+        if conf < edge:
+            return i
+    return len(CONF_EDGES)
+
+
+def describe_costs(c: CostModel) -> str:
+    """Costs relative to one plain target step, in one line."""
+    v1 = c.verify_cost(1)
+    curve = ", ".join(f"{n} tokens {c.verify_cost(n) / v1:.2f}x" for n in (2, 5, 9, 17))
+    return (f"cost model: target step {1000 * v1:.1f} ms; one pass over {curve}; "
+            f"a drafted token {c.draft / v1:.2f}x")
+
+
+def ema(old: float, new: float, weight: float = 0.2) -> float:
+    return old + weight * (new - old)
+
+
+class Budget(Protocol):
+    """What the engine asks each round; implementations below."""
+
+    name: str
+
+    def plan(self, k_cap: int) -> int:
+        """Draft length for this round, 0..k_cap (0: a plain step)."""
+        ...
+
+    def keep_going(self, confidences: Sequence[float]) -> bool:
+        """After each drafted token: draft another?"""
+        ...
+
+    def observe(self, confidences: Sequence[float], n_accepted: int,
+                timing: tuple[float, float] | None) -> None:
+        """How much of the draft was accepted and, unless None, what drafting and
+        verifying cost in seconds."""
+        ...
+
+    def describe(self) -> str:
+        """The cost model in words, for --stats ('' when there is none)."""
+        ...
+
+
+def parse_budget(spec: str) -> int | None:
+    """'auto' -> None; 'fixed:K' -> K.  Raises ValueError with a one-line message."""
+    if spec == "auto":
+        return None
+    kind, _, num = spec.partition(":")
+    if kind == "fixed" and num.isdigit() and int(num) >= 1:
+        return int(num)
+    raise ValueError(f"invalid budget {spec!r}: use 'auto' or 'fixed:K' with K >= 1")
+
+
+class FixedBudget:
+    """Always the same draft length (None: --draft-max): for experiments and the
+    bench's baselines."""
+
+    def __init__(self, k: int | None = None) -> None:
+        self.k = k
+        self.name = "fixed" if k is None else f"fixed:{k}"
+
+    def plan(self, k_cap: int) -> int:
+        return k_cap if self.k is None else min(self.k, k_cap)
+
+    def keep_going(self, confidences: Sequence[float]) -> bool:
+        return True
+
+    def observe(self, confidences: Sequence[float], n_accepted: int,
+                timing: tuple[float, float] | None) -> None:
+        pass
+
+    def describe(self) -> str:
+        return ""
+
+
+class AdaptiveBudget:
+    """Chooses each round's draft length from a calibrated cost model, rescaled online
+    by what rounds actually cost (context growth, machine load), and from online
+    acceptance estimates.  Never drafts when even near-perfect acceptance cannot beat a
+    plain step; otherwise probes now and then so the estimates can recover."""
+
+    name = "auto"
+
+    def __init__(self, cost: CostModel, acceptance: Acceptance | None = None,
+                 explore_every: int = 16, optimistic_p: float = 0.95) -> None:
+        self.base = cost
+        self.acc = acceptance or Acceptance()
+        self.explore_every = explore_every
+        self.optimistic_p = optimistic_p
+        self.verify_scale = 1.0
+        self.draft_scale = 1.0
+        self._idle = 0
+        self._k = 0  # the round's plan, for observe()
+
+    @property
+    def cost(self) -> CostModel:
+        return CostModel([v * self.verify_scale for v in self.base.verify],
+                         self.base.draft * self.draft_scale)
+
+    def plan(self, k_cap: int) -> int:
+        cost = self.cost
+        k = best_length(cost, self.acc.by_position(k_cap), k_cap)
+        if k == 0:
+            self._idle += 1
+            could_pay = best_length(cost, [self.optimistic_p] * k_cap, k_cap)
+            if could_pay and self._idle >= self.explore_every:
+                k = could_pay  # a probe: refresh the acceptance estimates
+        if k:
+            self._idle = 0
+            k = k_cap  # drafting pays: let the confidence rule decide where to stop
+        self._k = k
+        return k
+
+    def describe(self) -> str:
+        return describe_costs(self.cost)
+
+    def keep_going(self, confidences: Sequence[float]) -> bool:
+        i = len(confidences)
+        p = [self.acc.by_confidence(c, j) for j, c in enumerate(confidences)]
+        return keep_drafting(self.cost, p, self.acc.by_position(i + 1)[-1])
+
+    def observe(self, confidences: Sequence[float], n_accepted: int,
+                timing: tuple[float, float] | None) -> None:
+        n = len(confidences)
+        if timing is not None:
+            draft_s, verify_s = timing
+            self.verify_scale = ema(self.verify_scale, verify_s / self.base.verify_cost(n + 1))
+            if n and self.base.draft > 0:
+                self.draft_scale = ema(self.draft_scale, draft_s / (n * self.base.draft))
+        if n:
+            self.acc.update(confidences, n_accepted)

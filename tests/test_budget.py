@@ -1,0 +1,120 @@
+"""The draft budget: its choices on synthetic cost curves, and on tiny real models."""
+
+from __future__ import annotations
+
+import pytest
+
+from specli.backends.base import LoadOptions
+from specli.budget import (
+    Acceptance,
+    AdaptiveBudget,
+    CostModel,
+    FixedBudget,
+    best_length,
+    expected_tokens,
+    keep_drafting,
+    parse_budget,
+)
+from specli.calibrate import cache_key, load_or_measure, measure
+from specli.drafters.model import ModelDrafter
+from specli.engine import Engine, GenerationConfig
+from specli.runtime import encode_prompt
+
+STEP = 0.026
+# FIELD-NOTES' CPU curve for the 1.5B target (k = 1, 2, 4, 6, 8, 16 tokens per pass),
+# filled in linearly; a 0.5B drafter at 0.6 of a step, as measured here
+CPU = CostModel([STEP * x for x in (1, 1.66, 1.9, 2.22, 2.5, 2.76, 3.7, 4.67)], 0.6 * STEP)
+CPU_NGRAM = CostModel(CPU.verify, 0.0)  # drafting from n-grams costs ~nothing
+GPU = CostModel([STEP * (1 + 0.01 * i) for i in range(16)], 0.05 * STEP)
+
+
+def test_expected_tokens():
+    assert expected_tokens([]) == 1
+    assert expected_tokens([1, 1, 1]) == 4
+    assert expected_tokens([0.5, 0.5]) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_picks_zero_when_drafting_cannot_pay():
+    """A 0.5B drafter on a CPU: even 95% acceptance loses to a plain step."""
+    assert best_length(CPU, [0.9] * 8, 8) == 0
+    assert best_length(CPU, [0.95] * 8, 8) == 0
+    assert best_length(CPU, [0.999] * 8, 8) > 0  # near-perfect guesses would just pay
+
+
+def test_picks_a_draft_when_drafting_is_free_and_likely_right():
+    k = best_length(CPU_NGRAM, [0.8] * 8, 8)
+    assert 3 <= k <= 6
+    assert best_length(CPU_NGRAM, [0.2] * 8, 8) == 0  # unlikely guesses do not pay
+
+
+def test_picks_long_drafts_when_verification_is_nearly_free():
+    assert best_length(GPU, [0.8] * 16, 16) >= 6
+    assert best_length(GPU, [0.95] * 16, 16) >= 12
+    assert best_length(GPU, [0.8] * 16, 5) == 5  # the cap holds
+
+
+def test_stop_rule_follows_drafter_confidence():
+    assert keep_drafting(GPU, [0.9, 0.9], 0.9)
+    assert not keep_drafting(GPU, [0.9, 0.02], 0.02)  # next token almost surely rejected
+    assert not keep_drafting(CPU, [0.9], 0.3)
+
+
+def test_acceptance_estimates_are_conditional_per_position():
+    acc = Acceptance(prior_mean=0.5, prior_weight=2.0, decay=1.0)
+    for _ in range(50):
+        acc.update([0.99, 0.99, 0.1, 0.1], n_accepted=2)  # third token always rejected
+    p = acc.by_position(4)
+    assert p[0] > 0.9 and p[1] > 0.9 and p[2] < 0.1
+    assert p[3] == pytest.approx(0.5)  # never judged: the prior
+    assert acc.by_confidence(0.99, 0) > 0.9
+    assert acc.by_confidence(0.1, 2) < 0.1
+
+
+def test_adaptive_budget_on_a_cpu_never_drafts():
+    b = AdaptiveBudget(CPU)
+    assert all(b.plan(8) == 0 for _ in range(100))  # not even a probe: it cannot pay
+
+
+def test_adaptive_budget_drafts_on_a_gpu_and_backs_off_when_rejected():
+    b = AdaptiveBudget(GPU, explore_every=16)
+    assert b.plan(8) == 8
+    for _ in range(60):  # everything rejected, and drafting turns 10x slower
+        b.observe([0.9] * 4, 0, (40 * GPU.draft, GPU.verify_cost(5)))
+    plans = [b.plan(8) for _ in range(32)]
+    assert plans.count(0) >= 28  # mostly plain steps now ...
+    assert any(plans)  # ... with a probe now and then so it can recover
+
+
+def test_fixed_budget_and_parse():
+    assert FixedBudget(4).plan(8) == 4 and FixedBudget(4).plan(2) == 2
+    assert FixedBudget().plan(6) == 6
+    assert parse_budget("auto") is None and parse_budget("fixed:3") == 3
+    for bad in ("fixed", "fixed:0", "fixed:x", "greedy"):
+        with pytest.raises(ValueError):
+            parse_budget(bad)
+
+
+def test_engine_follows_the_budget(tiny_models):
+    t, d = tiny_models["target"], tiny_models["same"]
+    prompt = encode_prompt(t, "Once upon a time")
+    cfg = GenerationConfig(max_tokens=40, draft_max=6)
+    plain = Engine(t).generate(prompt, cfg, "none")
+    never = Engine(t, ModelDrafter(d), AdaptiveBudget(CPU)).generate(prompt, cfg, "draft")
+    assert never.stats.draft_rounds == 0 and never.tokens == plain.tokens
+    eager = Engine(t, ModelDrafter(d), AdaptiveBudget(GPU)).generate(prompt, cfg, "draft")
+    assert eager.stats.draft_rounds > 0
+    assert eager.stats.mean_accepted > 3  # an exact copy drafts long and is accepted
+    assert eager.budget == "auto" and "cost model" in eager.cost_note
+
+
+def test_calibration_measures_and_caches(tiny_paths, tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
+    t, d = tiny_models["target"], tiny_models["draft"]
+    cost = measure(t, d, k_max=6)
+    assert len(cost.verify) == 6 and all(v > 0 for v in cost.verify) and cost.draft > 0
+    opts = LoadOptions(n_ctx=512, n_threads=1)
+    first, measured = load_or_measure(t, d, opts)
+    again, measured_again = load_or_measure(t, d, opts)
+    assert measured and not measured_again and again == first
+    assert cache_key(t, d, opts) != cache_key(t, None, opts)
+    assert cache_key(t, d, opts) != cache_key(t, d, LoadOptions(n_ctx=512, n_threads=2))
