@@ -33,7 +33,7 @@ from .prompts import Prompt
 from .runtime import Loaded, encode_prompt
 from .sampling import SamplingParams
 
-METHODS = ("none", "draft", "peer-none", "peer-pld")
+METHODS = ("none", "draft", "lookup", "peer-none", "peer-pld")
 PLOT_HINT = "install the plot extra (pip install 'specli[plot]') to get speedup.png"
 WARMUP_TEXT = "Say hello."
 _IDENTITY_KEYS = ("identical", "matches", "divergence_index", "gap", "noise", "explained")
@@ -60,7 +60,7 @@ def _known(method: str) -> bool:
         parse_budget(budget)
     except ValueError:
         return False
-    return base == "draft"
+    return base in ("draft", "lookup")
 
 
 def uses_draft(methods: Sequence[str]) -> bool:

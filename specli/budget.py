@@ -31,6 +31,7 @@ class CostModel:
 
     verify: list[float]
     draft: float
+    catch_up: float = 0.0  # per token the drafter must read (in a batch) before drafting
 
     def verify_cost(self, n: int) -> float:
         """Cost of one target pass over n tokens; linear beyond the measured range."""
@@ -55,15 +56,25 @@ def expected_tokens(p: Sequence[float]) -> float:
     return total
 
 
-def rate(cost: CostModel, p: Sequence[float]) -> float:
-    return expected_tokens(p) / cost.round_cost(len(p))
+def rate(cost: CostModel, p: Sequence[float], setup: float = 0.0) -> float:
+    """Expected tokens per second of a round drafting len(p) tokens; `setup` is extra
+    time the round pays only if it drafts (the drafter catching up)."""
+    return expected_tokens(p) / (cost.round_cost(len(p)) + (setup if p else 0.0))
 
 
-def best_length(cost: CostModel, p: Sequence[float], k_max: int) -> int:
-    """The draft length in 0..k_max with the highest expected tokens per second."""
+def best_length(
+    cost: CostModel, p: Sequence[float], k_max: int, lag: int = 0, horizon: float = 1e9
+) -> int:
+    """The draft length in 0..k_max with the highest expected tokens per second.
+
+    A drafter `lag` tokens behind must first read them (lag * catch_up seconds); that
+    is paid once and then serves the rest of the generation, so each round is charged
+    its share: the fraction of the `horizon` (tokens left) the round produces."""
     best_k, best_rate = 0, rate(cost, [])
+    catch_up = lag * cost.catch_up
     for k in range(1, min(k_max, len(p)) + 1):
-        r = rate(cost, p[:k])
+        share = min(1.0, expected_tokens(p[:k]) / max(horizon, 1.0))
+        r = rate(cost, p[:k], catch_up * share)
         if r > best_rate:
             best_k, best_rate = k, r
     return best_k
@@ -145,7 +156,7 @@ def describe_costs(c: CostModel) -> str:
     v1 = c.verify_cost(1)
     curve = ", ".join(f"{n} tokens {c.verify_cost(n) / v1:.2f}x" for n in (2, 5, 9, 17))
     return (f"cost model: target step {1000 * v1:.1f} ms; one pass over {curve}; "
-            f"a drafted token {c.draft / v1:.2f}x")
+            f"a drafted token {c.draft / v1:.2f}x, catching up {c.catch_up / v1:.3f}x a token")
 
 
 def ema(old: float, new: float, weight: float = 0.2) -> float:
@@ -157,8 +168,9 @@ class Budget(Protocol):
 
     name: str
 
-    def plan(self, k_cap: int) -> int:
-        """Draft length for this round, 0..k_cap (0: a plain step)."""
+    def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
+        """Draft length for this round, 0..k_cap (0: a plain step), for a drafter `lag`
+        tokens behind the context and `left` tokens still to generate."""
         ...
 
     def keep_going(self, confidences: Sequence[float]) -> bool:
@@ -194,7 +206,7 @@ class FixedBudget:
         self.k = k
         self.name = "fixed" if k is None else f"fixed:{k}"
 
-    def plan(self, k_cap: int) -> int:
+    def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
         return k_cap if self.k is None else min(self.k, k_cap)
 
     def keep_going(self, confidences: Sequence[float]) -> bool:
@@ -230,14 +242,14 @@ class AdaptiveBudget:
     @property
     def cost(self) -> CostModel:
         return CostModel([v * self.verify_scale for v in self.base.verify],
-                         self.base.draft * self.draft_scale)
+                         self.base.draft * self.draft_scale, self.base.catch_up * self.draft_scale)
 
-    def plan(self, k_cap: int) -> int:
+    def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
         cost = self.cost
-        k = best_length(cost, self.acc.by_position(k_cap), k_cap)
+        k = best_length(cost, self.acc.by_position(k_cap), k_cap, lag, left)
         if k == 0:
             self._idle += 1
-            could_pay = best_length(cost, [self.optimistic_p] * k_cap, k_cap)
+            could_pay = best_length(cost, [self.optimistic_p] * k_cap, k_cap, lag, left)
             if could_pay and self._idle >= self.explore_every:
                 k = could_pay  # a probe: refresh the acceptance estimates
         if k:

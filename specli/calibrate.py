@@ -76,7 +76,7 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX) -> CostM
         for n in range(1, k_max + 1)
     ]
     target.truncate(0)
-    draft_cost = 0.0
+    draft_cost = catch_up = 0.0
     if draft is not None:
         dctx = draft.tokenize(CONTEXT, add_bos=draft.add_bos)
         draft.truncate(0)
@@ -86,7 +86,12 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX) -> CostM
             samples.append(_timed(lambda tok=tok: draft.eval([tok], [0])))
         draft_cost = statistics.median(samples[2:])
         draft.truncate(0)
-    return CostModel(verify=verify, draft=draft_cost)
+        batch = (dctx * 8)[:64]  # catching up: reading context tokens in one batch
+        catch_up = statistics.median(
+            _timed(lambda: (draft.truncate(0), draft.eval(batch))) for _ in range(REPEATS)
+        ) / len(batch)
+        draft.truncate(0)
+    return CostModel(verify=verify, draft=draft_cost, catch_up=catch_up)
 
 
 def calibration_path(key: str) -> Path:
@@ -102,13 +107,15 @@ def load_or_measure(
     if not force and path.exists():
         try:
             data = json.loads(path.read_text("utf-8"))
-            return CostModel(verify=list(data["verify"]), draft=float(data["draft"])), False
+            cost = CostModel(list(data["verify"]), float(data["draft"]), float(data["catch_up"]))
+            return cost, False
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable cache: measure again
     cost = measure(target, draft)
     record = {
         "verify": cost.verify,
         "draft": cost.draft,
+        "catch_up": cost.catch_up,
         "target": target.path,
         "draft_model": draft.path if draft is not None else None,
         "measured": time.strftime("%Y-%m-%d %H:%M:%S"),

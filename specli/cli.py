@@ -61,7 +61,8 @@ MethodOpt = Annotated[
         "--method",
         "-m",
         help="auto: draft when a draft model is available, else plain; none: plain decoding "
-        "(the reference); draft: speculative decoding with --draft.",
+        "(the reference); draft: speculative decoding with --draft; lookup: draft by "
+        "copying from the prompt and output so far (no draft model needed).",
     ),
 ]
 DraftOpt = Annotated[
@@ -375,9 +376,9 @@ def bench(
         typer.Option(
             "--methods",
             help="Comma list of: none (plain decoding, always run first: the reference), "
-            "draft (specli with --draft under --budget), draft@fixed:K (a fixed draft "
-            "length K), peer-none (llama-cpp-python's Llama), peer-pld (its prompt-lookup "
-            "decoding).",
+            "draft (specli with --draft under --budget), lookup (specli's prompt lookup), "
+            "METHOD@fixed:K (draft or lookup with a fixed draft length K), peer-none "
+            "(llama-cpp-python's Llama), peer-pld (its prompt-lookup decoding).",
         ),
     ] = "none,draft,peer-none,peer-pld",
     categories: Annotated[
@@ -448,6 +449,79 @@ def bench(
     err.print(f"wrote {out_dir}/: {written}", markup=False)
     if interrupted:
         raise typer.Exit(130)
+
+
+index_app = typer.Typer(
+    help="N-gram indexes for Hierarchy Drafting (drafts from your own text, no draft model).",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    files: Annotated[
+        list[Path], typer.Argument(metavar="FILE", help="UTF-8 text files to index.")
+    ],
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output", "-o", metavar="NAME", help="Index name: $SPECLI_HOME/corpora/NAME.sqlite."
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Model whose tokenizer the index uses: GGUF path or registry name. "
+            "Default: the default target.",
+        ),
+    ] = None,
+    min_count: Annotated[
+        int,
+        typer.Option(
+            "--min-count", min=1, help="Drop continuations of 2+ token n-grams seen fewer times."
+        ),
+    ] = 2,
+) -> None:
+    """Build a static corpus index from text files, for drafting with --method hd.
+
+    The text is tokenized with the model's tokenizer, so the index serves every model
+    sharing that tokenizer. Rebuilding a NAME replaces it atomically.
+
+    Example:
+
+      specli index build docs/*.md --model qwen2.5-coder-1.5b-instruct -o mydocs
+    """
+    from .backends.gguf import GGUFModel
+    from .ngram import build_corpus, corpus_path, store_counts
+    from .pull import resolve_model
+    from .registry import human_size, load_registry
+
+    corpus_path(output)  # a bad name fails before any work
+    for f in files:  # missing or empty files fail before the model loads
+        if not f.exists():
+            raise SpecliError(f"file not found: {f}")
+        if not f.is_file():
+            raise SpecliError(f"not a file: {f}")
+        if f.stat().st_size == 0:
+            raise SpecliError(f"{f} is empty: nothing to index")
+    reg = load_registry()
+    path = resolve_model(model or reg.default_pair.target, registry=reg, console=err)
+    backend = GGUFModel(path, LoadOptions(n_ctx=512, n_threads=1))  # for its tokenizer
+    try:
+        out = build_corpus(backend, files, output, console=err, min_count=min_count)
+    finally:
+        backend.close()
+    keys, rows = store_counts(out)
+    print(out)
+    err.print(
+        f"indexed {len(files)} file(s): {rows} continuations of {keys} n-grams (n = 1..4), "
+        f"{human_size(out.stat().st_size)}",
+        markup=False,
+    )
 
 
 def main() -> None:

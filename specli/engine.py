@@ -141,7 +141,7 @@ class Engine:
                 res.stop_reason = "length" if left <= 0 else "context"
                 break
             k_cap = min(cfg.draft_max, left - 1, t.n_ctx - len(ctx))
-            k = self.budget.plan(k_cap) if d is not None and k_cap > 0 else 0
+            k = self.budget.plan(k_cap, d.lag(ctx), left) if d is not None and k_cap > 0 else 0
 
             t0 = time.perf_counter()
             draft = d.propose(ctx, k, cfg.params, rng, self.budget.keep_going) if k else Draft()

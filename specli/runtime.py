@@ -14,13 +14,14 @@ from .backends.base import Backend, LoadOptions
 from .backends.gguf import GGUFModel
 from .budget import AdaptiveBudget, Budget, CostModel, FixedBudget, parse_budget
 from .calibrate import load_or_measure
+from .drafters.lookup import LookupDrafter
 from .drafters.model import ModelDrafter, check_same_tokenizer
 from .engine import Engine
 from .errors import SpecliError
 from .pull import resolve_model
 from .registry import load_registry
 
-METHODS = ("auto", "none", "draft")
+METHODS = ("auto", "none", "draft", "lookup")
 
 
 @dataclass
@@ -42,9 +43,13 @@ class Loaded:
                 self._cost, _ = load_or_measure(self.target, self.draft, self.opts, force=force)
         return self._cost
 
-    def make_budget(self, spec: str) -> Budget:
+    def make_budget(self, spec: str, free_drafts: bool = False) -> Budget:
+        """`free_drafts`: the drafter costs ~nothing (n-gram lookup), only verification."""
         k = _parse_budget(spec)
-        return FixedBudget(k) if k is not None else AdaptiveBudget(self.cost_model())
+        if k is not None:
+            return FixedBudget(k)
+        cost = self.cost_model()
+        return AdaptiveBudget(CostModel(cost.verify, 0.0) if free_drafts else cost)
 
     def make_engine(self, method: str, budget: str = "auto") -> Engine:
         """An engine for `method` on the loaded models (bench switches methods)."""
@@ -54,6 +59,8 @@ class Loaded:
             if self.draft is None:
                 raise SpecliError("--method draft needs a draft model (--draft)")
             return Engine(self.target, ModelDrafter(self.draft), self.make_budget(budget))
+        if method == "lookup":
+            return Engine(self.target, LookupDrafter(), self.make_budget(budget, free_drafts=True))
         raise SpecliError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
     def close(self) -> None:
@@ -71,20 +78,21 @@ def _parse_budget(spec: str) -> int | None:
 
 def choose_models(model: str | None, draft: str | None, method: str) -> tuple[str, str | None]:
     """No MODEL: the registry's default pair.  A registry target with no --draft:
-    its registered same-tokenizer draft, unless plain decoding was asked for."""
+    its registered same-tokenizer draft, for the methods that use one."""
     if method not in METHODS:
         raise SpecliError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     reg = load_registry()
+    wants_draft = method in ("auto", "draft")
     if model is None:
         model = reg.default_pair.target
-        if draft is None and method != "none":
+        if draft is None and wants_draft:
             draft = reg.default_pair.draft
-    elif draft is None and method != "none" and (entry := reg.find(model)) is not None:
+    elif draft is None and wants_draft and (entry := reg.find(model)) is not None:
         draft = next(
             (p.draft for p in reg.pairs.values() if p.target == entry.name and p.same_tokenizer),
             None,
         )
-    if method == "none":
+    if not wants_draft:
         draft = None
     elif method == "draft" and draft is None:
         raise SpecliError("--method draft needs a draft model: pass --draft PATH_OR_NAME")
@@ -115,9 +123,9 @@ def load(
             target.close()
             dm.close()
             raise
-    used = "draft" if dm is not None else "none"
+    used = "lookup" if method == "lookup" else "draft" if dm is not None else "none"
     loaded = Loaded(target, dm, used, model, draft, opts, budget)
-    if used == "draft" and _parse_budget(budget) is None:
+    if used != "none" and _parse_budget(budget) is None:
         loaded.cost_model(console)  # measured here, with a spinner, on first use
     loaded.engine = loaded.make_engine(used, budget)
     return loaded

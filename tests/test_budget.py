@@ -53,6 +53,16 @@ def test_picks_long_drafts_when_verification_is_nearly_free():
     assert best_length(GPU, [0.8] * 16, 5) == 5  # the cap holds
 
 
+def test_a_drafter_far_behind_only_catches_up_when_the_rest_pays_for_it():
+    gpu = CostModel(GPU.verify, GPU.draft, catch_up=0.1 * STEP)
+    p = [0.8] * 8
+    assert best_length(gpu, p, 8, lag=0, horizon=64) > 0
+    assert best_length(gpu, p, 8, lag=700, horizon=64) == 0  # 70 steps to read: no
+    assert best_length(gpu, p, 8, lag=700, horizon=20000) > 0  # amortised over a long answer
+    b = AdaptiveBudget(CostModel(GPU.verify, GPU.draft, catch_up=0.1 * STEP))
+    assert b.plan(8, lag=700, left=64) == 0 and b.plan(8, lag=1, left=64) == 8
+
+
 def test_stop_rule_follows_drafter_confidence():
     assert keep_drafting(GPU, [0.9, 0.9], 0.9)
     assert not keep_drafting(GPU, [0.9, 0.02], 0.02)  # next token almost surely rejected

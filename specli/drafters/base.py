@@ -45,6 +45,11 @@ class Drafter(Protocol):
         stop early when `keep_going` says another token would not pay."""
         ...
 
+    def lag(self, context: Sequence[int]) -> int:
+        """Context tokens the drafter must read before it can draft (the budget weighs
+        that cost: a draft model that sat out plain steps has to catch up)."""
+        ...
+
     def accepted(self, n_drafted: int, n_accepted: int) -> None:
         """Feedback after verification, for drafters that learn or keep statistics."""
         ...

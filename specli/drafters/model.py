@@ -90,6 +90,9 @@ class ModelDrafter:
         draft.probs = np.stack(rows) if rows else None
         return draft
 
+    def lag(self, context: Sequence[int]) -> int:
+        return len(context) - min(common_prefix(self.model.tokens, context), len(context) - 1)
+
     def accepted(self, n_drafted: int, n_accepted: int) -> None:
         pass  # the next _sync rolls back whatever was rejected
 
