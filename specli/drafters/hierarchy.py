@@ -77,6 +77,9 @@ class HierarchyDrafter:
                     return draft
         return Draft()
 
+    def lag(self, context: Sequence[int]) -> int:
+        return 0  # indexing the context costs ~1.5 us a token: nothing to weigh
+
     def accepted(self, n_drafted: int, n_accepted: int) -> None:
         if self.last_source is not None and n_drafted:
             self.tokens[self.last_source][1] += n_accepted
