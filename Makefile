@@ -27,13 +27,18 @@ test: models
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -ra
 
+# The bench's chart needs the plot extra (matplotlib).
+$(BIN)/.plot: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -e '.[plot]'
+	touch $@
+
 # Every method on the first 2 Spec-Bench prompts of each category (about 10 min on 2 cores).
-bench: models
+bench: models $(BIN)/.plot
 	$(BIN)/specli bench --limit 2 -n 64 --methods none,draft,draft@fixed:4,peer-none,peer-pld \
 		--out benchmarks/results/$$(date +%F)-cpu2
 
 # The draft budget against fixed draft lengths: 3 prompts per category, 128 tokens (~25 min).
-bench-budget: models
+bench-budget: models $(BIN)/.plot
 	$(BIN)/specli bench --limit 3 -n 128 \
 		--methods none,draft,draft@fixed:2,draft@fixed:4,draft@fixed:8 \
 		--out benchmarks/results/$$(date +%F)-cpu2-budget

@@ -33,7 +33,7 @@ from .prompts import Prompt
 from .runtime import Loaded, encode_prompt
 from .sampling import SamplingParams
 
-METHODS = ("none", "draft", "lookup", "peer-none", "peer-pld")
+METHODS = ("none", "draft", "lookup", "hd", "peer-none", "peer-pld")
 PLOT_HINT = "install the plot extra (pip install 'specli[plot]') to get speedup.png"
 WARMUP_TEXT = "Say hello."
 _IDENTITY_KEYS = ("identical", "matches", "divergence_index", "gap", "noise", "explained")
@@ -60,7 +60,7 @@ def _known(method: str) -> bool:
         parse_budget(budget)
     except ValueError:
         return False
-    return base in ("draft", "lookup")
+    return base in ("draft", "lookup", "hd")
 
 
 def uses_draft(methods: Sequence[str]) -> bool:
@@ -216,7 +216,7 @@ class Peer:
             gen.close()
 
 
-def identity(loaded: Loaded, prompt: list[int], ref: dict, row: dict) -> dict:
+def identity(loaded: Loaded, prompt: list[int], ref: dict, row: dict, window: int = 8) -> dict:
     """Greedy only: equal to `none`'s tokens, or else is the first divergence a near-tie
     (fidelity's rule)?  A run cut by max_tokens says nothing past its end."""
     a, b = ref["tokens"], row["tokens"]
@@ -229,7 +229,7 @@ def identity(loaded: Loaded, prompt: list[int], ref: dict, row: dict) -> dict:
     i = min(len(a), len(b)) if i is None else i
     out = {**_NO_IDENTITY, "identical": False, "matches": False, "divergence_index": i}
     if i < len(a):  # else `none` ended here: its end-of-turn token is not kept to replay
-        d = analyse(loaded.target, prompt, a, i)
+        d = analyse(loaded.target, prompt, a, i, window)
         out.update(gap=d.gap, noise=d.noise, explained=d.explained, matches=d.explained)
     return out
 
@@ -390,7 +390,8 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
                     row = runners[m](tokens, plan.n_tokens)
                     ref = ref or row
                     greedy = plan.params.greedy
-                    row.update(identity(loaded, tokens, ref, row) if greedy else _NO_IDENTITY)
+                    row.update(identity(loaded, tokens, ref, row, plan.draft_max)
+                               if greedy else _NO_IDENTITY)
                     row = {"prompt": i, "prompt_id": p.id, "category": p.category,
                            "method": m, **row}
                     rows.append(row)

@@ -45,6 +45,7 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.learned = 0  # conversation tokens a drafter with memory has already seen
 
     def run(self, stdin: TextIO) -> None:
         interactive = stdin.isatty()
@@ -109,6 +110,8 @@ class ChatSession:
                 self.write(piece)
         except KeyboardInterrupt:
             res.stop_reason = "interrupted"
+        loaded.finish(tokens, res, start=self.learned)  # hd learns across turns and sessions
+        self.learned = len(tokens) + len(res.tokens)
         parts.append(stream.flush())
         self.write(parts[-1] + "\n")
         self.messages.append({"role": "assistant", "content": "".join(parts)})

@@ -62,7 +62,8 @@ MethodOpt = Annotated[
         "-m",
         help="auto: draft when a draft model is available, else plain; none: plain decoding "
         "(the reference); draft: speculative decoding with --draft; lookup: draft by "
-        "copying from the prompt and output so far (no draft model needed).",
+        "copying from the prompt and output so far (no draft model needed); hd: hierarchy "
+        "drafting from the context, your past generations and a --corpus index.",
     ),
 ]
 DraftOpt = Annotated[
@@ -91,6 +92,18 @@ DraftMaxOpt = Annotated[
     typer.Option(
         "--draft-max", "-k", min=1, max=64,
         help="Most tokens drafted per round (the budget chooses 0..this each round).",
+    ),
+]
+CorpusOpt = Annotated[
+    str | None,
+    typer.Option("--corpus", help="hd: also draft from this index (`specli index build`)."),
+]
+NoHistoryOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-history",
+        help="hd: neither draft from nor add to your generation history "
+        "($SPECLI_HOME/history).",
     ),
 ]
 BudgetOpt = Annotated[
@@ -147,6 +160,8 @@ def stats_lines(res: Result) -> list[str]:
         )
     if res.cost_note:
         lines.append(res.cost_note)
+    if res.drafter_note:
+        lines.append(res.drafter_note)
     lines.append(f"wall {s.wall_s:.2f} s")
     return lines
 
@@ -161,6 +176,7 @@ def result_json(res: Result, text: str, model: str, draft: str | None) -> dict:
         "stop_reason": res.stop_reason,
         "method": res.method,
         "budget": res.budget or None,
+        "drafter": res.drafter_note or None,
         "model": model,
         "draft": draft,
         "stats": {
@@ -217,6 +233,8 @@ def generate(
     ] = False,
     draft_max: DraftMaxOpt = 8,
     budget: BudgetOpt = "auto",
+    corpus: CorpusOpt = None,
+    no_history: NoHistoryOpt = False,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
     gpu_layers: GpuLayersOpt = 0,
@@ -242,7 +260,7 @@ def generate(
     if not text_in.strip():
         raise SpecliError("empty prompt: give text with -p, -f FILE or on stdin")
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
-    loaded = runtime.load(model, draft, method, opts, console=err, budget=budget)
+    loaded = runtime.load(model, draft, method, opts, err, budget, corpus, not no_history)
     tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
     loaded.engine.check_prompt(tokens)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
@@ -270,6 +288,8 @@ def generate(
         if stats:
             err.print("\n".join(stats_lines(res)))
         raise typer.Exit(130) from None
+    finally:
+        loaded.finish(tokens, res)  # drafters with a memory (hd) learn from what was written
     if stats:
         err.print("\n".join(stats_lines(res)))
 
@@ -289,6 +309,8 @@ def chat(
     seed: SeedOpt = None,
     draft_max: DraftMaxOpt = 8,
     budget: BudgetOpt = "auto",
+    corpus: CorpusOpt = None,
+    no_history: NoHistoryOpt = False,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 8192,
     gpu_layers: GpuLayersOpt = 0,
@@ -304,7 +326,7 @@ def chat(
 
     params = _params(temperature, top_k, top_p, seed)
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
-    loaded = runtime.load(model, draft, method, opts, err, budget=budget)
+    loaded = runtime.load(model, draft, method, opts, err, budget, corpus, not no_history)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
     ChatSession(loaded, cfg, system=system, write=_write, err=err).run(sys.stdin)
 
@@ -377,7 +399,8 @@ def bench(
             "--methods",
             help="Comma list of: none (plain decoding, always run first: the reference), "
             "draft (specli with --draft under --budget), lookup (specli's prompt lookup), "
-            "METHOD@fixed:K (draft or lookup with a fixed draft length K), peer-none "
+            "hd (hierarchy drafting: context, then --corpus; never your history), "
+            "METHOD@fixed:K (draft, lookup or hd with a fixed draft length K), peer-none "
             "(llama-cpp-python's Llama), peer-pld (its prompt-lookup decoding).",
         ),
     ] = "none,draft,peer-none,peer-pld",
@@ -408,6 +431,8 @@ def bench(
     ] = 0.0,
     draft_max: DraftMaxOpt = 8,
     budget: BudgetOpt = "auto",
+    corpus: CorpusOpt = None,
+    no_history: NoHistoryOpt = False,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
 ) -> None:
@@ -439,7 +464,8 @@ def bench(
     out_dir = out or Path(f"specli-bench-{time.strftime('%Y%m%d-%H%M%S')}")
     used = "draft" if bm.uses_draft(method_list) else "none"
     opts = LoadOptions(n_ctx=ctx, n_threads=threads)
-    loaded = runtime.load(model, draft, used, opts, err, budget=budget)
+    # benchmark prompts never enter the user's history
+    loaded = runtime.load(model, draft, used, opts, err, budget, corpus, history=False)
     plan = bm.Plan(chosen, method_list, max_tokens, params, draft_max,
                    threads or default_threads(), budget, out_dir)
     plan.meta = bm.describe(plan, loaded, ["specli", *sys.argv[1:]], loaded.target.n_ctx)

@@ -83,6 +83,7 @@ class Result:
     stats: Stats = field(default_factory=Stats)
     budget: str = ""  # the draft budget's name, when a drafter ran
     cost_note: str = ""  # the budget's cost model, in words (for --stats)
+    drafter_note: str = ""  # where drafts came from, in words (for --stats)
 
 
 def verify(draft: Draft, logits: np.ndarray, params: SamplingParams, rng) -> Verdict:
@@ -179,6 +180,7 @@ class Engine:
         st.wall_s = time.perf_counter() - start
         if d is not None:
             res.cost_note = self.budget.describe()  # as tracked online by the end
+            res.drafter_note = d.describe()
 
     def generate(self, prompt: Sequence[int], cfg: GenerationConfig, method: str) -> Result:
         """Run to the end; for callers that do not stream."""

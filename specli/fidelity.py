@@ -40,15 +40,17 @@ def analyse(
     target: Backend, prompt: Sequence[int], plain: Sequence[int], index: int, window: int = 8
 ) -> Divergence:
     """Replay the plain run up to `index` one token at a time (as plain decoding
-    does), then re-evaluate the tokens before it as verify batches of 2..window+1
-    tokens and take the largest logit difference."""
-    seq = list(prompt) + list(plain[: index + 1])
+    does), then re-evaluate verify batches of 2..window+1 tokens at every alignment
+    that contains `index` (a verify batch also holds the draft tokens after it) and
+    take the largest logit difference from the single-token rows."""
+    last = min(len(plain) - 1, index + window)  # plain tokens we can put after `index`
+    seq = list(prompt) + list(plain[: last + 1])
     base = len(prompt) - 1  # seq[base + j] is the input whose logits predict plain[j]
     target.truncate(0)
     target.eval(seq[:base])
     first = max(0, index - window)
     single: dict[int, np.ndarray] = {}
-    for j in range(index + 1):
+    for j in range(last + 1):
         row = target.eval([seq[base + j]], [0])[0]
         if j >= first:
             single[j] = row
@@ -57,11 +59,14 @@ def analyse(
     reproduced = int(np.argmax(single[index])) == plain[index]
 
     noise = 0.0
-    for size in range(2, index - first + 2):
-        start = index - size + 1
-        target.truncate(base + start)
-        rows = target.eval(seq[base + start : base + index + 1], range(size))
-        for r, j in enumerate(range(start, index + 1)):
-            noise = max(noise, float(np.max(np.abs(rows[r] - single[j]))))
+    for size in range(2, window + 2):
+        for start in range(max(first, index - size + 1), index + 1):
+            end = min(start + size, last + 1)
+            if end - start < 2:
+                continue
+            target.truncate(base + start)
+            rows = target.eval(seq[base + start : base + end], range(end - start))
+            for r, j in enumerate(range(start, end)):
+                noise = max(noise, float(np.max(np.abs(rows[r] - single[j]))))
     target.truncate(0)
     return Divergence(index=index, gap=gap, noise=noise, reproduced=reproduced)

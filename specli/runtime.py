@@ -5,6 +5,7 @@ Shared by `generate`, `chat` and `bench` so the three load and encode alike.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,14 +15,16 @@ from .backends.base import Backend, LoadOptions
 from .backends.gguf import GGUFModel
 from .budget import AdaptiveBudget, Budget, CostModel, FixedBudget, parse_budget
 from .calibrate import load_or_measure
+from .drafters.hierarchy import HierarchyDrafter
 from .drafters.lookup import LookupDrafter
 from .drafters.model import ModelDrafter, check_same_tokenizer
-from .engine import Engine
+from .engine import Engine, Result
 from .errors import SpecliError
+from .ngram import NgramStore, tokenizer_fingerprint
 from .pull import resolve_model
 from .registry import load_registry
 
-METHODS = ("auto", "none", "draft", "lookup")
+METHODS = ("auto", "none", "draft", "lookup", "hd")
 
 
 @dataclass
@@ -33,8 +36,11 @@ class Loaded:
     draft_name: str | None
     opts: LoadOptions
     budget_spec: str = "auto"
+    corpus: str | None = None  # static n-gram index for hd (`specli index build`)
+    history: bool = True  # hd learns from (and drafts from) this user's past generations
     engine: Engine = field(init=False)
     _cost: CostModel | None = field(default=None, init=False, repr=False)
+    _closers: list = field(default_factory=list, init=False, repr=False)
 
     def cost_model(self, console: Console | None = None, force: bool = False) -> CostModel:
         """Calibrated costs for this target/draft pair, measured once per machine setup."""
@@ -61,9 +67,26 @@ class Loaded:
             return Engine(self.target, ModelDrafter(self.draft), self.make_budget(budget))
         if method == "lookup":
             return Engine(self.target, LookupDrafter(), self.make_budget(budget, free_drafts=True))
+        if method == "hd":
+            return Engine(self.target, self._hd_drafter(), self.make_budget(budget, True))
         raise SpecliError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
+    def finish(self, prompt: Sequence[int], res: Result, start: int = 0) -> None:
+        """Let a drafter with a memory learn from a finished (or stopped) generation."""
+        if self.engine.drafter is not None:
+            self.engine.drafter.finish([*prompt, *res.tokens], start)
+
+    def _hd_drafter(self) -> HierarchyDrafter:
+        fp = tokenizer_fingerprint(self.target)
+        history = NgramStore.open_history(fp) if self.history else None
+        static = NgramStore.open_corpus(self.corpus, fp) if self.corpus else None
+        drafter = HierarchyDrafter(history, static)
+        self._closers.append(drafter.close)
+        return drafter
+
     def close(self) -> None:
+        for close in self._closers:
+            close()
         for m in (self.target, self.draft):
             if m is not None:
                 m.close()
@@ -106,6 +129,8 @@ def load(
     opts: LoadOptions,
     console: Console | None = None,
     budget: str = "auto",
+    corpus: str | None = None,
+    history: bool = True,
 ) -> Loaded:
     model, draft = choose_models(model, draft, method)
     reg = load_registry()
@@ -123,8 +148,8 @@ def load(
             target.close()
             dm.close()
             raise
-    used = "lookup" if method == "lookup" else "draft" if dm is not None else "none"
-    loaded = Loaded(target, dm, used, model, draft, opts, budget)
+    used = method if method in ("lookup", "hd") else "draft" if dm is not None else "none"
+    loaded = Loaded(target, dm, used, model, draft, opts, budget, corpus, history)
     if used != "none" and _parse_budget(budget) is None:
         loaded.cost_model(console)  # measured here, with a spinner, on first use
     loaded.engine = loaded.make_engine(used, budget)

@@ -145,3 +145,28 @@ def test_models_lists_registry(env):
     p = run(["models"], env)
     assert p.returncode == 0, p.stderr
     assert "qwen2.5-coder-1.5b-instruct" in p.stdout and "qwen2.5-coder-0.5b-instruct" in p.stdout
+
+
+def test_hd_learns_from_history_across_runs(tiny_paths, env):
+    """`-m hd` keeps this user's generations (per tokenizer) and drafts from them later."""
+    t = str(tiny_paths["target"])
+    args = ["generate", t, "-m", "hd", "-p", "Tell me about the robot", "-n", "24", "--json",
+            "--budget", "fixed:4"]
+    assert run(args, env).returncode == 0
+    history = list((Path(env["SPECLI_HOME"]) / "history").glob("*.sqlite"))
+    assert len(history) == 1
+    second = json.loads(run(args, env).stdout)
+    assert "history" in second["drafter"] and second["stats"]["accepted"] > 0
+    p = run([*args, "--no-history"], env)
+    assert p.returncode == 0 and "history" not in (json.loads(p.stdout)["drafter"] or "")
+
+
+def test_lookup_method_and_budget_flags(tiny_paths, env):
+    t = str(tiny_paths["target"])
+    text = "one two three four. one two three four. one two three"
+    p = run(["generate", t, "-m", "lookup", "-p", text, "-n", "12", "--json",
+             "--budget", "fixed:3"], env)
+    obj = json.loads(p.stdout)
+    assert p.returncode == 0 and obj["method"] == "lookup" and obj["budget"] == "fixed:3"
+    assert_one_line_error(run(["generate", t, "-m", "lookup", "-p", "x", "--budget", "sometimes"],
+                              env), "invalid budget")

@@ -77,17 +77,23 @@ def _off_by_one(draft, target_argmax):
     return v
 
 
-def test_fidelity_check_catches_off_by_one(qwen_pair, monkeypatch):
+def test_fidelity_check_catches_off_by_one(qwen_pair, monkeypatch, report):
     """Negative control: the identity test above must fail on a real bug."""
     target, draft = qwen_pair
     monkeypatch.setattr(engine_mod, "verify_greedy", _off_by_one)
     cfg = GenerationConfig(max_tokens=48, draft_max=DRAFT_MAX)
-    caught = 0
+    caught, rows = 0, []
     for p in _prompts()[:3]:
         prompt, plain, spec = _compare(target, draft, p.text, cfg)
         i = first_difference(plain.tokens, spec.tokens)
-        if i is not None and not analyse(target, prompt, plain.tokens, i).explained:
-            caught += 1
+        if i is None:
+            rows.append(f"{p.category:15s} not caught: no divergence")
+            continue
+        d = analyse(target, prompt, plain.tokens, i, window=DRAFT_MAX + 4)
+        caught += not d.explained
+        rows.append(f"{p.category:15s} diverges at {i:2d}: gap {d.gap:.3f} vs noise {d.noise:.3f}"
+                    f" -> {'caught' if not d.explained else 'NOT caught'}")
+    report("negative control: off-by-one acceptance injected", rows)
     assert caught >= 2
 
 

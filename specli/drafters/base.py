@@ -57,3 +57,12 @@ class Drafter(Protocol):
     def reset(self) -> None:
         """Forget per-generation state (a new prompt follows)."""
         ...
+
+    def finish(self, tokens: Sequence[int], start: int = 0) -> None:
+        """A generation is over (prompt + output in `tokens`; only what follows index
+        `start` is new): drafters with a memory learn from it."""
+        ...
+
+    def describe(self) -> str:
+        """One line for --stats about where drafts came from ('' if nothing to say)."""
+        ...

@@ -69,5 +69,11 @@ class LookupDrafter:
     def lag(self, context: Sequence[int]) -> int:
         return 0  # indexing is ~free
 
+    def finish(self, tokens: Sequence[int], start: int = 0) -> None:
+        pass  # no memory across generations
+
+    def describe(self) -> str:
+        return ""
+
     def accepted(self, n_drafted: int, n_accepted: int) -> None:
         pass

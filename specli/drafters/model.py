@@ -93,6 +93,12 @@ class ModelDrafter:
     def lag(self, context: Sequence[int]) -> int:
         return len(context) - min(common_prefix(self.model.tokens, context), len(context) - 1)
 
+    def finish(self, tokens: Sequence[int], start: int = 0) -> None:
+        pass  # no memory across generations
+
+    def describe(self) -> str:
+        return ""
+
     def accepted(self, n_drafted: int, n_accepted: int) -> None:
         pass  # the next _sync rolls back whatever was rejected
 
