@@ -249,9 +249,9 @@ class AdaptiveBudget:
         k = best_length(cost, self.acc.by_position(k_cap), k_cap, lag, left)
         if k == 0:
             self._idle += 1
-            could_pay = best_length(cost, [self.optimistic_p] * k_cap, k_cap, lag, left)
-            if could_pay and self._idle >= self.explore_every:
-                k = could_pay  # a probe: refresh the acceptance estimates
+            if self._idle >= self.explore_every:  # time to probe, if drafting could pay
+                k = best_length(cost, [self.optimistic_p] * k_cap, k_cap, lag, left)
+                self._idle = 0 if k == 0 else self._idle
         if k:
             self._idle = 0
             k = k_cap  # drafting pays: let the confidence rule decide where to stop
