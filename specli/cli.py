@@ -432,7 +432,6 @@ def bench(
     draft_max: DraftMaxOpt = 8,
     budget: BudgetOpt = "auto",
     corpus: CorpusOpt = None,
-    no_history: NoHistoryOpt = False,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
 ) -> None:
