@@ -15,6 +15,7 @@ from rich.console import Console
 
 from .engine import GenerationConfig, Result
 from .errors import SpecliError
+from .report import stats_lines
 from .runtime import Loaded, encode_messages
 from .tokens import TextStream
 
@@ -80,8 +81,6 @@ class ChatSession:
             self.reset()
             self.err.print("(conversation cleared)", markup=False)
         elif cmd == "/stats":
-            from .cli import stats_lines
-
             if self.last is None:
                 self.err.print("(no answer yet)", markup=False)
             else:

@@ -19,6 +19,7 @@ from rich.console import Console
 from .backends.base import LoadOptions
 from .engine import GenerationConfig, Result
 from .errors import SpecliError
+from .report import result_json, stats_lines
 from .sampling import SamplingParams
 from .tokens import TextStream
 
@@ -142,59 +143,6 @@ def _read_prompt(prompt: str | None, file: Path | None) -> str:
     if sys.stdin.isatty():
         raise SpecliError("no prompt: give -p TEXT, -f FILE, or pipe text on stdin")
     return sys.stdin.read()
-
-
-def stats_lines(res: Result) -> list[str]:
-    s = res.stats
-    lines = [
-        f"method {res.method}, stop: {res.stop_reason}",
-        f"prompt {s.n_prompt} tokens, prefill {s.prefill_s:.2f} s ({s.prefill_tok_s:.1f} tok/s)",
-        f"generated {s.n_generated} tokens in {s.decode_s:.2f} s ({s.decode_tok_s:.1f} tok/s)",
-        f"target forward passes {s.target_forwards} ({s.mean_accepted:.2f} tokens each)",
-    ]
-    if res.budget:
-        lines.append(
-            f"budget {res.budget}: drafted in {s.draft_rounds} of {s.target_forwards} rounds, "
-            f"{s.drafted} tokens, accepted {s.accepted} ({100 * s.acceptance_rate:.1f}%); "
-            f"time drafting {s.draft_s:.2f} s, verifying {s.verify_s:.2f} s"
-        )
-    if res.cost_note:
-        lines.append(res.cost_note)
-    if res.drafter_note:
-        lines.append(res.drafter_note)
-    lines.append(f"wall {s.wall_s:.2f} s")
-    return lines
-
-
-def result_json(res: Result, text: str, model: str, draft: str | None) -> dict:
-    s = res.stats
-    return {
-        "text": text,
-        "tokens": res.tokens,
-        "n_prompt": s.n_prompt,
-        "n_generated": s.n_generated,
-        "stop_reason": res.stop_reason,
-        "method": res.method,
-        "budget": res.budget or None,
-        "drafter": res.drafter_note or None,
-        "model": model,
-        "draft": draft,
-        "stats": {
-            "drafted": s.drafted,
-            "accepted": s.accepted,
-            "acceptance_rate": s.acceptance_rate,
-            "mean_accepted": s.mean_accepted,
-            "target_forwards": s.target_forwards,
-            "draft_rounds": s.draft_rounds,
-            "prefill_s": s.prefill_s,
-            "prefill_tok_s": s.prefill_tok_s,
-            "decode_s": s.decode_s,
-            "decode_tok_s": s.decode_tok_s,
-            "draft_s": s.draft_s,
-            "verify_s": s.verify_s,
-            "wall_s": s.wall_s,
-        },
-    }
 
 
 class _PipeClosed(Exception):
