@@ -37,9 +37,10 @@ bench: models $(BIN)/.plot
 	$(BIN)/specli bench --limit 2 -n 64 --methods none,draft,draft@fixed:4,peer-none,peer-pld \
 		--out benchmarks/results/$$(date +%F)-cpu2
 
-# The draft budget against fixed draft lengths: 3 prompts per category, 128 tokens (~25 min).
+# The draft budget against fixed draft lengths: 3 prompts per category, 128 tokens, every
+# method twice per prompt, fastest kept (~50 min).
 bench-budget: models $(BIN)/.plot
-	$(BIN)/specli bench --limit 3 -n 128 \
+	$(BIN)/specli bench --limit 3 -n 128 --repeats 2 \
 		--methods none,draft,draft@fixed:2,draft@fixed:4,draft@fixed:8 \
 		--out benchmarks/results/$$(date +%F)-cpu2-budget
 

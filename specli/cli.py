@@ -377,6 +377,14 @@ def bench(
         float,
         typer.Option("--temperature", "-t", help="0 = greedy (identity is then checked)."),
     ] = 0.0,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            "--repeats", "-r",
+            help="Run every method R times per prompt (alternating order) and keep the "
+            "fastest run of each: tighter ratios on a noisy machine, R times the time.",
+        ),
+    ] = 1,
     draft_max: DraftMaxOpt = 8,
     budget: BudgetOpt = "auto",
     corpus: CorpusOpt = None,
@@ -406,6 +414,8 @@ def bench(
         raise SpecliError(f"--limit must be at least 1 (got {limit})")
     if max_tokens < 1:
         raise SpecliError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    if repeats < 1:
+        raise SpecliError(f"--repeats must be at least 1 (got {repeats})")
     params = _params(temperature, 0, 1.0, None)
     chosen = pick(load_prompts(prompts), bm.parse_list(categories), limit)
     out_dir = out or Path(f"specli-bench-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -414,7 +424,7 @@ def bench(
     # benchmark prompts never enter the user's history
     loaded = runtime.load(model, draft, used, opts, err, budget, corpus, history=False)
     plan = bm.Plan(chosen, method_list, max_tokens, params, draft_max,
-                   threads or default_threads(), budget, out_dir)
+                   threads or default_threads(), budget, out_dir, repeats)
     plan.meta = bm.describe(plan, loaded, ["specli", *sys.argv[1:]], loaded.target.n_ctx)
     summary, interrupted = bm.run(loaded, plan, err)
     _write(bm.render_markdown(summary, plan.meta))

@@ -69,6 +69,22 @@ def test_summary_arithmetic_by_hand():
     assert "| draft | 75% | 1.41x |" in md and "| peer-pld | n/a |" in md
 
 
+def test_repeats_keep_the_fastest_run_and_judge_every_run():
+    rep = [
+        {**row(0, "a", "none", 12.0, 1.9, 1.0, True), "repeat": 1},  # faster than repeat 0
+        {**row(0, "a", "draft", 15.0, 1.5, 3.0, False), "repeat": 1},  # slower; diverged
+    ]
+    s = bm.summarize(ROWS + rep)
+    d = s["table"]["draft"]
+    # prompt 0: draft's best 20 vs none's best 12 (not 10); the others as before
+    assert d["a"]["speedup"] == pytest.approx(math.sqrt(20 / 12 * 0.5))
+    assert d["a"]["prompts"] == 2 and d["a"]["runs"] == 3
+    assert d["a"]["identity_rate"] == pytest.approx(1 / 3)  # every run judged
+    assert d["a"]["mean_accepted"] == 2.5  # from the fastest runs
+    assert bm.run_order(["none", "x", "y"], 2) == [
+        (0, "none"), (0, "x"), (0, "y"), (1, "y"), (1, "x"), (1, "none")]
+
+
 def test_geomean_and_clock():
     assert bm.geomean([]) is None
     assert bm.geomean([2.0, 8.0]) == pytest.approx(4.0)
