@@ -29,6 +29,9 @@ class LoadOptions:
     # plain decoding.  kv_type "f32" reduces that drift further at 2x KV memory.
     flash_attn: str = "auto"  # "auto" | "on" | "off"
     kv_type: str = "f16"  # "f16" | "f32"
+    # Candidate branches one forward pass may verify (multi-candidate drafting): the KV
+    # cache then holds that many sequences sharing the prefix.  1: a single chain.
+    branches: int = 1
 
 
 class Backend(Protocol):
@@ -73,6 +76,24 @@ class Backend(Protocol):
 
     def truncate(self, n: int) -> None:
         """Drop everything after the first `n` cached tokens; raise if the cache cannot."""
+        ...
+
+    @property
+    def max_branches(self) -> int:
+        """Most root-to-leaf branches `eval_tree` takes in one pass (1: chains only)."""
+        ...
+
+    def eval_tree(self, root: int, tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
+        """Append `root` and evaluate a tree of candidate tokens after it in one pass
+        (`parents[i]`: node i's parent, -1 for root; parents precede children).  Returns
+        logits for the root and every node, (1 + len(tokens), n_vocab).  Must be followed
+        by `keep_path` before any other call."""
+        ...
+
+    def keep_path(self, path: Sequence[int]) -> None:
+        """Keep the nodes of `path` (a root-to-node chain of node indices) after the root
+        and drop the rest of the tree: the cache is then as if that chain alone had been
+        decoded."""
         ...
 
     def close(self) -> None: ...

@@ -92,6 +92,25 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _tree_layout(parents: Sequence[int]) -> tuple[list[int], list[list[int]]]:
+    """Depth of each node (0 under the root) and the sequences it belongs to: leaf j of
+    the tree (in node order) is sequence j, a node is in the sequences of its leaves."""
+    n = len(parents)
+    depth = [0] * n
+    has_child = [False] * n
+    for i, par in enumerate(parents):
+        if par >= 0:
+            depth[i] = depth[par] + 1
+            has_child[par] = True
+    seqs: list[list[int]] = [[] for _ in range(n)]
+    for leaf in (i for i in range(n) if not has_child[i]):
+        s, node = sum(not h for h in has_child[:leaf]), leaf
+        while node >= 0:
+            seqs[node].append(s)
+            node = parents[node]
+    return depth, seqs
+
+
 class GGUFModel:
     """One llama.cpp model and context holding a single KV sequence (seq 0)."""
 
@@ -120,7 +139,10 @@ class GGUFModel:
         cparams.n_ctx = self.n_ctx
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
-        cparams.n_seq_max = 1
+        self._branches = max(1, opts.branches)
+        cparams.n_seq_max = self._branches
+        # one cell buffer for all sequences: branches share the prefix's cells
+        cparams.kv_unified = self._branches > 1
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
@@ -139,7 +161,8 @@ class GGUFModel:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         bos = llama_cpp.llama_vocab_bos(self._vocab)
         self.bos = bos if bos >= 0 else None
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self._branches)
+        self._tree: tuple[int, list[int], list[list[int]]] | None = None
         self.tokens: list[int] = []
         self._piece_cache: dict[int, bytes] = {}
         self._logits_buf = np.empty(self.n_vocab, dtype=np.float32)
@@ -256,6 +279,65 @@ class GGUFModel:
                 "(recurrent or hybrid models cannot roll back partially)"
             )
         del self.tokens[n:]
+
+    # -- candidate trees -------------------------------------------------------------
+    # Each root-to-leaf branch is a KV sequence (leaf j -> seq j); a node belongs to the
+    # sequences of every leaf below it, so shared prefixes are stored and computed once,
+    # and llama.cpp's per-sequence causal mask is exactly tree attention.
+    @property
+    def max_branches(self) -> int:
+        return self._branches
+
+    def eval_tree(self, root: int, tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
+        n = len(tokens)
+        depth, seqs = _tree_layout(parents)
+        n_seqs = 1 + max((s for ss in seqs for s in ss), default=0)
+        if n_seqs > self._branches:
+            raise SpecliError(f"a draft tree of {n_seqs} branches > {self._branches} sequences")
+        if 1 + n > self.n_batch:
+            raise SpecliError(f"a draft tree of {n} tokens does not fit one batch ({self.n_batch})")
+        if len(self.tokens) + 1 + max(depth, default=0) + 1 > self.n_ctx:
+            raise SpecliError(f"context full: {len(self.tokens)} tokens, --ctx {self.n_ctx}")
+        pos0 = len(self.tokens)
+        for s in range(1, n_seqs):  # every branch sees the prefix
+            llama_cpp.llama_memory_seq_cp(self._mem, 0, s, -1, -1)
+        b = self._batch
+        rows = [(root, pos0, list(range(n_seqs)))]
+        rows += [(tokens[i], pos0 + 1 + depth[i], seqs[i]) for i in range(n)]
+        for j, (tok, pos, ss) in enumerate(rows):
+            b.token[j], b.pos[j], b.logits[j] = tok, pos, True
+            b.n_seq_id[j] = len(ss)
+            for m, s in enumerate(ss):
+                b.seq_id[j][m] = s
+        b.n_tokens = len(rows)
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        self._tree = (pos0 + 1, list(tokens), seqs)
+        self.tokens.append(root)
+        if rc != 0:
+            self.keep_path([])
+            self.truncate(pos0)
+            raise SpecliError(f"llama_decode failed (code {rc}): {_last_error()}")
+        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+        for j in range(len(rows)):
+            ptr = llama_cpp.llama_get_logits_ith(self._ctx, j)
+            out[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return out
+
+    def keep_path(self, path: Sequence[int]) -> None:
+        if self._tree is None:
+            raise SpecliError("keep_path without eval_tree")
+        first, tokens, seqs = self._tree
+        self._tree = None
+        mem, n_seqs = self._mem, 1 + max((s for ss in seqs for s in ss), default=0)
+        end = first + len(path)
+        src = seqs[path[-1]][0] if path else 0  # a branch through the last kept node
+        if not llama_cpp.llama_memory_seq_rm(mem, 0, first if src else end, -1):
+            raise SpecliError(f"KV cache rollback failed for {Path(self.path).name}")
+        if src:
+            llama_cpp.llama_memory_seq_cp(mem, src, 0, first, end)
+        for s in range(1, n_seqs):
+            llama_cpp.llama_memory_seq_rm(mem, s, -1, -1)
+        self.tokens += [tokens[i] for i in path]
 
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(self._mem, True)

@@ -67,6 +67,11 @@ def uses_draft(methods: Sequence[str]) -> bool:
     return any(m.partition("@")[0] == "draft" for m in methods)
 
 
+def uses_tree(methods: Sequence[str]) -> bool:
+    """Whether a method may verify candidate trees (the target then holds sequences)."""
+    return any(m.partition("@")[0] in ("hd", "auto") for m in methods)
+
+
 def parse_list(text: str | None) -> list[str] | None:
     """Comma list, or None (meaning all) when empty."""
     items = [c.strip() for c in (text or "").split(",") if c.strip()]

@@ -80,6 +80,27 @@ def best_length(
     return best_k
 
 
+def best_tree(cost: CostModel, parents: Sequence[int], p: Sequence[float]) -> list[int]:
+    """Which nodes of a candidate tree to verify (sorted indices; [] = a plain step).
+
+    `p[i]`: probability node i is accepted given its parent was.  A node yields a token
+    with the product of p along its path, so the best set of N nodes holds the N likeliest
+    paths, and it is closed under parents (a path is never likelier than its prefix; ties
+    go to the earlier node, and parents come first).  N is chosen as a chain's length is:
+    the highest expected tokens per second of one pass over N + 1 tokens."""
+    path_p: list[float] = []
+    for i, par in enumerate(parents):
+        path_p.append(p[i] * (path_p[par] if par >= 0 else 1.0))
+    order = sorted(range(len(parents)), key=lambda i: (-path_p[i], i))
+    best_n, best_rate, tokens = 0, 1.0 / cost.round_cost(0), 1.0
+    for n, i in enumerate(order, start=1):
+        tokens += path_p[i]
+        r = tokens / (n * cost.draft + cost.verify_cost(n + 1))
+        if r > best_rate:
+            best_n, best_rate = n, r
+    return sorted(order[:best_n])
+
+
 def keep_drafting(cost: CostModel, p_so_far: Sequence[float], p_next: float) -> bool:
     """Draft one more token only if the round's expected rate improves."""
     return rate(cost, [*p_so_far, p_next]) > rate(cost, p_so_far)
@@ -187,6 +208,10 @@ class Budget(Protocol):
         """The cost model in words, for --stats ('' when there is none)."""
         ...
 
+    def prune_tree(self, parents: Sequence[int], confidences: Sequence[float]) -> list[int]:
+        """Of a tree of candidates, the nodes worth verifying (sorted, parents kept)."""
+        ...
+
 
 def parse_budget(spec: str) -> int | None:
     """'auto' -> None; 'fixed:K' -> K.  Raises ValueError with a one-line message."""
@@ -218,6 +243,9 @@ class FixedBudget:
 
     def describe(self) -> str:
         return ""
+
+    def prune_tree(self, parents: Sequence[int], confidences: Sequence[float]) -> list[int]:
+        return list(range(len(parents)))
 
 
 class AdaptiveBudget:
@@ -260,6 +288,13 @@ class AdaptiveBudget:
 
     def describe(self) -> str:
         return describe_costs(self.cost)
+
+    def prune_tree(self, parents: Sequence[int], confidences: Sequence[float]) -> list[int]:
+        depth: list[int] = []
+        for par in parents:
+            depth.append(depth[par] + 1 if par >= 0 else 0)
+        p = [self.acc.by_confidence(c, d) for c, d in zip(confidences, depth, strict=True)]
+        return best_tree(self.cost, parents, p)
 
     def keep_going(self, confidences: Sequence[float]) -> bool:
         i = len(confidences)

@@ -107,6 +107,14 @@ NoHistoryOpt = Annotated[
         "($SPECLI_HOME/history).",
     ),
 ]
+BranchesOpt = Annotated[
+    int,
+    typer.Option(
+        "--branches", min=1, max=8,
+        help="hd: candidate continuations verified together in one target pass (KV "
+        "sequences sharing the prompt); the budget keeps only those that pay. 1: one chain.",
+    ),
+]
 BudgetOpt = Annotated[
     str,
     typer.Option(
@@ -182,6 +190,7 @@ def generate(
     draft_max: DraftMaxOpt = 8,
     budget: BudgetOpt = "auto",
     corpus: CorpusOpt = None,
+    branches: BranchesOpt = 3,
     no_history: NoHistoryOpt = False,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
@@ -207,7 +216,7 @@ def generate(
     text_in = _read_prompt(prompt, file)
     if not text_in.strip():
         raise SpecliError("empty prompt: give text with -p, -f FILE or on stdin")
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches)
     loaded = runtime.load(model, draft, method, opts, err, budget, corpus, not no_history)
     tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
     loaded.engine.check_prompt(tokens)
@@ -258,6 +267,7 @@ def chat(
     draft_max: DraftMaxOpt = 8,
     budget: BudgetOpt = "auto",
     corpus: CorpusOpt = None,
+    branches: BranchesOpt = 3,
     no_history: NoHistoryOpt = False,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 8192,
@@ -273,7 +283,7 @@ def chat(
     from .chat import ChatSession
 
     params = _params(temperature, top_k, top_p, seed)
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches)
     loaded = runtime.load(model, draft, method, opts, err, budget, corpus, not no_history)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
     ChatSession(loaded, cfg, system=system, write=_write, err=err).run(sys.stdin)
@@ -388,6 +398,7 @@ def bench(
     draft_max: DraftMaxOpt = 8,
     budget: BudgetOpt = "auto",
     corpus: CorpusOpt = None,
+    branches: BranchesOpt = 3,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
 ) -> None:
@@ -420,9 +431,10 @@ def bench(
     chosen = pick(load_prompts(prompts), bm.parse_list(categories), limit)
     out_dir = out or Path(f"specli-bench-{time.strftime('%Y%m%d-%H%M%S')}")
     used = "draft" if bm.uses_draft(method_list) else "none"
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads)
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads, branches=branches)
     # benchmark prompts never enter the user's history
-    loaded = runtime.load(model, draft, used, opts, err, budget, corpus, history=False)
+    loaded = runtime.load(model, draft, used, opts, err, budget, corpus, history=False,
+                          tree=bm.uses_tree(method_list))
     plan = bm.Plan(chosen, method_list, max_tokens, params, draft_max,
                    threads or default_threads(), budget, out_dir, repeats)
     plan.meta = bm.describe(plan, loaded, ["specli", *sys.argv[1:]], loaded.target.n_ctx)

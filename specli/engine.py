@@ -22,7 +22,13 @@ from .drafters.base import Draft, Drafter
 from .errors import SpecliError
 from .sampling import SamplingParams, probs_from_logits
 from .tokens import common_prefix
-from .verify import Verdict, verify_greedy, verify_sampled
+from .verify import (
+    Verdict,
+    verify_greedy,
+    verify_sampled,
+    verify_tree_greedy,
+    verify_tree_sampled,
+)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,17 @@ def verify(draft: Draft, logits: np.ndarray, params: SamplingParams, rng) -> Ver
     return verify_sampled(draft.tokens, probs_from_logits(logits, params), draft.probs, rng)
 
 
+def branch_confidence(draft: Draft, path: list[int]) -> list[float]:
+    """Confidences along the accepted path of a tree, then of the first candidate after
+    it (the one rejected), as if that branch alone had been drafted: what the budget's
+    acceptance estimates learn from."""
+    assert draft.parents is not None
+    last = path[-1] if path else -1
+    after = next((i for i, par in enumerate(draft.parents) if par == last), None)
+    judged = [*path, after] if after is not None else path
+    return [draft.confidence[i] for i in judged]
+
+
 class Engine:
     def __init__(
         self, target: Backend, drafter: Drafter | None = None, budget: Budget | None = None
@@ -146,23 +163,23 @@ class Engine:
 
             t0 = time.perf_counter()
             draft = d.propose(ctx, k, cfg.params, rng, self.budget.keep_going) if k else Draft()
+            if draft.parents is not None:  # candidates: the budget keeps those that pay
+                draft = draft.subtree(self.budget.prune_tree(draft.parents, draft.confidence))
             t1 = time.perf_counter()
-            logits = t.eval([ctx[-1], *draft.tokens], range(len(draft.tokens) + 1))
-            v = verify(draft, logits, cfg.params, rng)
-            t.truncate(len(ctx) + v.n_accepted)  # drop the rejected tail
+            accepted, next_token, judged = self._check(ctx, draft, cfg.params, rng)
             t2 = time.perf_counter()
             if d is not None:
                 timing = (t1 - t0, t2 - t1) if timed else None
-                self.budget.observe(draft.confidence, v.n_accepted, timing)
-                d.accepted(len(draft.tokens), v.n_accepted)
+                self.budget.observe(judged, len(accepted), timing)
+                d.accepted(len(draft.tokens), len(accepted))
             st.draft_s += t1 - t0
             st.verify_s += t2 - t1
             st.target_forwards += 1
             st.draft_rounds += bool(draft.tokens)
             st.drafted += len(draft.tokens)
-            st.accepted += v.n_accepted
+            st.accepted += len(accepted)
 
-            new = draft.tokens[: v.n_accepted] + [v.next_token]
+            new = [*accepted, next_token]
             eog = next((i for i, tok in enumerate(new) if t.is_eog(tok)), None)
             if eog is not None:
                 new = new[:eog]
@@ -181,6 +198,27 @@ class Engine:
         if d is not None:
             res.cost_note = self.budget.describe()  # as tracked online by the end
             res.drafter_note = d.describe()
+
+    def _check(
+        self, ctx: list[int], draft: Draft, params: SamplingParams, rng: np.random.Generator
+    ) -> tuple[list[int], int, list[float]]:
+        """One target pass over the last context token and the draft, then the cache
+        rolled back to what was accepted.  Returns the accepted draft tokens, the target's
+        own next token, and the confidences of the drafted branch that was judged."""
+        t = self.target
+        if draft.parents is None:
+            logits = t.eval([ctx[-1], *draft.tokens], range(len(draft.tokens) + 1))
+            v = verify(draft, logits, params, rng)
+            t.truncate(len(ctx) + v.n_accepted)
+            return draft.tokens[: v.n_accepted], v.next_token, draft.confidence
+        tokens, parents = draft.tokens, draft.parents
+        logits = t.eval_tree(ctx[-1], tokens, parents)
+        if params.greedy:
+            tv = verify_tree_greedy(tokens, parents, logits.argmax(axis=1).tolist())
+        else:
+            tv = verify_tree_sampled(tokens, parents, probs_from_logits(logits, params), rng)
+        t.keep_path(tv.path)
+        return [tokens[i] for i in tv.path], tv.next_token, branch_confidence(draft, tv.path)
 
     def generate(self, prompt: Sequence[int], cfg: GenerationConfig, method: str) -> Result:
         """Run to the end; for callers that do not stream."""

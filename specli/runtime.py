@@ -6,7 +6,7 @@ Shared by `generate`, `chat` and `bench` so the three load and encode alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -25,6 +25,7 @@ from .pull import resolve_model
 from .registry import load_registry
 
 METHODS = ("auto", "none", "draft", "lookup", "hd")
+TREE_METHODS = ("auto", "hd")  # may verify several candidate branches in one pass
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Loaded:
         fp = tokenizer_fingerprint(self.target)
         history = NgramStore.open_history(fp) if self.history else None
         static = NgramStore.open_corpus(self.corpus, fp) if self.corpus else None
-        drafter = HierarchyDrafter(history, static)
+        drafter = HierarchyDrafter(history, static, branches=self.target.max_branches)
         self._closers.append(drafter.close)
         return drafter
 
@@ -131,8 +132,13 @@ def load(
     budget: str = "auto",
     corpus: str | None = None,
     history: bool = True,
+    tree: bool | None = None,
 ) -> Loaded:
+    """`tree`: load the target to verify candidate trees (opts.branches sequences);
+    None: when the method may draft trees."""
     model, draft = choose_models(model, draft, method)
+    if not (method in TREE_METHODS if tree is None else tree):
+        opts = replace(opts, branches=1)
     reg = load_registry()
     target_path = resolve_model(model, registry=reg, console=console)
     draft_path = resolve_model(draft, registry=reg, console=console) if draft else None
@@ -141,7 +147,7 @@ def load(
     dm: Backend | None = None
     if draft_path is not None:
         with _status(console, f"loading {Path(draft_path).name}"):
-            dm = GGUFModel(draft_path, opts)
+            dm = GGUFModel(draft_path, replace(opts, branches=1))
         try:
             check_same_tokenizer(target, dm)
         except SpecliError:

@@ -113,3 +113,85 @@ def verify_sampled(
         return Verdict(n_accepted=i, next_token=sample(residual, rng))
 
     return Verdict(n_accepted=k, next_token=sample(p2[k], rng))
+
+
+@dataclass(frozen=True)
+class TreeVerdict:
+    """Outcome of verifying a draft tree: emit the tokens of nodes `path` (a root-to-node
+    chain of node indices) and then `next_token`."""
+
+    path: list[int]
+    next_token: int
+
+
+def children_of(parents: Sequence[int]) -> dict[int, list[int]]:
+    """Node index -> its children in draft order (-1 is the root: the last context token).
+    Parents must come before their children."""
+    kids: dict[int, list[int]] = {-1: []}
+    for i, par in enumerate(parents):
+        if not -1 <= par < i:
+            raise ValueError(f"node {i} has parent {par}: parents must precede children")
+        kids.setdefault(par, []).append(i)
+        kids.setdefault(i, [])
+    return kids
+
+
+def verify_tree_greedy(
+    tokens: Sequence[int], parents: Sequence[int], target_argmax: Sequence[int]
+) -> TreeVerdict:
+    """Several candidate continuations verified at once: from the root, follow the child
+    whose token is the target's argmax at that node; stop where none is.
+
+    ``target_argmax[0]`` is the target's choice after the root, ``target_argmax[i + 1]``
+    its choice after node i.  Every emitted token is the target's own greedy choice given
+    the accepted tokens before it, so the output equals plain greedy decoding."""
+    if len(target_argmax) != len(tokens) + 1:
+        n = len(target_argmax)
+        raise ValueError(f"target_argmax needs {len(tokens) + 1} entries (got {n})")
+    kids = children_of(parents)
+    path: list[int] = []
+    node = -1
+    while True:
+        want = int(target_argmax[node + 1])
+        nxt = next((c for c in kids[node] if int(tokens[c]) == want), None)
+        if nxt is None:
+            return TreeVerdict(path, want)
+        path.append(nxt)
+        node = nxt
+
+
+def verify_tree_sampled(
+    tokens: Sequence[int], parents: Sequence[int], p: np.ndarray, rng: np.random.Generator
+) -> TreeVerdict:
+    """Deterministic candidate trees (n-gram drafts) under sampling, exactly lossless.
+
+    At each node the children's tokens are tried in order: child x is accepted with
+    probability r(x) / sum(r), r being p with the earlier-rejected children removed; if
+    all are rejected the token is drawn from r renormalised.  This is sampling from p by
+    sequential elimination, so P(emit y) = p(y) for every y, children or not; an accepted
+    child continues the walk with its own subtree.  Row 0 of ``p`` is the distribution
+    after the root, row i + 1 the distribution after node i."""
+    p2 = np.asarray(p, dtype=np.float64)
+    if p2.ndim != 2 or p2.shape[0] != len(tokens) + 1:
+        raise ValueError(f"p must have shape ({len(tokens) + 1}, V) (got {p2.shape})")
+    vp = p2.shape[1]
+    kids = children_of(parents)
+    path: list[int] = []
+    node = -1
+    while True:
+        r = p2[node + 1].copy()
+        mass = float(r.sum())
+        accepted = None
+        for c in kids[node]:
+            x = int(tokens[c])
+            px = float(r[x]) if 0 <= x < vp else 0.0
+            if px > 0.0 and rng.random() * mass < px:
+                accepted = c
+                break
+            if px > 0.0:
+                r[x] = 0.0
+                mass -= px
+        if accepted is None:  # sample() renormalises r; an all-zero r only by rounding
+            return TreeVerdict(path, sample(r if r.sum() > 0 else p2[node + 1], rng))
+        path.append(accepted)
+        node = accepted

@@ -24,6 +24,19 @@ class Draft:
     tokens: list[int] = field(default_factory=list)
     probs: np.ndarray | None = None  # (len(tokens), vocab) or None
     confidence: list[float] = field(default_factory=list)  # drafter's p(token), per token
+    # None: a chain (token i follows token i - 1).  Else a tree of candidates: token i
+    # follows token parents[i] (-1: the context), parents before children (no probs).
+    parents: list[int] | None = None
+
+    def subtree(self, keep: Sequence[int]) -> Draft:
+        """The nodes `keep` (sorted, closed under parents) as a draft of their own: a
+        chain when they form one."""
+        index = {old: new for new, old in enumerate(keep)}
+        assert self.parents is not None
+        parents = [index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in keep]
+        chain = parents == list(range(-1, len(keep) - 1))
+        return Draft([self.tokens[i] for i in keep], None,
+                     [self.confidence[i] for i in keep], None if chain else parents)
 
 
 KeepGoing = Callable[[Sequence[float]], bool]

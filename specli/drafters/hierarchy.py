@@ -10,6 +10,10 @@ corpus, so asking in that order finds the likeliest continuation at the lowest c
 Drafts cost microseconds and are deterministic (probs None): verification treats them
 as one-hot, which keeps sampling lossless.
 
+With `branches` > 1 the draft is a tree: the chain above, plus chains that start with
+the other tokens the sources have seen after the longest matched suffix (most frequent
+first), so one target pass can verify several guesses; the budget prunes the tree.
+
 `passes` refines "first source that yields": each pass asks every source in order for a
 first token matched on at least that many tokens.  The default (2, 1) prefers a real
 match in any source over a one-token coincidence in the context; (1,) is the paper's
@@ -22,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..ngram import N_MAX, ContextIndex, NgramStore
+from ..ngram import N_MAX, ContextIndex, NgramStore, chain_draft, confidence
 from ..sampling import SamplingParams
 from .base import Draft, KeepGoing
 
@@ -39,8 +43,11 @@ class HierarchyDrafter:
         *,
         n_max: int = N_MAX,
         passes: Sequence[int] = (2, 1),
+        branches: int = 1,
     ) -> None:
         self.context = ContextIndex(n_max)
+        self.n_max = n_max
+        self.branches = branches  # most candidate chains per draft (1: a single chain)
         self.history, self.static = history, static
         self.passes = tuple(passes)
         self.sources = {s: 0 for s in SOURCES}  # drafts per source
@@ -74,8 +81,36 @@ class HierarchyDrafter:
                     self.last_source = name
                     self.sources[name] += 1
                     self.tokens[name][0] += len(draft.tokens)
+                    if self.branches > 1:
+                        alts = self._alternatives(context, k, draft.tokens[0])
+                        return _as_tree(draft, alts) if alts else draft
                     return draft
         return Draft()
+
+    def _alternatives(self, context: Sequence[int], k: int, first: int) -> list[Draft]:
+        """Up to branches - 1 chains starting with other tokens seen after the longest
+        suffix each source knows, each continued by chaining in that source.  Works on
+        a copy of the tail: the context index must not learn a guess."""
+        alts: list[Draft] = []
+        used = {first}
+        tail = list(context[-self.n_max :])
+        for _, source in self._order():
+            for n in range(min(self.n_max, len(tail)), 0, -1):
+                key = tail[-n:]
+                found = source.lookup(key)
+                if found is None:
+                    continue
+                for tok, count in source.next_counts(key):
+                    if tok in used:
+                        continue
+                    used.add(tok)
+                    rest = chain_draft(source.lookup, [*tail, tok], k - 1, None, self.n_max)
+                    alts.append(Draft([tok, *rest.tokens], None,
+                                      [confidence(n, count, found[2]), *rest.confidence]))
+                    if len(alts) >= self.branches - 1:
+                        return alts
+                break  # only the longest match of each source
+        return alts
 
     def lag(self, context: Sequence[int]) -> int:
         return 0  # indexing the context costs ~1.5 us a token: nothing to weigh
@@ -108,3 +143,15 @@ class HierarchyDrafter:
         for store in (self.history, self.static):
             if store is not None:
                 store.close()
+
+
+def _as_tree(main: Draft, alts: list[Draft]) -> Draft:
+    """One draft holding the main chain and the alternative chains as sibling branches."""
+    tokens, conf = list(main.tokens), list(main.confidence)
+    parents = list(range(-1, len(tokens) - 1))
+    for alt in alts:
+        base = len(tokens)
+        parents += [-1, *range(base, base + len(alt.tokens) - 1)]
+        tokens += alt.tokens
+        conf += alt.confidence
+    return Draft(tokens, None, conf, parents)
