@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PAIR   := qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
+CROSS  := smollm2-135m-instruct gemma-3-270m
 PROMPT := Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring and a short usage example.
 
 .PHONY: run test install models lint clean bench bench-budget
@@ -24,6 +25,7 @@ run: models
 	$(BIN)/specli generate -p "$(PROMPT)" -n 256 --stats
 
 test: models
+	$(BIN)/specli pull $(CROSS)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -ra
 

@@ -48,8 +48,9 @@ class Backend(Protocol):
         """Text to token ids; `special` parses control tokens such as <|im_end|>."""
         ...
 
-    def token_bytes(self, token: int) -> bytes:
-        """The raw bytes a token stands for (may be part of a UTF-8 character)."""
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The raw bytes a token stands for (may be part of a UTF-8 character); control
+        tokens are empty unless `special`, which writes them out (e.g. <|im_end|>)."""
         ...
 
     def is_eog(self, token: int) -> bool:

@@ -164,7 +164,7 @@ class GGUFModel:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self._branches)
         self._tree: tuple[int, list[int], list[list[int]]] | None = None
         self.tokens: list[int] = []
-        self._piece_cache: dict[int, bytes] = {}
+        self._piece_cache: dict[tuple[int, bool], bytes] = {}
         self._logits_buf = np.empty(self.n_vocab, dtype=np.float32)
 
     # -- tokenizer -----------------------------------------------------------------
@@ -179,16 +179,17 @@ class GGUFModel:
             n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_bos, special)
         return list(buf[:n])
 
-    def token_bytes(self, token: int) -> bytes:
-        piece = self._piece_cache.get(token)
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        key = (token, special)
+        piece = self._piece_cache.get(key)
         if piece is None:
             buf = ctypes.create_string_buffer(64)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
             piece = buf.raw[:n]
-            self._piece_cache[token] = piece
+            self._piece_cache[key] = piece
         return piece
 
     def is_eog(self, token: int) -> bool:

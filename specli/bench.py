@@ -33,7 +33,7 @@ from .prompts import Prompt
 from .runtime import Loaded, encode_prompt
 from .sampling import SamplingParams
 
-METHODS = ("none", "draft", "lookup", "hd", "peer-none", "peer-pld")
+METHODS = ("none", "auto", "draft", "lookup", "hd", "draft+hd", "peer-none", "peer-pld")
 PLOT_HINT = "install the plot extra (pip install 'specli[plot]') to get speedup.png"
 WARMUP_TEXT = "Say hello."
 _IDENTITY_KEYS = ("identical", "matches", "divergence_index", "gap", "noise", "explained")
@@ -60,11 +60,7 @@ def _known(method: str) -> bool:
         parse_budget(budget)
     except ValueError:
         return False
-    return base in ("draft", "lookup", "hd")
-
-
-def uses_draft(methods: Sequence[str]) -> bool:
-    return any(m.partition("@")[0] == "draft" for m in methods)
+    return base in ("draft", "lookup", "hd", "draft+hd")
 
 
 def uses_tree(methods: Sequence[str]) -> bool:

@@ -71,13 +71,18 @@ def best_length(
     is paid once and then serves the rest of the generation, so each round is charged
     its share: the fraction of the `horizon` (tokens left) the round produces."""
     best_k, best_rate = 0, rate(cost, [])
-    catch_up = lag * cost.catch_up
     for k in range(1, min(k_max, len(p)) + 1):
-        share = min(1.0, expected_tokens(p[:k]) / max(horizon, 1.0))
-        r = rate(cost, p[:k], catch_up * share)
+        r = amortised_rate(cost, p[:k], lag, horizon)
         if r > best_rate:
             best_k, best_rate = k, r
     return best_k
+
+
+def amortised_rate(cost: CostModel, p: Sequence[float], lag: int = 0,
+                   horizon: float = 1e9) -> float:
+    """`rate` with the drafter's catch-up charged by the round's share of the horizon."""
+    share = min(1.0, expected_tokens(p) / max(horizon, 1.0))
+    return rate(cost, p, lag * cost.catch_up * share)
 
 
 def best_tree(cost: CostModel, parents: Sequence[int], p: Sequence[float]) -> list[int]:
@@ -199,9 +204,11 @@ class Budget(Protocol):
         ...
 
     def observe(self, confidences: Sequence[float], n_accepted: int,
-                timing: tuple[float, float] | None) -> None:
+                timing: tuple[float, float] | None, n_verified: int | None = None) -> None:
         """How much of the draft was accepted and, unless None, what drafting and
-        verifying cost in seconds."""
+        verifying cost in seconds.  `confidences`: the judged chain (for a tree, the
+        accepted path and the candidate after it); `n_verified`: the draft tokens the
+        pass verified (more than the chain for a tree; None: the chain's length)."""
         ...
 
     def describe(self) -> str:
@@ -238,7 +245,7 @@ class FixedBudget:
         return True
 
     def observe(self, confidences: Sequence[float], n_accepted: int,
-                timing: tuple[float, float] | None) -> None:
+                timing: tuple[float, float] | None, n_verified: int | None = None) -> None:
         pass
 
     def describe(self) -> str:
@@ -289,6 +296,10 @@ class AdaptiveBudget:
     def describe(self) -> str:
         return describe_costs(self.cost)
 
+    def expected_rate(self, k: int, lag: int = 0, left: int = 1 << 30) -> float:
+        """Expected tokens per second of drafting k tokens now (k = 0: a plain step)."""
+        return amortised_rate(self.cost, self.acc.by_position(k), lag, left)
+
     def prune_tree(self, parents: Sequence[int], confidences: Sequence[float]) -> list[int]:
         depth: list[int] = []
         for par in parents:
@@ -302,8 +313,8 @@ class AdaptiveBudget:
         return keep_drafting(self.cost, p, self.acc.by_position(i + 1)[-1])
 
     def observe(self, confidences: Sequence[float], n_accepted: int,
-                timing: tuple[float, float] | None) -> None:
-        n = len(confidences)
+                timing: tuple[float, float] | None, n_verified: int | None = None) -> None:
+        n = len(confidences) if n_verified is None else n_verified
         if timing is not None:
             draft_s, verify_s = timing
             self.verify_scale = ema(self.verify_scale, verify_s / self.base.verify_cost(n + 1))

@@ -60,7 +60,8 @@ def _timed(fn) -> float:
 def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX) -> CostModel:
     """Median time of a target pass over n = 1..k_max tokens (logits for all of them,
     as verification asks) and of one drafted token, at a short context."""
-    ctx = target.tokenize(CONTEXT, add_bos=target.add_bos)
+    k_max = max(1, min(k_max, target.n_ctx // 2))  # a tiny --ctx still calibrates
+    ctx = target.tokenize(CONTEXT, add_bos=target.add_bos)[: max(1, target.n_ctx - k_max - 1)]
     filler = (ctx * (k_max // max(len(ctx), 1) + 2))[: k_max + 1]
     target.truncate(0)
     target.eval(ctx)
@@ -70,7 +71,7 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX) -> CostM
         target.eval(filler[:n], range(n))
         target.truncate(base)
 
-    verify_once(4)  # warm-up: first-call allocations are not the steady state
+    verify_once(min(4, k_max))  # warm-up: first-call allocations are not the steady state
     verify = [
         statistics.median(_timed(lambda n=n: verify_once(n)) for _ in range(REPEATS))
         for n in range(1, k_max + 1)
@@ -82,15 +83,18 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX) -> CostM
     target.truncate(0)
     draft_cost = catch_up = 0.0
     if draft is not None:
-        dctx = draft.tokenize(CONTEXT, add_bos=draft.add_bos)
+        room = max(1, draft.n_ctx - 4 * REPEATS - 4)
+        dctx = draft.tokenize(CONTEXT, add_bos=draft.add_bos)[:room]
         draft.truncate(0)
         draft.eval(dctx)
         samples = []
-        for tok in filler[: 2 + 4 * REPEATS]:
+        dfill = dctx * (2 + 4 * REPEATS)  # the draft's own tokens: its vocabulary may differ
+        for tok in dfill[: 2 + 4 * REPEATS]:
             samples.append(_timed(lambda tok=tok: draft.eval([tok], [0])))
         draft_cost = statistics.median(samples[2:])
         draft.truncate(0)
-        batch = (dctx * 8)[:64]  # catching up: reading context tokens in one batch
+        # catching up: reading context tokens in one batch
+        batch = (dctx * 8)[: min(64, draft.n_ctx - 1)]
         catch_up = statistics.median(
             _timed(lambda: (draft.truncate(0), draft.eval(batch))) for _ in range(REPEATS)
         ) / len(batch)

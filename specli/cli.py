@@ -54,17 +54,24 @@ TemperatureOpt = Annotated[
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k likeliest tokens; 0 = off.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1.0 = off.")]
 SeedOpt = Annotated[
-    int | None, typer.Option("--seed", help="Seed for sampling: same seed, same text.")
+    int | None,
+    typer.Option(
+        "--seed",
+        help="Seed for sampling: same seed, same text (hd then leaves your history out: "
+        "what it drafts must not change between runs).",
+    ),
 ]
 MethodOpt = Annotated[
     str,
     typer.Option(
         "--method",
         "-m",
-        help="auto: draft when a draft model is available, else plain; none: plain decoding "
-        "(the reference); draft: speculative decoding with --draft; lookup: draft by "
-        "copying from the prompt and output so far (no draft model needed); hd: hierarchy "
-        "drafting from the context, your past generations and a --corpus index.",
+        help="auto: each round, whichever of hd, draft and draft+hd (the last two with a "
+        "draft model) is expected to pay most, or a plain step; none: plain decoding (the "
+        "reference); draft: speculative decoding with --draft; lookup: draft by copying "
+        "from the prompt and output so far (no draft model needed); hd: hierarchy drafting "
+        "from the context, your past generations and a --corpus index; draft+hd: the draft "
+        "model, with hd guessing its tokens (a cascade).",
     ),
 ]
 DraftOpt = Annotated[
@@ -123,6 +130,12 @@ BudgetOpt = Annotated[
         "(possibly nothing: never slower than plain decoding by design); fixed:K: always K.",
     ),
 ]
+
+
+def _history(no_history: bool, params: SamplingParams) -> bool:
+    """hd's history: off when asked, and for seeded sampling, whose random draws follow
+    the drafts (the history grows with each run; the same seed must give the same text)."""
+    return not no_history and not (params.seed is not None and not params.greedy)
 
 
 def _params(temperature: float, top_k: int, top_p: float, seed: int | None) -> SamplingParams:
@@ -217,7 +230,8 @@ def generate(
     if not text_in.strip():
         raise SpecliError("empty prompt: give text with -p, -f FILE or on stdin")
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches)
-    loaded = runtime.load(model, draft, method, opts, err, budget, corpus, not no_history)
+    loaded = runtime.load(model, draft, method, opts, err, budget, corpus,
+                          _history(no_history, params))
     tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
     loaded.engine.check_prompt(tokens)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
@@ -284,7 +298,8 @@ def chat(
 
     params = _params(temperature, top_k, top_p, seed)
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches)
-    loaded = runtime.load(model, draft, method, opts, err, budget, corpus, not no_history)
+    loaded = runtime.load(model, draft, method, opts, err, budget, corpus,
+                          _history(no_history, params))
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
     ChatSession(loaded, cfg, system=system, write=_write, err=err).run(sys.stdin)
 
@@ -356,9 +371,10 @@ def bench(
         typer.Option(
             "--methods",
             help="Comma list of: none (plain decoding, always run first: the reference), "
-            "draft (specli with --draft under --budget), lookup (specli's prompt lookup), "
-            "hd (hierarchy drafting: context, then --corpus; never your history), "
-            "METHOD@fixed:K (draft, lookup or hd with a fixed draft length K), peer-none "
+            "auto (specli's per-round choice), draft (specli with --draft under --budget), "
+            "lookup (specli's prompt lookup), hd (hierarchy drafting: context, then "
+            "--corpus; never your history), draft+hd (the cascade), METHOD@fixed:K (draft, "
+            "lookup, hd or draft+hd with a fixed draft length K), peer-none "
             "(llama-cpp-python's Llama), peer-pld (its prompt-lookup decoding).",
         ),
     ] = "none,draft,peer-none,peer-pld",
@@ -430,7 +446,9 @@ def bench(
     params = _params(temperature, 0, 1.0, None)
     chosen = pick(load_prompts(prompts), bm.parse_list(categories), limit)
     out_dir = out or Path(f"specli-bench-{time.strftime('%Y%m%d-%H%M%S')}")
-    used = "draft" if bm.uses_draft(method_list) else "none"
+    bases = {m.partition("@")[0] for m in method_list}
+    used = ("draft" if bases & {"draft", "draft+hd"} else "auto" if "auto" in bases
+            else "none")
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, branches=branches)
     # benchmark prompts never enter the user's history
     loaded = runtime.load(model, draft, used, opts, err, budget, corpus, history=False,

@@ -53,6 +53,7 @@ class Stats:
     wall_s: float = 0.0
     n_prefilled: int = 0  # prompt tokens actually evaluated (fewer when a prefix was reused)
     draft_rounds: int = 0  # rounds in which the budget chose to draft
+    rounds_by: dict[str, int] = field(default_factory=dict)  # rounds per drafter ("none": plain)
 
     @property
     def acceptance_rate(self) -> float:
@@ -170,12 +171,14 @@ class Engine:
             t2 = time.perf_counter()
             if d is not None:
                 timing = (t1 - t0, t2 - t1) if timed else None
-                self.budget.observe(judged, len(accepted), timing)
+                self.budget.observe(judged, len(accepted), timing, len(draft.tokens))
                 d.accepted(len(draft.tokens), len(accepted))
             st.draft_s += t1 - t0
             st.verify_s += t2 - t1
             st.target_forwards += 1
             st.draft_rounds += bool(draft.tokens)
+            by = (draft.source or d.name) if draft.tokens and d is not None else "none"
+            st.rounds_by[by] = st.rounds_by.get(by, 0) + 1
             st.drafted += len(draft.tokens)
             st.accepted += len(accepted)
 

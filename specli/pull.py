@@ -206,7 +206,7 @@ def render_models(registry: Registry, console: Console) -> None:
     for col in ("name", "target", "draft", "tokenizer", "default"):
         pairs.add_column(col, no_wrap=True)
     for p in registry.pairs.values():
-        tok = "same" if p.same_tokenizer else "[yellow]different[/] (not yet supported)"
+        tok = "same" if p.same_tokenizer else "different (cross-tokenizer drafting)"
         default = "*" if p.name == registry.default_pair.name else ""
         pairs.add_row(escape(p.name), escape(p.target), escape(p.draft), tok, default)
     console.print(pairs)

@@ -17,6 +17,9 @@ def stats_lines(res: Result) -> list[str]:
         f"target forward passes {s.target_forwards} ({s.mean_accepted:.2f} tokens each)",
     ]
     if res.budget:
+        by = ", ".join(f"{k} {v}" for k, v in sorted(s.rounds_by.items(), key=lambda x: -x[1]))
+        lines.append(f"rounds drafted by: {by or 'none yet'} (none: a plain step)")
+    if res.budget:
         lines.append(
             f"budget {res.budget}: drafted in {s.draft_rounds} of {s.target_forwards} rounds, "
             f"{s.drafted} tokens, accepted {s.accepted} ({100 * s.acceptance_rate:.1f}%); "
@@ -50,6 +53,7 @@ def result_json(res: Result, text: str, model: str, draft: str | None) -> dict:
             "mean_accepted": s.mean_accepted,
             "target_forwards": s.target_forwards,
             "draft_rounds": s.draft_rounds,
+            "rounds_by": dict(s.rounds_by),
             "prefill_s": s.prefill_s,
             "prefill_tok_s": s.prefill_tok_s,
             "decode_s": s.decode_s,

@@ -15,16 +15,19 @@ from .backends.base import Backend, LoadOptions
 from .backends.gguf import GGUFModel
 from .budget import AdaptiveBudget, Budget, CostModel, FixedBudget, parse_budget
 from .calibrate import load_or_measure
+from .drafters.auto import AutoBudget, AutoDrafter, Member
+from .drafters.cross import CrossDrafter, same_tokenizer
 from .drafters.hierarchy import HierarchyDrafter
 from .drafters.lookup import LookupDrafter
-from .drafters.model import ModelDrafter, check_same_tokenizer
+from .drafters.model import ModelDrafter
 from .engine import Engine, Result
 from .errors import SpecliError
 from .ngram import NgramStore, tokenizer_fingerprint
 from .pull import resolve_model
 from .registry import load_registry
 
-METHODS = ("auto", "none", "draft", "lookup", "hd")
+METHODS = ("auto", "none", "draft", "lookup", "hd", "draft+hd")
+DRAFT_METHODS = ("auto", "draft", "draft+hd")  # use a draft model when there is one
 TREE_METHODS = ("auto", "hd")  # may verify several candidate branches in one pass
 
 
@@ -32,7 +35,7 @@ TREE_METHODS = ("auto", "hd")  # may verify several candidate branches in one pa
 class Loaded:
     target: Backend
     draft: Backend | None
-    method: str  # the method the user gets: "none" or "draft"
+    method: str  # the method the user gets (never "auto" with nothing to choose from)
     target_name: str
     draft_name: str | None
     opts: LoadOptions
@@ -40,6 +43,7 @@ class Loaded:
     corpus: str | None = None  # static n-gram index for hd (`specli index build`)
     history: bool = True  # hd learns from (and drafts from) this user's past generations
     engine: Engine = field(init=False)
+    cross: bool = field(default=False, init=False)  # the draft's tokenizer differs
     _cost: CostModel | None = field(default=None, init=False, repr=False)
     _closers: list = field(default_factory=list, init=False, repr=False)
 
@@ -65,11 +69,21 @@ class Loaded:
         if method == "draft":
             if self.draft is None:
                 raise SpecliError("--method draft needs a draft model (--draft)")
-            return Engine(self.target, ModelDrafter(self.draft), self.make_budget(budget))
+            return Engine(self.target, self._model_drafter(), self.make_budget(budget))
         if method == "lookup":
             return Engine(self.target, LookupDrafter(), self.make_budget(budget, free_drafts=True))
         if method == "hd":
             return Engine(self.target, self._hd_drafter(), self.make_budget(budget, True))
+        if method == "draft+hd":
+            if self.draft is None:
+                raise SpecliError("--method draft+hd needs a draft model (--draft)")
+            if self.cross:
+                raise SpecliError("--method draft+hd needs a draft model with the target's "
+                                  "tokenizer (n-gram guesses are target tokens); use draft")
+            helper = self._hd_drafter(branches=1)
+            return Engine(self.target, ModelDrafter(self.draft, helper), self.make_budget(budget))
+        if method == "auto":
+            return self._auto_engine(budget)
         raise SpecliError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
     def finish(self, prompt: Sequence[int], res: Result, start: int = 0) -> None:
@@ -77,11 +91,34 @@ class Loaded:
         if self.engine.drafter is not None:
             self.engine.drafter.finish([*prompt, *res.tokens], start)
 
-    def _hd_drafter(self) -> HierarchyDrafter:
+    def _auto_engine(self, budget: str) -> Engine:
+        """hd always (free drafts: only verification costs); with a draft model also
+        draft and draft+hd, the cascade sharing hd's stores.  Each round the member
+        whose budget expects the most tokens per second drafts, or none does."""
+        if _parse_budget(budget) is not None:
+            raise SpecliError("--method auto sizes its drafts itself: use --budget auto, "
+                              "or a method (draft, lookup, hd, draft+hd) with fixed:K")
+        hd = self._hd_drafter()
+        members = [Member("hd", hd, self.make_budget("auto", free_drafts=True))]
+        if self.draft is not None:
+            members.append(Member("draft", self._model_drafter(), self.make_budget("auto")))
+        if self.draft is not None and not self.cross:
+            members.append(
+                Member("draft+hd", ModelDrafter(self.draft, hd), self.make_budget("auto")))
+        auto = AutoDrafter(members, learner=hd)
+        return Engine(self.target, auto, AutoBudget(auto))
+
+    def _model_drafter(self) -> ModelDrafter | CrossDrafter:
+        """Same tokenizer: drafts are target tokens.  Another: the cross-tokenizer path."""
+        assert self.draft is not None
+        return CrossDrafter(self.target, self.draft) if self.cross else ModelDrafter(self.draft)
+
+    def _hd_drafter(self, branches: int | None = None) -> HierarchyDrafter:
         fp = tokenizer_fingerprint(self.target)
         history = NgramStore.open_history(fp) if self.history else None
         static = NgramStore.open_corpus(self.corpus, fp) if self.corpus else None
-        drafter = HierarchyDrafter(history, static, branches=self.target.max_branches)
+        b = self.target.max_branches if branches is None else branches
+        drafter = HierarchyDrafter(history, static, branches=b)
         self._closers.append(drafter.close)
         return drafter
 
@@ -106,7 +143,7 @@ def choose_models(model: str | None, draft: str | None, method: str) -> tuple[st
     if method not in METHODS:
         raise SpecliError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     reg = load_registry()
-    wants_draft = method in ("auto", "draft")
+    wants_draft = method in DRAFT_METHODS
     if model is None:
         model = reg.default_pair.target
         if draft is None and wants_draft:
@@ -118,8 +155,8 @@ def choose_models(model: str | None, draft: str | None, method: str) -> tuple[st
         )
     if not wants_draft:
         draft = None
-    elif method == "draft" and draft is None:
-        raise SpecliError("--method draft needs a draft model: pass --draft PATH_OR_NAME")
+    elif method in ("draft", "draft+hd") and draft is None:
+        raise SpecliError(f"--method {method} needs a draft model: pass --draft PATH_OR_NAME")
     return model, draft
 
 
@@ -148,14 +185,11 @@ def load(
     if draft_path is not None:
         with _status(console, f"loading {Path(draft_path).name}"):
             dm = GGUFModel(draft_path, replace(opts, branches=1))
-        try:
-            check_same_tokenizer(target, dm)
-        except SpecliError:
-            target.close()
-            dm.close()
-            raise
-    used = method if method in ("lookup", "hd") else "draft" if dm is not None else "none"
+    used = method
+    if method == "auto" and _parse_budget(budget) is not None:  # a fixed length: one drafter
+        used = "draft" if dm is not None else "hd"
     loaded = Loaded(target, dm, used, model, draft, opts, budget, corpus, history)
+    loaded.cross = dm is not None and not same_tokenizer(target, dm)
     if used != "none" and _parse_budget(budget) is None:
         loaded.cost_model(console)  # measured here, with a spinner, on first use
     loaded.engine = loaded.make_engine(used, budget)

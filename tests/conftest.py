@@ -22,6 +22,7 @@ from specli.backends.gguf import GGUFModel  # noqa: E402
 
 REAL_TARGET = "qwen2.5-coder-1.5b-instruct"
 REAL_DRAFT = "qwen2.5-coder-0.5b-instruct"
+CROSS_DRAFTS = ("smollm2-135m-instruct", "gemma-3-270m")
 
 _REPORTS: list[tuple[str, list[str]]] = []
 
@@ -61,11 +62,30 @@ def qwen_pair():
         paths = [ensure(reg.get(name)) for name in (REAL_TARGET, REAL_DRAFT)]
     except Exception as e:  # fail loudly: a real-model test that cannot run is a failure
         pytest.fail(f"real models unavailable ({e}); run `make models` first", pytrace=False)
-    opts = LoadOptions(n_ctx=2048)
-    target, draft = (GGUFModel(p, opts) for p in paths)
+    # the target holds 3 sequences (hd's candidate trees): plain decoding must not care
+    target = GGUFModel(paths[0], LoadOptions(n_ctx=2048, branches=3))
+    draft = GGUFModel(paths[1], LoadOptions(n_ctx=2048))
     yield target, draft
     target.close()
     draft.close()
+
+
+@pytest.fixture(scope="session")
+def cross_drafters():
+    """SmolLM2-135M-Instruct and Gemma 3 270M: drafters with other tokenizers."""
+    from specli.pull import ensure
+    from specli.registry import load_registry
+
+    reg = load_registry()
+    try:
+        paths = {name: ensure(reg.get(name)) for name in CROSS_DRAFTS}
+    except Exception as e:  # fail loudly, as for the pair
+        pytest.fail(f"real models unavailable ({e}); run `make test` (it pulls them)",
+                    pytrace=False)
+    models = {name: GGUFModel(p, LoadOptions(n_ctx=2048)) for name, p in paths.items()}
+    yield models
+    for m in models.values():
+        m.close()
 
 
 @pytest.fixture

@@ -33,12 +33,14 @@ def test_generate_streams_text_and_stats(tiny_paths, env):
     p = run(["generate", t, "--draft", d, "-p", "Hello there", "-n", "12", "--stats"], env)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip()
-    assert "method draft" in p.stderr and "accepted" in p.stderr
+    assert "method auto" in p.stderr and "accepted" in p.stderr
+    assert "rounds drafted by:" in p.stderr  # which of auto's members drafted
+    assert "auto chose each round among: none, hd, draft, draft+hd" in p.stderr
 
 
 def test_generate_json(tiny_paths, env):
     t, d = str(tiny_paths["target"]), str(tiny_paths["draft"])
-    p = run(["generate", t, "-d", d, "-p", "Hello", "-n", "10", "--json"], env)
+    p = run(["generate", t, "-d", d, "-m", "draft", "-p", "Hello", "-n", "10", "--json"], env)
     assert p.returncode == 0, p.stderr
     obj = json.loads(p.stdout)
     assert set(obj) >= {"text", "tokens", "n_prompt", "n_generated", "stop_reason", "method",
@@ -46,6 +48,16 @@ def test_generate_json(tiny_paths, env):
     assert set(obj["stats"]) >= {"drafted", "accepted", "acceptance_rate", "mean_accepted",
                                  "target_forwards", "prefill_tok_s", "decode_tok_s", "wall_s"}
     assert obj["method"] == "draft" and obj["n_generated"] == len(obj["tokens"]) <= 10
+
+
+def test_a_draft_with_another_tokenizer_just_works(tiny_paths, env):
+    t, o = str(tiny_paths["target"]), str(tiny_paths["other"])
+    p = run(["generate", t, "-d", o, "-m", "draft", "--budget", "fixed:3", "-p", "Hello there",
+             "-n", "12", "--stats"], env)
+    assert p.returncode == 0, p.stderr
+    assert "cross-tokenizer drafting (other.gguf has another tokenizer)" in p.stderr
+    a = run(["generate", t, "-d", o, "-p", "Hello there", "-n", "8", "--json"], env)  # auto
+    assert a.returncode == 0 and json.loads(a.stdout)["method"] == "auto", a.stderr
 
 
 def test_prompt_from_stdin_and_file(tiny_paths, env, tmp_path):
@@ -76,8 +88,10 @@ def test_seeded_sampling_is_reproducible(tiny_paths, env):
         (["generate", "{target}", "-p", "   "], ["empty prompt"]),
         (["generate", "{target}", "-f", "/nope/prompt.txt"], ["prompt file not found"]),
         (["generate", "{target}", "-p", "word " * 200, "--ctx", "64"], ["context holds"]),
-        (["generate", "{target}", "-d", "{other}", "-p", "x"], ["different tokenizer",
-                                                                 "other.gguf", "target.gguf"]),
+        (["generate", "{target}", "-d", "{other}", "-m", "draft+hd", "-p", "x"],
+         ["draft+hd needs a draft model with the target's tokenizer"]),
+        (["generate", "{target}", "-m", "auto", "--budget", "fixed:x", "-p", "x"],
+         ["invalid budget"]),
         (["generate", "{notgguf}", "-p", "x"], ["not a GGUF file"]),
         (["generate", "{target}", "-m", "draft", "-p", "x"], ["needs a draft model"]),
         (["generate", "{target}", "-m", "fast", "-p", "x"], ["unknown method"]),
@@ -126,7 +140,7 @@ def test_chat_is_scriptable(tiny_paths, env):
     p = run(["chat", t, "-d", d, "-n", "8"], env, stdin=script)
     assert p.returncode == 0, p.stderr
     assert len([ln for ln in p.stdout.splitlines()]) >= 3  # three answers
-    assert "method draft" in p.stderr  # /stats
+    assert "method auto" in p.stderr  # /stats
     assert "conversation cleared" in p.stderr
     assert "unknown command /bogus" in p.stderr
 

@@ -8,7 +8,8 @@ import pytest
 
 from specli.backends.base import LoadOptions
 from specli.backends.gguf import GGUFModel, check_gguf_file
-from specli.drafters.model import ModelDrafter, check_same_tokenizer
+from specli.drafters.cross import same_tokenizer
+from specli.drafters.model import ModelDrafter
 from specli.engine import Engine, GenerationConfig
 from specli.errors import SpecliError
 from specli.fidelity import analyse, first_difference
@@ -146,11 +147,9 @@ def test_sampling_reproducible_and_uses_draft_distributions(tiny_models):
     assert np.allclose(draft.probs.sum(axis=1), 1.0)
 
 
-def test_different_tokenizer_is_refused(tiny_models):
-    with pytest.raises(SpecliError, match="different tokenizer") as e:
-        check_same_tokenizer(tiny_models["target"], tiny_models["other"])
-    assert "other.gguf" in str(e.value) and "target.gguf" in str(e.value)
-    check_same_tokenizer(tiny_models["target"], tiny_models["draft"])
+def test_tokenizers_are_compared_by_their_strings(tiny_models):
+    assert not same_tokenizer(tiny_models["target"], tiny_models["other"])
+    assert same_tokenizer(tiny_models["target"], tiny_models["draft"])
 
 
 def test_not_gguf_and_missing_files(tmp_path):

@@ -27,6 +27,7 @@ class Draft:
     # None: a chain (token i follows token i - 1).  Else a tree of candidates: token i
     # follows token parents[i] (-1: the context), parents before children (no probs).
     parents: list[int] | None = None
+    source: str = ""  # which drafter made it, when one drafter holds several (auto)
 
     def subtree(self, keep: Sequence[int]) -> Draft:
         """The nodes `keep` (sorted, closed under parents) as a draft of their own: a
@@ -36,7 +37,7 @@ class Draft:
         parents = [index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in keep]
         chain = parents == list(range(-1, len(keep) - 1))
         return Draft([self.tokens[i] for i in keep], None,
-                     [self.confidence[i] for i in keep], None if chain else parents)
+                     [self.confidence[i] for i in keep], None if chain else parents, self.source)
 
 
 KeepGoing = Callable[[Sequence[float]], bool]

@@ -87,6 +87,21 @@ class HierarchyDrafter:
                     return draft
         return Draft()
 
+    def guess(self, context: Sequence[int], drafted: Sequence[int], k: int) -> list[int]:
+        """Up to k tokens likely to follow context + drafted, for a draft model to check
+        in one batch (the cascade).  Only `context` is indexed: a draft model's guesses
+        may be rejected, and the index must never learn them."""
+        if k <= 0 or not context:
+            return []
+        self.context.update(context)
+        tail = [*context[-self.n_max :], *drafted][-self.n_max :]
+        for min_match in self.passes:
+            for _, source in self._order():
+                d = chain_draft(source.lookup, tail, k, None, self.n_max, min_match)
+                if d.tokens:
+                    return d.tokens
+        return []
+
     def _alternatives(self, context: Sequence[int], k: int, first: int) -> list[Draft]:
         """Up to branches - 1 chains starting with other tokens seen after the longest
         suffix each source knows, each continued by chaining in that source.  Works on

@@ -3,50 +3,41 @@
 Its KV cache follows the accepted text lazily: before each proposal it keeps
 the longest prefix it shares with the context, rolls the rest back, and feeds
 only the new tokens.  So rejected guesses cost one rollback, never a re-prefill.
+
+Cascade (`draft+hd`, after Cascade Speculative Drafting's vertical cascade): n-gram
+lookup guesses the draft model's next tokens and the draft model checks a whole guess
+in one batch, as the target checks drafts, so it spends fewer sequential steps.  The
+check is itself lossless: greedy keeps the draft model's argmax; sampled accepts a
+guessed token x with probability q(x), else draws from q without x, so every drafted
+token is still distributed exactly as the draft model's q.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..backends.base import Backend
-from ..errors import SpecliError
 from ..sampling import SamplingParams, probs_from_logits, sample
 from ..tokens import common_prefix
 from .base import Draft, KeepGoing
 
-
-def check_same_tokenizer(target: Backend, draft: Backend) -> None:
-    """Same-vocabulary drafting is only lossless-and-useful if token ids mean the
-    same strings in both models: compare every token's text, not just sizes."""
-    t_texts, d_texts = target.vocab_texts(), draft.vocab_texts()
-    n = min(len(t_texts), len(d_texts))
-    first_diff = next((i for i in range(n) if t_texts[i] != d_texts[i]), None)
-    # a few padding ids at the end of one vocabulary are harmless (llama.cpp allows 128)
-    if first_diff is None and abs(len(t_texts) - len(d_texts)) <= 128:
-        return
-    where = (
-        f"token {first_diff} is {t_texts[first_diff]!r} vs {d_texts[first_diff]!r}"
-        if first_diff is not None
-        else "different vocabulary sizes"
-    )
-    raise SpecliError(
-        f"draft {Path(draft.path).name} uses a different tokenizer than target "
-        f"{Path(target.path).name} ({len(d_texts)} vs {len(t_texts)} tokens; {where}); "
-        "cross-tokenizer drafting is not supported yet"
-    )
+if TYPE_CHECKING:
+    from .hierarchy import HierarchyDrafter
 
 
 class ModelDrafter:
-    """Autoregressive drafting with a small model; greedy or sampled like the target."""
+    """Autoregressive drafting with a small model; greedy or sampled like the target.
+    With a `helper`, n-gram guesses let it draft several tokens per forward pass."""
 
     name = "draft"
 
-    def __init__(self, model: Backend) -> None:
+    def __init__(self, model: Backend, helper: HierarchyDrafter | None = None) -> None:
         self.model = model
+        self.helper = helper
+        self.guessed = self.guess_hits = 0  # cascade statistics, for --stats
 
     def _sync(self, context: Sequence[int]) -> np.ndarray:
         """Make the cache hold `context` and return the next-token logits."""
@@ -68,25 +59,35 @@ class ModelDrafter:
         k = min(k, self.model.n_ctx - len(context))
         if k <= 0:
             return Draft()
-        logits = self._sync(context)
+        m = self.model
+        logits = self._sync(context)  # invariant: m holds context + draft, logits follow it
         draft = Draft()
         rows: list[np.ndarray] = []
-        for i in range(k):
-            if params.greedy:
-                tok = int(np.argmax(logits))
-                conf = _top_probability(logits, tok)
-            else:
-                q = probs_from_logits(logits, params)
-                tok = sample(q, rng)
-                conf = float(q[tok])
-                rows.append(q)
-            draft.tokens.append(tok)
-            draft.confidence.append(conf)
-            if i == k - 1 or self.model.is_eog(tok):
+        while True:
+            want = k - len(draft.tokens)
+            guess = self.helper.guess(context, draft.tokens, want - 1) if self.helper else []
+            ahead = m.eval(guess, range(len(guess))) if guess else ()
+            self.guessed += len(guess)
+            for j in range(len(guess) + 1):
+                tok, conf, q = _choose(logits, params, rng, guess[j] if j < len(guess) else None)
+                draft.tokens.append(tok)
+                draft.confidence.append(conf)
+                if q is not None:
+                    rows.append(q)
+                stop = (len(draft.tokens) == k or m.is_eog(tok)
+                        or (keep_going is not None and not keep_going(draft.confidence)))
+                if j < len(guess) and tok == guess[j]:
+                    self.guess_hits += 1
+                    if stop:
+                        break
+                    logits = ahead[j]  # the guess holds: its logits come for free
+                    continue
+                if not stop:  # a miss (or past the guess): drop the rest, feed the choice
+                    m.truncate(len(context) + len(draft.tokens) - 1)
+                    logits = m.eval([tok], [0])[0]
                 break
-            if keep_going is not None and not keep_going(draft.confidence):
+            if stop:
                 break
-            logits = self.model.eval([tok], [0])[0]
         draft.probs = np.stack(rows) if rows else None
         return draft
 
@@ -94,16 +95,47 @@ class ModelDrafter:
         return len(context) - min(common_prefix(self.model.tokens, context), len(context) - 1)
 
     def finish(self, tokens: Sequence[int], start: int = 0) -> None:
-        pass  # no memory across generations
+        if self.helper is not None:  # the cascade's n-gram stores learn; the model does not
+            self.helper.finish(tokens, start)
 
     def describe(self) -> str:
-        return ""
+        if self.helper is None:
+            return ""
+        return (f"cascade: n-gram lookup guessed {self.guessed} tokens for the draft model, "
+                f"{self.guess_hits} matched its own choice")
 
     def accepted(self, n_drafted: int, n_accepted: int) -> None:
         pass  # the next _sync rolls back whatever was rejected
 
     def reset(self) -> None:
         self.model.truncate(0)
+        if self.helper is not None:
+            self.helper.reset()
+
+    def close(self) -> None:
+        if self.helper is not None:
+            self.helper.close()
+
+
+def _choose(
+    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, guess: int | None
+) -> tuple[int, float, np.ndarray | None]:
+    """The draft model's token after `logits`, its confidence, and (sampled) the row it
+    is distributed as.  A guess changes which random draws happen, never the law."""
+    if params.greedy:
+        tok = int(np.argmax(logits))
+        return tok, _top_probability(logits, tok), None
+    q = probs_from_logits(logits, params)
+    if guess is not None and guess < q.shape[0]:
+        if rng.random() < q[guess]:
+            return guess, float(q[guess]), q
+        rest = q.copy()
+        rest[guess] = 0.0
+        if rest.sum() > 0:
+            tok = sample(rest, rng)
+            return tok, float(q[tok]), q
+    tok = sample(q, rng)
+    return tok, float(q[tok]), q
 
 
 def _top_probability(logits: np.ndarray, tok: int) -> float:
