@@ -6,7 +6,7 @@ PAIR   := qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 CROSS  := smollm2-135m-instruct gemma-3-270m
 PROMPT := Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring and a short usage example.
 
-.PHONY: run test install models lint clean bench bench-budget
+.PHONY: run test install models lint clean bench bench-budget bench-hd
 
 # The venv is rebuilt when pyproject.toml changes.  llama-cpp-python compiles from
 # source on first install (several minutes on 2 cores); pip caches the wheel after.
@@ -45,6 +45,13 @@ bench-budget: models $(BIN)/.plot
 	$(BIN)/specli bench --limit 3 -n 128 --repeats 2 \
 		--methods none,draft,draft@fixed:2,draft@fixed:4,draft@fixed:8 \
 		--out benchmarks/results/$$(date +%F)-cpu2-budget
+
+# Training-free drafting (#5): the 1.5B target alone; auto may also use the 0.5B draft.
+# 3 prompts per category, 128 tokens, every method twice per prompt (~50 min).
+bench-hd: models $(BIN)/.plot
+	$(BIN)/specli bench --limit 3 -n 128 --repeats 2 \
+		--methods none,auto,lookup,hd,peer-pld \
+		--out benchmarks/results/$$(date +%F)-cpu2-hd
 
 lint: install
 	$(BIN)/ruff check .

@@ -106,6 +106,23 @@ def best_tree(cost: CostModel, parents: Sequence[int], p: Sequence[float]) -> li
     return sorted(order[:best_n])
 
 
+def exclusive(parents: Sequence[int], p: Sequence[float],
+              confidence: Sequence[float]) -> list[float]:
+    """Siblings are exclusive (the target takes one token), so their acceptance estimates,
+    learnt one chain at a time, must not add up to more than the best of them: each is
+    weighted by its share of the siblings' confidence."""
+    groups: dict[int, list[int]] = {}
+    for i, par in enumerate(parents):
+        groups.setdefault(par, []).append(i)
+    out = list(p)
+    for kids in groups.values():
+        if len(kids) > 1:
+            total = sum(confidence[i] for i in kids)
+            for i in kids:
+                out[i] = p[i] * (confidence[i] / total if total > 0 else 1.0 / len(kids))
+    return out
+
+
 def keep_drafting(cost: CostModel, p_so_far: Sequence[float], p_next: float) -> bool:
     """Draft one more token only if the round's expected rate improves."""
     return rate(cost, [*p_so_far, p_next]) > rate(cost, p_so_far)
@@ -119,7 +136,7 @@ class Acceptance:
 
     prior_mean: float = 0.6
     prior_weight: float = 2.0
-    decay: float = 0.98
+    decay: float = 0.95
     positions: int = 64
     pos_hits: list[float] = field(default_factory=list)
     pos_tries: list[float] = field(default_factory=list)
@@ -164,10 +181,16 @@ class Acceptance:
             self.conf_tries[b] += 1
             self.conf_hits[b] += hit
 
-    def _decay(self) -> None:
+    def _decay(self, factor: float | None = None) -> None:
+        f = self.decay if factor is None else factor
         for arr in (self.pos_hits, self.pos_tries, self.conf_hits, self.conf_tries):
             for i in range(len(arr)):
-                arr[i] *= self.decay
+                arr[i] *= f
+
+    def new_text(self, keep: float = 0.5) -> None:
+        """A new generation: what the last text taught counts for `keep` as much, so a
+        prompt that drafts well does not make the next one, which may not, pay for it."""
+        self._decay(keep)
 
 
 def conf_bin(conf: float) -> int:
@@ -193,6 +216,10 @@ class Budget(Protocol):
     """What the engine asks each round; implementations below."""
 
     name: str
+
+    def begin(self) -> None:
+        """A generation starts (a new prompt or chat turn)."""
+        ...
 
     def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
         """Draft length for this round, 0..k_cap (0: a plain step), for a drafter `lag`
@@ -238,6 +265,9 @@ class FixedBudget:
         self.k = k
         self.name = "fixed" if k is None else f"fixed:{k}"
 
+    def begin(self) -> None:
+        pass
+
     def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
         return k_cap if self.k is None else min(self.k, k_cap)
 
@@ -274,6 +304,9 @@ class AdaptiveBudget:
         self._idle = 0
         self._k = 0  # the round's plan, for observe()
 
+    def begin(self) -> None:
+        self.acc.new_text()
+
     @property
     def cost(self) -> CostModel:
         return CostModel([v * self.verify_scale for v in self.base.verify],
@@ -305,7 +338,7 @@ class AdaptiveBudget:
         for par in parents:
             depth.append(depth[par] + 1 if par >= 0 else 0)
         p = [self.acc.by_confidence(c, d) for c, d in zip(confidences, depth, strict=True)]
-        return best_tree(self.cost, parents, p)
+        return best_tree(self.cost, parents, exclusive(parents, p, confidences))
 
     def keep_going(self, confidences: Sequence[float]) -> bool:
         i = len(confidences)

@@ -136,6 +136,7 @@ class Engine:
         self.check_prompt(prompt)
         t, d, st = self.target, self.drafter, res.stats
         if d is not None:
+            self.budget.begin()
             res.budget = self.budget.name
             res.cost_note = self.budget.describe()
         rng = cfg.params.rng()

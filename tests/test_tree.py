@@ -220,3 +220,13 @@ def test_engine_with_candidate_trees_equals_plain_greedy(tree_pair, monkeypatch,
     runs = [Engine(tree, HierarchyDrafter(branches=3), FixedBudget(6)).generate(
         prompt, seeded, "hd").tokens for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_siblings_share_one_acceptance():
+    from specli.budget import exclusive
+
+    # three candidates for the same next token, each judged 0.6 alone: together they can
+    # not be accepted 1.8 times; weighted by confidence share they sum to at most 0.6
+    p = exclusive([-1, -1, -1, 0], [0.6, 0.6, 0.6, 0.9], [0.5, 0.3, 0.2, 0.8])
+    assert p[:3] == pytest.approx([0.3, 0.18, 0.12]) and p[3] == 0.9
+    assert sum(p[:3]) <= 0.6

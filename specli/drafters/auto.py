@@ -85,6 +85,10 @@ class AutoBudget:
     def __init__(self, auto: AutoDrafter) -> None:
         self.auto = auto
 
+    def begin(self) -> None:
+        for m in self.auto.members:
+            m.budget.begin()
+
     def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
         a = self.auto
         best, best_k, best_rate = None, 0, -1.0
