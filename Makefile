@@ -4,9 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PAIR   := qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 CROSS  := smollm2-135m-instruct gemma-3-270m
+DRAFTS := qwen2.5-coder-0.5b-instruct $(CROSS)
+comma  := ,
+space  := $(subst ,, )
 PROMPT := Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring and a short usage example.
 
-.PHONY: run test install models lint clean bench bench-budget bench-hd
+.PHONY: run test install models lint clean bench bench-budget bench-hd bench-cross
 
 # The venv is rebuilt when pyproject.toml changes.  llama-cpp-python compiles from
 # source on first install (several minutes on 2 cores); pip caches the wheel after.
@@ -52,6 +55,14 @@ bench-hd: models $(BIN)/.plot
 	$(BIN)/specli bench --limit 3 -n 128 --repeats 2 \
 		--methods none,auto,lookup,hd,peer-pld \
 		--out benchmarks/results/$$(date +%F)-cpu2-hd
+
+# Drafters of other tokenizers (#6) beside the same-tokenizer 0.5B, budget on, and two
+# fixed-length runs to show what drafting with them costs here (~30 min).
+bench-cross: models $(BIN)/.plot
+	$(BIN)/specli pull $(CROSS)
+	$(BIN)/specli bench --limit 3 -n 128 \
+		--methods none,$(subst $(space),$(comma),$(addprefix draft/,$(DRAFTS))),draft/smollm2-135m-instruct@fixed:3,draft/gemma-3-270m@fixed:3 \
+		--out benchmarks/results/$$(date +%F)-cpu2-cross
 
 lint: install
 	$(BIN)/ruff check .

@@ -42,18 +42,23 @@ _NO_IDENTITY = dict.fromkeys(_IDENTITY_KEYS)
 
 def parse_methods(text: str) -> list[str]:
     """Comma list to methods in order; `none` always runs first, since every ratio needs it.
-    `draft@fixed:K` (or `draft@auto`) runs the draft method under that budget."""
+    `draft@fixed:K` (or `draft@auto`) runs the draft method under that budget;
+    `draft/NAME` drafts with another draft model (path or registry name)."""
     names = [m.strip() for m in text.split(",") if m.strip()]
     bad = next((m for m in names if not _known(m)), None)
     if bad is not None or not names:
         raise SpecliError(
-            f"unknown method {bad!r}; choose from {', '.join(METHODS)}, draft@fixed:K"
+            f"unknown method {bad!r}; choose from {', '.join(METHODS)}, draft@fixed:K, "
+            "draft/MODEL"
         )
     return list(dict.fromkeys(["none", *names]))
 
 
 def _known(method: str) -> bool:
     base, _, budget = method.partition("@")
+    base, slash, model = base.partition("/")
+    if slash and (base != "draft" or not model):
+        return False
     if not budget:
         return base in METHODS
     try:
@@ -407,7 +412,9 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
             runners[m] = lambda p, n, peer=peer: peer(p, n, plan.params.temperature)
         else:
             base, _, budget = m.partition("@")
-            engine = loaded.make_engine(base, budget or plan.budget)
+            base, _, other = base.partition("/")
+            engine = (loaded.draft_engine(other, budget or plan.budget) if other
+                      else loaded.make_engine(base, budget or plan.budget))
             runners[m] = specli_runner(engine, m, plan.params, plan.draft_max)
     warm = encode_prompt(loaded.target, WARMUP_TEXT)
     for r in runners.values():  # first-call costs (page faults, buffers) are not counted

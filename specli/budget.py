@@ -63,14 +63,16 @@ def rate(cost: CostModel, p: Sequence[float], setup: float = 0.0) -> float:
 
 
 def best_length(
-    cost: CostModel, p: Sequence[float], k_max: int, lag: int = 0, horizon: float = 1e9
+    cost: CostModel, p: Sequence[float], k_max: int, lag: int = 0, horizon: float = 1e9,
+    min_gain: float = 1.0,
 ) -> int:
     """The draft length in 0..k_max with the highest expected tokens per second.
 
     A drafter `lag` tokens behind must first read them (lag * catch_up seconds); that
     is paid once and then serves the rest of the generation, so each round is charged
-    its share: the fraction of the `horizon` (tokens left) the round produces."""
-    best_k, best_rate = 0, rate(cost, [])
+    its share: the fraction of the `horizon` (tokens left) the round produces.  A draft
+    must beat a plain step's rate by the factor `min_gain`."""
+    best_k, best_rate = 0, rate(cost, []) * min_gain
     for k in range(1, min(k_max, len(p)) + 1):
         r = amortised_rate(cost, p[:k], lag, horizon)
         if r > best_rate:
@@ -85,7 +87,8 @@ def amortised_rate(cost: CostModel, p: Sequence[float], lag: int = 0,
     return rate(cost, p, lag * cost.catch_up * share)
 
 
-def best_tree(cost: CostModel, parents: Sequence[int], p: Sequence[float]) -> list[int]:
+def best_tree(cost: CostModel, parents: Sequence[int], p: Sequence[float],
+              min_gain: float = 1.0) -> list[int]:
     """Which nodes of a candidate tree to verify (sorted indices; [] = a plain step).
 
     `p[i]`: probability node i is accepted given its parent was.  A node yields a token
@@ -97,7 +100,7 @@ def best_tree(cost: CostModel, parents: Sequence[int], p: Sequence[float]) -> li
     for i, par in enumerate(parents):
         path_p.append(p[i] * (path_p[par] if par >= 0 else 1.0))
     order = sorted(range(len(parents)), key=lambda i: (-path_p[i], i))
-    best_n, best_rate, tokens = 0, 1.0 / cost.round_cost(0), 1.0
+    best_n, best_rate, tokens = 0, min_gain / cost.round_cost(0), 1.0
     for n, i in enumerate(order, start=1):
         tokens += path_p[i]
         r = tokens / (n * cost.draft + cost.verify_cost(n + 1))
@@ -294,8 +297,13 @@ class AdaptiveBudget:
     name = "auto"
 
     def __init__(self, cost: CostModel, acceptance: Acceptance | None = None,
-                 explore_every: int = 16, optimistic_p: float = 0.95) -> None:
+                 explore_every: int = 16, optimistic_p: float = 0.95,
+                 min_gain: float = 1.05) -> None:
         self.base = cost
+        # Estimates are noisy and a wrong draft costs more than a right one saves (a
+        # rejected token pays a share of the pass, an accepted one saves under a step):
+        # draft only when it is expected to beat a plain step by this factor.
+        self.min_gain = min_gain
         self.acc = acceptance or Acceptance()
         self.explore_every = explore_every
         self.optimistic_p = optimistic_p
@@ -314,7 +322,7 @@ class AdaptiveBudget:
 
     def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
         cost = self.cost
-        k = best_length(cost, self.acc.by_position(k_cap), k_cap, lag, left)
+        k = best_length(cost, self.acc.by_position(k_cap), k_cap, lag, left, self.min_gain)
         if k == 0:
             self._idle += 1
             if self._idle >= self.explore_every:  # time to probe, if drafting could pay
@@ -338,7 +346,7 @@ class AdaptiveBudget:
         for par in parents:
             depth.append(depth[par] + 1 if par >= 0 else 0)
         p = [self.acc.by_confidence(c, d) for c, d in zip(confidences, depth, strict=True)]
-        return best_tree(self.cost, parents, exclusive(parents, p, confidences))
+        return best_tree(self.cost, parents, exclusive(parents, p, confidences), self.min_gain)
 
     def keep_going(self, confidences: Sequence[float]) -> bool:
         i = len(confidences)

@@ -86,6 +86,20 @@ class Loaded:
             return self._auto_engine(budget)
         raise SpecliError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
+    def draft_engine(self, name: str, budget: str = "auto") -> Engine:
+        """An engine drafting with another draft model (path or registry name), for the
+        bench's draft/NAME methods: loaded, compared and calibrated like --draft."""
+        path = resolve_model(name, registry=load_registry())
+        model = GGUFModel(path, replace(self.opts, branches=1))
+        self._closers.append(model.close)
+        cross = not same_tokenizer(self.target, model)
+        drafter = CrossDrafter(self.target, model) if cross else ModelDrafter(model)
+        k = _parse_budget(budget)
+        if k is not None:
+            return Engine(self.target, drafter, FixedBudget(k))
+        cost, _ = load_or_measure(self.target, model, self.opts)
+        return Engine(self.target, drafter, AdaptiveBudget(cost))
+
     def finish(self, prompt: Sequence[int], res: Result, start: int = 0) -> None:
         """Let a drafter with a memory learn from a finished (or stopped) generation."""
         if self.engine.drafter is not None:

@@ -98,6 +98,11 @@ def test_parse_methods_puts_the_reference_first():
     assert bm.parse_methods("peer-pld, draft,draft") == ["none", "peer-pld", "draft"]
     with pytest.raises(SpecliError, match="unknown method 'fast'"):
         bm.parse_methods("none,fast")
+    assert bm.parse_methods("draft/a.gguf,draft/b@fixed:2") == [
+        "none", "draft/a.gguf", "draft/b@fixed:2"]
+    for bad in ("hd/a.gguf", "draft/", "draft/a@fixed:0"):
+        with pytest.raises(SpecliError, match="unknown method"):
+            bm.parse_methods(bad)
 
 
 def test_plot_needs_matplotlib(tmp_path, monkeypatch):
@@ -149,6 +154,25 @@ def test_bench_smoke_writes_everything(tiny_paths, env, prompts_file, tmp_path):
         assert (out / "speedup.png").stat().st_size > 1000
     else:
         assert bm.PLOT_HINT in p.stderr
+
+
+def test_bench_compares_drafters_with_other_tokenizers(tiny_paths, env, prompts_file,
+                                                      tmp_path):
+    """draft/MODEL: several draft models, one of another tokenizer, in one run; hd trees."""
+    out = tmp_path / "out"
+    other = str(tiny_paths["other"])
+    methods = f"none,draft/{other}@fixed:3,draft/{other},hd@fixed:4,auto"
+    p = subprocess.run(bench_args(tiny_paths, prompts_file, out, "--methods", methods,
+                                  "--repeats", "2"),
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 5 * 2 and {r["repeat"] for r in rows} == {0, 1}
+    assert any(r["drafted"] > 0 for r in rows if r["method"] == f"draft/{other}@fixed:3")
+    assert all(r["matches"] for r in rows), [r for r in rows if not r["matches"]]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["table"][f"draft/{other}"]["overall"]["runs"] == 8
+    assert summary["meta"]["repeats"] == 2
 
 
 def test_bench_sampled_has_no_identity(tiny_paths, env, prompts_file, tmp_path):

@@ -48,6 +48,7 @@ def test_generate_json(tiny_paths, env):
     assert set(obj["stats"]) >= {"drafted", "accepted", "acceptance_rate", "mean_accepted",
                                  "target_forwards", "prefill_tok_s", "decode_tok_s", "wall_s"}
     assert obj["method"] == "draft" and obj["n_generated"] == len(obj["tokens"]) <= 10
+    assert sum(obj["stats"]["rounds_by"].values()) == obj["stats"]["target_forwards"]
 
 
 def test_a_draft_with_another_tokenizer_just_works(tiny_paths, env):
