@@ -79,8 +79,9 @@ DraftOpt = Annotated[
     typer.Option(
         "--draft",
         "-d",
-        help="Draft model: GGUF path or registry name (`specli models`). Must share the "
-        "target's tokenizer. Default: the target's registered draft.",
+        help="Draft model: GGUF path or registry name (`specli models`). Any tokenizer: "
+        "with another than the target's, specli drafts across tokenizers (SLEM / TLI). "
+        "Default: the target's registered same-tokenizer draft.",
     ),
 ]
 ThreadsOpt = Annotated[
