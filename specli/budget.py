@@ -292,7 +292,8 @@ class AdaptiveBudget:
     """Chooses each round's draft length from a calibrated cost model, rescaled online
     by what rounds actually cost (context growth, machine load), and from online
     acceptance estimates.  Never drafts when even near-perfect acceptance cannot beat a
-    plain step; otherwise probes now and then so the estimates can recover."""
+    plain step; otherwise probes now and then so the estimates can recover, backing off
+    (16, 32, 64... idle rounds) while probes find nothing."""
 
     name = "auto"
 
@@ -309,6 +310,8 @@ class AdaptiveBudget:
         self.optimistic_p = optimistic_p
         self.verify_scale = 1.0
         self.draft_scale = 1.0
+        self._gap = explore_every  # idle rounds before a probe; doubles while probes fail
+        self._probing = False
         self._idle = 0
         self._k = 0  # the round's plan, for observe()
 
@@ -322,12 +325,14 @@ class AdaptiveBudget:
 
     def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
         cost = self.cost
+        self._probing = False
         k = best_length(cost, self.acc.by_position(k_cap), k_cap, lag, left, self.min_gain)
         if k == 0:
             self._idle += 1
-            if self._idle >= self.explore_every:  # time to probe, if drafting could pay
+            if self._idle >= self._gap:  # time to probe, if drafting could pay
                 k = best_length(cost, [self.optimistic_p] * k_cap, k_cap, lag, left)
                 self._idle = 0 if k == 0 else self._idle
+                self._probing = k > 0
         if k:
             self._idle = 0
             k = k_cap  # drafting pays: let the confidence rule decide where to stop
@@ -363,3 +368,6 @@ class AdaptiveBudget:
                 self.draft_scale = ema(self.draft_scale, draft_s / (n * self.base.draft))
         if n:
             self.acc.update(confidences, n_accepted)
+        if self._probing and n:  # a failed probe waits twice as long for the next one
+            self._gap = self.explore_every if n_accepted else min(2 * self._gap, 1024)
+            self._probing = False

@@ -95,6 +95,23 @@ def test_adaptive_budget_drafts_on_a_gpu_and_backs_off_when_rejected():
     assert any(plans)  # ... with a probe now and then so it can recover
 
 
+def test_failed_probes_back_off_and_a_hit_restores_them():
+    b = AdaptiveBudget(GPU, Acceptance(prior_mean=0.02, prior_weight=50), explore_every=16)
+    probes = []
+    for i in range(600):  # the estimates say drafting cannot pay: only probes draft
+        if b.plan(8):
+            probes.append(i)
+            b.observe([0.9], 0, None)  # and every probe fails
+        else:
+            b.observe([], 0, None)
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert gaps[:4] == [32, 64, 128, 256]  # 16 idle rounds before the first, then doubling
+    b._idle = 10_000  # a probe is due at once ...
+    assert b.plan(8)
+    b.observe([0.9, 0.9], 2, None)  # ... and it succeeds: probing is back to every 16
+    assert b._gap == 16
+
+
 def test_fixed_budget_and_parse():
     assert FixedBudget(4).plan(8) == 4 and FixedBudget(4).plan(2) == 2
     assert FixedBudget().plan(6) == 6

@@ -141,7 +141,8 @@ class CrossDrafter:
 
     def _slem(self, d_ctx: list[int], k: int, rng: np.random.Generator,
               keep_going: KeepGoing | None) -> Draft:
-        d = self.inner.propose(d_ctx, k + self.extra, SamplingParams(), rng, keep_going)
+        # the budget's stop rule is about target tokens: applied after re-tokenizing
+        d = self.inner.propose(d_ctx, k + self.extra, SamplingParams(), rng)
         self._drafted(d.tokens)
         dec = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         ends, text = [], ""
@@ -154,16 +155,17 @@ class CrossDrafter:
         if not text:
             return Draft()
         tokens = self.target.tokenize(text, add_bos=False, special=False)
-        if not ended:
+        if not ended and len(tokens) > 1:
             tokens = tokens[:-1]  # may be the start of a longer target token
-        tokens = tokens[:k]
         draft = Draft(source=self.name)
         pos = 0
-        for tok in tokens:
+        for tok in tokens[:k]:
             pos += len(self.target.token_bytes(tok))
             i = next((i for i, e in enumerate(ends) if e >= pos), len(ends) - 1)
             draft.tokens.append(tok)
             draft.confidence.append(d.confidence[i])
+            if keep_going is not None and not keep_going(draft.confidence):
+                break
         return draft
 
     def shared(self) -> tuple[np.ndarray, np.ndarray]:
