@@ -65,7 +65,6 @@ class CrossDrafter:
         self._d_ends: list[int] = []  # cumulative bytes of the text each token stands for
         self._n_text = 0  # how many of _d_tokens came from tokenizing the context
         self._shared: tuple[np.ndarray, np.ndarray] | None = None  # drafter ids, target ids
-        self.rounds = 0
 
     # -- the accepted text, in the drafter's tokens ------------------------------------
     def _context_text(self, context: Sequence[int]) -> tuple[bytes, int]:
@@ -131,7 +130,6 @@ class CrossDrafter:
     ) -> Draft:
         if k <= 0 or not context:
             return Draft()
-        self.rounds += 1
         d_ctx = self.drafter_context(context)
         if not d_ctx or len(d_ctx) + k + self.extra >= self.model.n_ctx:
             return Draft()
