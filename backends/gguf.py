@@ -103,8 +103,8 @@ def _tree_layout(parents: Sequence[int]) -> tuple[list[int], list[list[int]]]:
             depth[i] = depth[par] + 1
             has_child[par] = True
     seqs: list[list[int]] = [[] for _ in range(n)]
-    for leaf in (i for i in range(n) if not has_child[i]):
-        s, node = sum(not h for h in has_child[:leaf]), leaf
+    for s, leaf in enumerate(i for i in range(n) if not has_child[i]):
+        node = leaf
         while node >= 0:
             seqs[node].append(s)
             node = parents[node]
@@ -162,10 +162,10 @@ class GGUFModel:
         bos = llama_cpp.llama_vocab_bos(self._vocab)
         self.bos = bos if bos >= 0 else None
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self._branches)
-        self._tree: tuple[int, list[int], list[list[int]]] | None = None
+        # an evaluated tree awaiting keep_path: first node position, tokens, sequences
+        self._tree: tuple[int, list[int], list[list[int]], int] | None = None
         self.tokens: list[int] = []
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
-        self._logits_buf = np.empty(self.n_vocab, dtype=np.float32)
 
     # -- tokenizer -----------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
@@ -312,7 +312,7 @@ class GGUFModel:
                 b.seq_id[j][m] = s
         b.n_tokens = len(rows)
         rc = llama_cpp.llama_decode(self._ctx, b)
-        self._tree = (pos0 + 1, list(tokens), seqs)
+        self._tree = (pos0 + 1, list(tokens), seqs, n_seqs)
         self.tokens.append(root)
         if rc != 0:
             self.keep_path([])
@@ -327,9 +327,9 @@ class GGUFModel:
     def keep_path(self, path: Sequence[int]) -> None:
         if self._tree is None:
             raise SpecliError("keep_path without eval_tree")
-        first, tokens, seqs = self._tree
+        first, tokens, seqs, n_seqs = self._tree
         self._tree = None
-        mem, n_seqs = self._mem, 1 + max((s for ss in seqs for s in ss), default=0)
+        mem = self._mem
         end = first + len(path)
         src = seqs[path[-1]][0] if path else 0  # a branch through the last kept node
         if not llama_cpp.llama_memory_seq_rm(mem, 0, first if src else end, -1):

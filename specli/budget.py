@@ -313,7 +313,6 @@ class AdaptiveBudget:
         self._gap = explore_every  # idle rounds before a probe; doubles while probes fail
         self._probing = False
         self._idle = 0
-        self._k = 0  # the round's plan, for observe()
 
     def begin(self) -> None:
         self.acc.new_text()
@@ -336,7 +335,6 @@ class AdaptiveBudget:
         if k:
             self._idle = 0
             k = k_cap  # drafting pays: let the confidence rule decide where to stop
-        self._k = k
         return k
 
     def describe(self) -> str:

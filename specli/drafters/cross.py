@@ -159,7 +159,7 @@ class CrossDrafter:
         pos = 0
         for tok in tokens[:k]:
             pos += len(self.target.token_bytes(tok))
-            i = next((i for i, e in enumerate(ends) if e >= pos), len(ends) - 1)
+            i = min(bisect.bisect_left(ends, pos), len(ends) - 1)  # the drafter token it ends in
             draft.tokens.append(tok)
             draft.confidence.append(d.confidence[i])
             if keep_going is not None and not keep_going(draft.confidence):

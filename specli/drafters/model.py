@@ -112,10 +112,6 @@ class ModelDrafter:
         if self.helper is not None:
             self.helper.reset()
 
-    def close(self) -> None:
-        if self.helper is not None:
-            self.helper.close()
-
 
 def _choose(
     logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, guess: int | None
