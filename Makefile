@@ -27,8 +27,12 @@ models: install
 run: models
 	$(BIN)/specli generate -p "$(PROMPT)" -n 256 --stats
 
+# The ONNX tests run a real export made here (specli's own exporter: no torch, ~40 s).
+ONNX   := qwen2.5-coder-0.5b-instruct
+
 test: models
 	$(BIN)/specli pull $(CROSS)
+	$(BIN)/specli export $(ONNX) --quant int8 --reuse
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -ra
 

@@ -32,6 +32,8 @@ class LoadOptions:
     # Candidate branches one forward pass may verify (multi-candidate drafting): the KV
     # cache then holds that many sequences sharing the prefix.  1: a single chain.
     branches: int = 1
+    # ONNX models: which device onnxruntime runs on (auto, cpu, gpu, npu); see backends/onnx.py
+    device: str = "auto"
 
 
 class Backend(Protocol):
@@ -43,6 +45,7 @@ class Backend(Protocol):
     n_ctx: int
     tokens: list[int]  # what the KV cache holds, in order
     bos: int | None  # the BOS token id, if the vocabulary has one
+    placement: str  # where it runs, for --stats and --json ("llama.cpp CPU, 2 threads")
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
         """Text to token ids; `special` parses control tokens such as <|im_end|>."""

@@ -92,6 +92,13 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def placement(n_gpu_layers: int, threads: int) -> str:
+    """Where llama.cpp runs a model, in words (a build without GPU support ignores -ngl)."""
+    if n_gpu_layers > 0 and llama_cpp.llama_supports_gpu_offload():
+        return f"llama.cpp GPU ({n_gpu_layers} layers offloaded), {threads} CPU threads"
+    return f"llama.cpp CPU, {threads} threads"
+
+
 def _tree_layout(parents: Sequence[int]) -> tuple[list[int], list[list[int]]]:
     """Depth of each node (0 under the root) and the sequences it belongs to: leaf j of
     the tree (in node order) is sequence j, a node is in the sequences of its leaves."""
@@ -156,6 +163,7 @@ class GGUFModel:
             self.close()
             raise SpecliError(f"llama.cpp could not create a context for {p.name}: {_last_error()}")
         self.n_threads = threads
+        self.placement = placement(opts.n_gpu_layers, threads)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)

@@ -408,6 +408,9 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
     runners: dict[str, Runner] = {}
     for m in plan.methods:
         if m.startswith("peer-"):
+            if loaded.target.name != "llama.cpp":
+                raise SpecliError(f"{m} runs llama-cpp-python's own Llama: it needs a GGUF "
+                                  f"target, not {loaded.target.name}")
             peer = Peer(m, loaded.target.path, n_ctx, plan.threads)
             runners[m] = lambda p, n, peer=peer: peer(p, n, plan.params.temperature)
         else:

@@ -35,20 +35,25 @@ def _file_id(path: str) -> dict:
 
 
 def cache_key(target: Backend, draft: Backend | None, opts: LoadOptions) -> str:
-    try:
-        runtime = version("llama_cpp_python")
-    except PackageNotFoundError:
-        runtime = "unknown"
     ident = {
         "target": _file_id(target.path),
         "draft": _file_id(draft.path) if draft is not None else None,
         "backend": target.name,
-        "runtime": runtime,
+        "draft_backend": draft.name if draft is not None else None,
+        "runtime": [_runtime_version(m) for m in (target, draft) if m is not None],
         "threads": getattr(target, "n_threads", None),
         "opts": asdict(opts),
         "k_max": K_MAX,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _runtime_version(model: Backend) -> str:
+    package = {"llama.cpp": "llama_cpp_python", "onnxruntime": "onnxruntime"}.get(model.name)
+    try:
+        return f"{model.name} {version(package)}" if package else model.name
+    except PackageNotFoundError:
+        return f"{model.name} unknown"
 
 
 def _timed(fn) -> float:

@@ -84,7 +84,8 @@ class ChatSession:
             if self.last is None:
                 self.err.print("(no answer yet)", markup=False)
             else:
-                self.err.print("\n".join(stats_lines(self.last)), markup=False)
+                lines = stats_lines(self.last, self.loaded.placements())
+                self.err.print("\n".join(lines), markup=False)
         else:
             self.err.print(f"unknown command {cmd}; {HELP}", markup=False)
         return False

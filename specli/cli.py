@@ -96,6 +96,14 @@ GpuLayersOpt = Annotated[
         help="Layers to offload to the GPU (needs a GPU build of llama-cpp-python; 0 = CPU).",
     ),
 ]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="Where an ONNX model runs: auto, cpu, gpu or npu (onnxruntime execution "
+        "providers: CUDA/DirectML/OpenVINO; see `specli devices`). GGUF models use -ngl.",
+    ),
+]
 DraftMaxOpt = Annotated[
     int,
     typer.Option(
@@ -209,6 +217,7 @@ def generate(
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
     gpu_layers: GpuLayersOpt = 0,
+    device: DeviceOpt = "auto",
     stats: Annotated[bool, typer.Option("--stats", help="Print statistics to stderr.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (text, tokens, stats) instead.")
@@ -230,7 +239,8 @@ def generate(
     text_in = _read_prompt(prompt, file)
     if not text_in.strip():
         raise SpecliError("empty prompt: give text with -p, -f FILE or on stdin")
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches)
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches,
+                       device=device)
     loaded = runtime.load(model, draft, method, opts, err, budget, corpus,
                           _history(no_history, params))
     tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
@@ -248,7 +258,8 @@ def generate(
         tail = stream.flush()
         pieces.append(tail)
         if as_json:
-            obj = result_json(res, "".join(pieces), loaded.target_name, loaded.draft_name)
+            obj = result_json(res, "".join(pieces), loaded.target_name, loaded.draft_name,
+                              loaded.placements())
             _write(json.dumps(obj, ensure_ascii=False) + "\n")
         else:
             text = "".join(pieces)
@@ -258,12 +269,12 @@ def generate(
         if not as_json:
             _write(stream.flush() + "\n")
         if stats:
-            err.print("\n".join(stats_lines(res)))
+            err.print("\n".join(stats_lines(res, loaded.placements())), markup=False)
         raise typer.Exit(130) from None
     finally:
         loaded.finish(tokens, res)  # drafters with a memory (hd) learn from what was written
     if stats:
-        err.print("\n".join(stats_lines(res)))
+        err.print("\n".join(stats_lines(res, loaded.placements())), markup=False)
 
 
 @app.command()
@@ -287,6 +298,7 @@ def chat(
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 8192,
     gpu_layers: GpuLayersOpt = 0,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Chat with a model, multi-turn, answers streamed as they are accepted.
 
@@ -298,7 +310,8 @@ def chat(
     from .chat import ChatSession
 
     params = _params(temperature, top_k, top_p, seed)
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches)
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches,
+                       device=device)
     loaded = runtime.load(model, draft, method, opts, err, budget, corpus,
                           _history(no_history, params))
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
@@ -335,6 +348,7 @@ def calibrate(
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
     gpu_layers: GpuLayersOpt = 0,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Measure (again) what verifying k tokens and drafting one cost on this machine.
 
@@ -345,7 +359,7 @@ def calibrate(
     from . import runtime
     from .budget import describe_costs
 
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, device=device)
     loaded = runtime.load(model, draft, "auto", opts, err, budget="fixed:1")
     cost = loaded.cost_model(err, force=True)
     print(describe_costs(cost))
@@ -361,6 +375,118 @@ def models() -> None:
     # piped output keeps whole paths instead of fitting a table to 80 columns
     width = None if sys.stdout.isatty() else 200
     render_models(load_registry(), Console(highlight=False, width=width))
+
+
+@app.command()
+def devices(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """What this machine can run models on: llama.cpp (GGUF) and onnxruntime (ONNX).
+
+    llama.cpp offloads layers to a GPU (-ngl) only when llama-cpp-python was built with
+    a GPU backend (e.g. CMAKE_ARGS="-DGGML_CUDA=on"). onnxruntime's devices come from
+    its execution providers: CUDA (onnxruntime-gpu), DirectML, OpenVINO's CPU, GPU and
+    NPU plugins (onnxruntime-openvino); --device picks one for ONNX models.
+    """
+    from .devices import probe
+
+    report = probe()
+    if as_json:
+        _write(json.dumps(report.as_dict(), indent=1) + "\n")
+        return
+    lines = [
+        f"CPU cores: {report.cpu_cores}",
+        f"llama.cpp (llama-cpp-python {report.llama_version}): GPU offload "
+        + ("yes (-ngl N)" if report.llama_gpu_offload else "no (CPU-only build; -ngl is ignored)"),
+        f"  {report.llama_system}",
+    ]
+    if report.onnxruntime_version is None:
+        lines.append("onnxruntime: not installed (pip install 'specli[onnx]')")
+    else:
+        lines.append(f"onnxruntime {report.onnxruntime_version}: providers "
+                     + ", ".join(report.onnx_providers))
+        if report.openvino_devices:
+            lines.append("  OpenVINO devices: " + ", ".join(report.openvino_devices))
+        for device, provider in report.device_map.items():
+            lines.append(f"  --device {device}: {provider}")
+    _write("\n".join(lines) + "\n")
+
+
+@app.command("export")
+def export_cmd(
+    source: Annotated[
+        str,
+        typer.Argument(help="GGUF file, registry name (pulled if missing) or Hugging Face folder."),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder. Default: $SPECLI_HOME/exports/NAME."),
+    ] = None,
+    quant: Annotated[
+        str,
+        typer.Option(
+            "--quant", "-q",
+            help="int8 (default: 8-bit weights, writes what the GGUF writes), int4 (4-bit "
+            "weights: smaller and ~25% faster, but re-quantising a GGUF's 4/5-bit weights "
+            "drifts from it) or none (fp32). All three are weight-only, so a token's logits "
+            "do not depend on the batch: verification stays lossless.",
+        ),
+    ] = "int8",
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Name to use it by (specli generate NAME). "
+                     "Default: SOURCE-onnx-QUANT."),
+    ] = None,
+    exporter: Annotated[
+        str,
+        typer.Option("--exporter", help="auto (specli's for GGUF, optimum for Hugging Face "
+                     "folders), specli (no torch) or optimum (needs the export-hf extra)."),
+    ] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
+    reuse: Annotated[
+        bool,
+        typer.Option("--reuse", help="Keep an existing export of the same source and --quant "
+                     "(for scripts: export only once)."),
+    ] = False,
+) -> None:
+    """Export a model to an ONNX decoder with past key values, for onnxruntime.
+
+    The result (model.onnx, tokenizer files) runs on Intel CPUs, iGPUs and NPUs through
+    OpenVINO, on CUDA or DirectML, or on any CPU, with every specli method; a GGUF draft
+    model can draft for it. It is registered: `specli models` lists it and
+    `specli generate NAME` uses it.
+
+    Examples:
+
+      specli export qwen2.5-coder-0.5b-instruct
+
+      specli export model.gguf -o model-onnx --quant none
+
+      specli export ./hf-model-folder --name mymodel
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .export.exporter import export_model
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=err)
+    tasks: dict[str, int] = {}
+
+    def progress(step: str, done: int, total: int) -> None:
+        if step not in tasks:
+            tasks[step] = bars.add_task(step, total=max(total, 1))
+        bars.update(tasks[step], completed=done, total=max(total, 1))
+
+    with bars:
+        entry = export_model(source, out, quant=quant, name=name, exporter=exporter, force=force,
+                             reuse=reuse, progress=progress)
+    size = sum(f.stat().st_size for f in Path(entry.path).iterdir() if f.is_file())
+    err.print(f"exported {entry.name} ({entry.quant}, {size / 2**30:.2f} GiB) to {entry.path}",
+              markup=False)
+    if not entry.batch_invariant:
+        err.print(f"warning: {entry.quant} logits depend on the batch: speculative output may "
+                  "differ from plain decoding", markup=False)
+    _write(entry.path + "\n")
 
 
 @app.command()
@@ -418,6 +544,8 @@ def bench(
     branches: BranchesOpt = 3,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
+    gpu_layers: GpuLayersOpt = 0,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Measure methods against plain decoding on the same prompts, in one process.
 
@@ -450,7 +578,8 @@ def bench(
     bases = {m.partition("@")[0] for m in method_list}
     used = ("draft" if bases & {"draft", "draft+hd"} else "auto" if "auto" in bases
             else "none")
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads, branches=branches)
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches,
+                       device=device)
     # benchmark prompts never enter the user's history
     loaded = runtime.load(model, draft, used, opts, err, budget, corpus, history=False,
                           tree=bm.uses_tree(method_list))

@@ -43,6 +43,7 @@ from rich.progress import (
 from rich.table import Table
 
 from specli.errors import SpecliError
+from specli.export import catalog
 from specli.registry import (
     ModelEntry,
     Registry,
@@ -162,7 +163,10 @@ def resolve_model(
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir():
-            raise SpecliError(f"model path is a directory, not a GGUF file: {spec}")
+            if any(path.glob("*.onnx")):  # an ONNX export
+                return path.absolute()
+            raise SpecliError(f"model path is a directory with no .onnx model and not a "
+                              f"GGUF file: {spec}")
         if not os.access(path, os.R_OK):
             raise SpecliError(f"model file is not readable: {spec}")
         return path.absolute()
@@ -178,6 +182,13 @@ def resolve_model(
         con = console if console is not None else Console(stderr=True)
         _note(con, f"pulling {entry.name} ({human_size(entry.size)}) ...")
         return pull(entry, console=con)
+
+    exported = catalog.find(spec)  # made by `specli export`
+    if exported is not None:
+        if not exported.present:
+            raise SpecliError(f"export {exported.name} is gone from {exported.path}; "
+                              f"run specli export again")
+        return Path(exported.path)
 
     seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
     if any(s in spec for s in seps) or spec.lower().endswith(".gguf"):
@@ -210,6 +221,17 @@ def render_models(registry: Registry, console: Console) -> None:
         default = "*" if p.name == registry.default_pair.name else ""
         pairs.add_row(escape(p.name), escape(p.target), escape(p.draft), tok, default)
     console.print(pairs)
+
+    exports = catalog.load()
+    if exports:
+        table = Table(title="exported (ONNX, `specli export`)", title_justify="left")
+        for col in ("name", "quant", "exporter", "batch-invariant", "present", "path"):
+            table.add_column(col, no_wrap=col != "path")
+        for e in exports.values():
+            table.add_row(escape(e.name), e.quant, e.exporter,
+                          "yes" if e.batch_invariant else "[yellow]no[/]",
+                          "[green]yes[/]" if e.present else "[dim]no[/]", escape(e.path))
+        console.print(table)
 
 
 # --------------------------------------------------------------------------- hub

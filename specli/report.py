@@ -8,10 +8,12 @@ from __future__ import annotations
 from .engine import Result
 
 
-def stats_lines(res: Result) -> list[str]:
+def stats_lines(res: Result, where: dict[str, str] | None = None) -> list[str]:
+    """`where`: each model's runtime and device (Loaded.placements)."""
     s = res.stats
     lines = [
         f"method {res.method}, stop: {res.stop_reason}",
+        *(f"{role} on {place}" for role, place in (where or {}).items()),
         f"prompt {s.n_prompt} tokens, prefill {s.prefill_s:.2f} s ({s.prefill_tok_s:.1f} tok/s)",
         f"generated {s.n_generated} tokens in {s.decode_s:.2f} s ({s.decode_tok_s:.1f} tok/s)",
         f"target forward passes {s.target_forwards} ({s.mean_accepted:.2f} tokens each)",
@@ -33,7 +35,9 @@ def stats_lines(res: Result) -> list[str]:
     return lines
 
 
-def result_json(res: Result, text: str, model: str, draft: str | None) -> dict:
+def result_json(
+    res: Result, text: str, model: str, draft: str | None, where: dict[str, str] | None = None
+) -> dict:
     s = res.stats
     return {
         "text": text,
@@ -46,6 +50,7 @@ def result_json(res: Result, text: str, model: str, draft: str | None) -> dict:
         "drafter": res.drafter_note or None,
         "model": model,
         "draft": draft,
+        "devices": dict(where or {}),
         "stats": {
             "drafted": s.drafted,
             "accepted": s.accepted,

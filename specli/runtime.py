@@ -11,8 +11,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from .backends import open_model
 from .backends.base import Backend, LoadOptions
-from .backends.gguf import GGUFModel
 from .budget import AdaptiveBudget, Budget, CostModel, FixedBudget, parse_budget
 from .calibrate import load_or_measure
 from .drafters.auto import AutoBudget, AutoDrafter, Member
@@ -90,7 +90,7 @@ class Loaded:
         """An engine drafting with another draft model (path or registry name), for the
         bench's draft/NAME methods: loaded, compared and calibrated like --draft."""
         path = resolve_model(name, registry=load_registry())
-        model = GGUFModel(path, replace(self.opts, branches=1))
+        model = open_model(path, replace(self.opts, branches=1))
         self._closers.append(model.close)
         cross = not same_tokenizer(self.target, model)
         drafter = CrossDrafter(self.target, model) if cross else ModelDrafter(model)
@@ -99,6 +99,13 @@ class Loaded:
             return Engine(self.target, drafter, FixedBudget(k))
         cost, _ = load_or_measure(self.target, model, self.opts)
         return Engine(self.target, drafter, AdaptiveBudget(cost))
+
+    def placements(self) -> dict[str, str]:
+        """Where each model runs (runtime, device, threads), for --stats and --json."""
+        where = {"target": self.target.placement}
+        if self.draft is not None:
+            where["draft"] = self.draft.placement
+        return where
 
     def finish(self, prompt: Sequence[int], res: Result, start: int = 0) -> None:
         """Let a drafter with a memory learn from a finished (or stopped) generation."""
@@ -194,11 +201,11 @@ def load(
     target_path = resolve_model(model, registry=reg, console=console)
     draft_path = resolve_model(draft, registry=reg, console=console) if draft else None
     with _status(console, f"loading {Path(target_path).name}"):
-        target = GGUFModel(target_path, opts)
+        target = open_model(target_path, opts)
     dm: Backend | None = None
     if draft_path is not None:
         with _status(console, f"loading {Path(draft_path).name}"):
-            dm = GGUFModel(draft_path, replace(opts, branches=1))
+            dm = open_model(draft_path, replace(opts, branches=1))
     used = method
     if method == "auto" and _parse_budget(budget) is not None:  # a fixed length: one drafter
         used = "draft" if dm is not None else "hd"

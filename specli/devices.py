@@ -1,0 +1,73 @@
+"""What this machine can run models on, for `specli devices`.
+
+Two runtimes, asked separately: llama.cpp (GGUF) offloads to a GPU only when the
+installed llama-cpp-python was built with a GPU backend; onnxruntime (ONNX) runs on
+whatever execution providers its wheel carries (CPU always; CUDA, DirectML or
+OpenVINO's CPU/GPU/NPU plugins when installed).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backends.onnx import DEVICES, choose_providers, openvino_devices
+from .errors import SpecliError
+
+
+@dataclass
+class DeviceReport:
+    cpu_cores: int
+    llama_version: str
+    llama_gpu_offload: bool
+    llama_system: str  # llama.cpp's own system-info line (backends, CPU features)
+    onnxruntime_version: str | None = None  # None: not installed
+    onnx_providers: list[str] = field(default_factory=list)
+    openvino_devices: list[str] = field(default_factory=list)
+    device_map: dict[str, str] = field(default_factory=dict)  # --device value -> provider
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cpu_cores": self.cpu_cores,
+            "llama.cpp": {"llama_cpp_python": self.llama_version,
+                          "gpu_offload": self.llama_gpu_offload,
+                          "system_info": self.llama_system},
+            "onnxruntime": None if self.onnxruntime_version is None else {
+                "version": self.onnxruntime_version,
+                "providers": self.onnx_providers,
+                "openvino_devices": self.openvino_devices,
+                "device": self.device_map,
+            },
+        }
+
+
+def probe() -> DeviceReport:
+    import llama_cpp
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    info = llama_cpp.llama_print_system_info()
+    report = DeviceReport(
+        cpu_cores=cores,
+        llama_version=llama_cpp.__version__,
+        llama_gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+        llama_system=(info.decode() if isinstance(info, bytes) else str(info)).strip(),
+    )
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return report
+    report.onnxruntime_version = ort.__version__
+    report.onnx_providers = list(ort.get_available_providers())
+    report.openvino_devices = openvino_devices(ort)
+    for device in DEVICES:
+        try:
+            choice = choose_providers(device, report.onnx_providers, report.openvino_devices)
+            name, opts = choice.providers[0]
+            report.device_map[device] = name + (f" ({opts['device_type']})" if opts else "")
+        except SpecliError as e:
+            report.device_map[device] = f"unavailable: {e}"
+    return report
