@@ -27,12 +27,12 @@ models: install
 run: models
 	$(BIN)/specli generate -p "$(PROMPT)" -n 256 --stats
 
-# The ONNX tests run a real export made here (specli's own exporter: no torch, ~40 s).
-ONNX   := qwen2.5-coder-0.5b-instruct
+# The ONNX tests run real exports made here (specli's own exporter: no torch, ~2 min).
+ONNX   := $(PAIR)
 
 test: models
 	$(BIN)/specli pull $(CROSS)
-	$(BIN)/specli export $(ONNX) --quant int8 --reuse
+	for m in $(ONNX); do $(BIN)/specli export $$m --quant int8 --reuse || exit 1; done
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -ra
 

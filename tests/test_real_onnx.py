@@ -27,19 +27,29 @@ from specli.sampling import SamplingParams
 
 pytestmark = pytest.mark.real
 
-ONNX_NAME = "qwen2.5-coder-0.5b-instruct-onnx-int8"
 N_TOKENS = 48
+
+
+def _export(name: str) -> ONNXModel:
+    from specli.export import catalog
+
+    entry = catalog.find(f"{name}-onnx-int8")
+    if entry is None or not entry.present:
+        pytest.fail(f"ONNX export of {name} missing; run `make test` (it exports it) or "
+                    f"`specli export {name}`", pytrace=False)
+    return ONNXModel(entry.path, LoadOptions(n_ctx=2048))
 
 
 @pytest.fixture(scope="session")
 def onnx_q05():
-    from specli.export import catalog
+    m = _export("qwen2.5-coder-0.5b-instruct")
+    yield m
+    m.close()
 
-    entry = catalog.find(ONNX_NAME)
-    if entry is None or not entry.present:
-        pytest.fail(f"ONNX export {ONNX_NAME} missing; run `make test` (it exports it) or "
-                    "`specli export qwen2.5-coder-0.5b-instruct`", pytrace=False)
-    m = ONNXModel(entry.path, LoadOptions(n_ctx=2048))
+
+@pytest.fixture(scope="module")
+def onnx_q15():
+    m = _export("qwen2.5-coder-1.5b-instruct")
     yield m
     m.close()
 
@@ -134,3 +144,25 @@ def test_seeded_sampling_replays_with_a_gguf_drafter(onnx_q05, qwen_pair):
     a, b, c = run(1), run(1), run(2)
     assert a.tokens == b.tokens and a.tokens != c.tokens
     assert a.stats.accepted > 0
+
+
+def test_gguf_draft_model_drafts_for_the_onnx_target(onnx_q15, qwen_pair, report):
+    """The mixed pair the ONNX backend exists for: the 1.5B target in onnxruntime, the
+    0.5B GGUF drafting in llama.cpp.  Output equals the ONNX target's plain greedy."""
+    t, d = onnx_q15, qwen_pair[1]
+    assert same_tokenizer(t, d)
+    cfg = GenerationConfig(max_tokens=N_TOKENS, draft_max=4)
+    rows = []
+    drafted = accepted = 0
+    for p in _prompts(("coding", "summarization")):
+        prompt = encode_prompt(t, p.text)
+        plain = Engine(t).generate(prompt, cfg, "none")
+        spec = Engine(t, ModelDrafter(d), FixedBudget(4)).generate(prompt, cfg, "draft")
+        assert spec.tokens == plain.tokens, (p.category, first_difference(plain.tokens,
+                                                                          spec.tokens))
+        drafted += spec.stats.drafted
+        accepted += spec.stats.accepted
+        rows.append(f"{p.category:14s} identical, {spec.stats.accepted}/{spec.stats.drafted} "
+                    f"drafted tokens accepted")
+    report("greedy identity, ONNX Qwen 1.5B int8 target + GGUF 0.5B draft", rows)
+    assert accepted / drafted > 0.5
