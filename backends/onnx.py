@@ -152,6 +152,11 @@ class ONNXModel:
         self._tok, self._tok_cfg, gen_cfg, cfg = self._load_tokenizer(folder)
 
         choice = choose_providers(opts.device, ort.get_available_providers(), openvino_devices(ort))
+        if choice.device == "npu":
+            raise SpecliError(
+                "--device npu: OpenVINO's NPU plugin compiles static shapes only, and this "
+                "decoder's KV cache grows with every token (dynamic shapes); specli does not "
+                "export fixed-window NPU models yet: use --device gpu or cpu")
         so = ort.SessionOptions()
         threads = opts.n_threads or _default_threads()
         so.intra_op_num_threads = threads

@@ -191,6 +191,18 @@ def test_unusable_provider_falls_back_only_for_auto(onnx_dirs, monkeypatch):
         ONNXModel(onnx_dirs["none"], LoadOptions(n_ctx=512, n_threads=1, device="gpu"))
 
 
+def test_npu_is_refused_with_the_reason(onnx_dirs, monkeypatch):
+    import onnxruntime as ort
+
+    from specli.backends import onnx as onnx_backend
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnx_backend, "openvino_devices", lambda _: ["CPU", "GPU", "NPU"])
+    with pytest.raises(SpecliError, match="static shapes"):
+        ONNXModel(onnx_dirs["none"], LoadOptions(n_ctx=512, n_threads=1, device="npu"))
+
+
 def test_broken_export_folders_are_one_line_errors(onnx_dirs, tmp_path):
     with pytest.raises(SpecliError, match="no .onnx model"):
         ONNXModel(tmp_path, OPTS)
