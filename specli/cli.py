@@ -71,7 +71,9 @@ MethodOpt = Annotated[
         "reference); draft: speculative decoding with --draft; lookup: draft by copying "
         "from the prompt and output so far (no draft model needed); hd: hierarchy drafting "
         "from the context, your past generations and a --corpus index; draft+hd: the draft "
-        "model, with hd guessing its tokens (a cascade).",
+        "model, with hd guessing its tokens (a cascade); duo: the draft model drafts the "
+        "next round in its own thread, on the CPU, while the target verifies this one "
+        "(DuoDecoding; pays when the target sits on a GPU: -ngl).",
     ),
 ]
 DraftOpt = Annotated[
@@ -94,6 +96,19 @@ GpuLayersOpt = Annotated[
     typer.Option(
         "--gpu-layers", "-ngl", min=0,
         help="Layers to offload to the GPU (needs a GPU build of llama-cpp-python; 0 = CPU).",
+    ),
+]
+DraftThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--draft-threads", min=1,
+                 help="CPU threads for the draft model. Default: --threads."),
+]
+DraftGpuLayersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--draft-gpu-layers", "-ngld", min=0,
+        help="Draft model layers to offload to the GPU. Default: 0 for duo (its drafter "
+        "runs on the CPU beside the target), --gpu-layers for the other methods.",
     ),
 ]
 DraftMaxOpt = Annotated[
@@ -209,6 +224,8 @@ def generate(
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
     gpu_layers: GpuLayersOpt = 0,
+    draft_threads: DraftThreadsOpt = None,
+    draft_gpu_layers: DraftGpuLayersOpt = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print statistics to stderr.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (text, tokens, stats) instead.")
@@ -232,7 +249,8 @@ def generate(
         raise SpecliError("empty prompt: give text with -p, -f FILE or on stdin")
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches)
     loaded = runtime.load(model, draft, method, opts, err, budget, corpus,
-                          _history(no_history, params))
+                          _history(no_history, params), draft_threads=draft_threads,
+                          draft_gpu_layers=draft_gpu_layers)
     tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
     loaded.engine.check_prompt(tokens)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
@@ -287,6 +305,8 @@ def chat(
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 8192,
     gpu_layers: GpuLayersOpt = 0,
+    draft_threads: DraftThreadsOpt = None,
+    draft_gpu_layers: DraftGpuLayersOpt = None,
 ) -> None:
     """Chat with a model, multi-turn, answers streamed as they are accepted.
 
@@ -300,7 +320,8 @@ def chat(
     params = _params(temperature, top_k, top_p, seed)
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches)
     loaded = runtime.load(model, draft, method, opts, err, budget, corpus,
-                          _history(no_history, params))
+                          _history(no_history, params), draft_threads=draft_threads,
+                          draft_gpu_layers=draft_gpu_layers)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
     ChatSession(loaded, cfg, system=system, write=_write, err=err).run(sys.stdin)
 
@@ -374,8 +395,9 @@ def bench(
             help="Comma list of: none (plain decoding, always run first: the reference), "
             "auto (specli's per-round choice), draft (specli with --draft under --budget), "
             "lookup (specli's prompt lookup), hd (hierarchy drafting: context, then "
-            "--corpus; never your history), draft+hd (the cascade), METHOD@fixed:K (draft, "
-            "lookup, hd or draft+hd with a fixed draft length K), peer-none "
+            "--corpus; never your history), draft+hd (the cascade), duo (the draft model "
+            "drafting beside verification, in its own thread), METHOD@fixed:K (draft, "
+            "lookup, hd, draft+hd or duo with a fixed draft length K), peer-none "
             "(llama-cpp-python's Llama), peer-pld (its prompt-lookup decoding).",
         ),
     ] = "none,draft,peer-none,peer-pld",
@@ -418,6 +440,9 @@ def bench(
     branches: BranchesOpt = 3,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
+    gpu_layers: GpuLayersOpt = 0,
+    draft_threads: DraftThreadsOpt = None,
+    draft_gpu_layers: DraftGpuLayersOpt = None,
 ) -> None:
     """Measure methods against plain decoding on the same prompts, in one process.
 
@@ -449,11 +474,13 @@ def bench(
     out_dir = out or Path(f"specli-bench-{time.strftime('%Y%m%d-%H%M%S')}")
     bases = {m.partition("@")[0] for m in method_list}
     used = ("draft" if bases & {"draft", "draft+hd"} else "auto" if "auto" in bases
-            else "none")
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads, branches=branches)
+            else "duo" if "duo" in bases else "none")
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers,
+                       branches=branches)
     # benchmark prompts never enter the user's history
     loaded = runtime.load(model, draft, used, opts, err, budget, corpus, history=False,
-                          tree=bm.uses_tree(method_list))
+                          tree=bm.uses_tree(method_list), draft_threads=draft_threads,
+                          draft_gpu_layers=draft_gpu_layers)
     plan = bm.Plan(chosen, method_list, max_tokens, params, draft_max,
                    threads or default_threads(), budget, out_dir, repeats)
     plan.meta = bm.describe(plan, loaded, ["specli", *sys.argv[1:]], loaded.target.n_ctx)
