@@ -269,8 +269,12 @@ def describe_costs(c: CostModel) -> str:
     """Costs relative to one plain target step, in one line."""
     v1 = c.verify_cost(1)
     curve = ", ".join(f"{n} tokens {c.verify_cost(n) / v1:.2f}x" for n in (2, 5, 9, 17))
-    return (f"cost model: target step {1000 * v1:.1f} ms; one pass over {curve}; "
+    text = (f"cost model: target step {1000 * v1:.1f} ms; one pass over {curve}; "
             f"a drafted token {c.draft / v1:.2f}x, catching up {c.catch_up / v1:.3f}x a token")
+    if c.overlap_verify != 1.0 or c.overlap_draft > 0:
+        text += (f"; side by side, a pass {c.overlap_verify:.2f}x slower and a drafted token "
+                 f"{c.beside_draft() / v1:.2f}x")
+    return text
 
 
 def ema(old: float, new: float, weight: float = 0.2) -> float:
@@ -461,6 +465,7 @@ class OverlapBudget(AdaptiveBudget):
         pass to that length, before the confidence rule could be asked."""
         cost = self.cost
         self._probing = False
+        self.ready, self.beside = False, 0  # until the drafter says otherwise this round
         p = self.acc.by_position(k_cap + 1)
         k = best_overlap_length(cost, p, k_cap, lag, left, self.min_gain)
         if k == 0:
