@@ -9,7 +9,7 @@ comma  := ,
 space  := $(subst ,, )
 PROMPT := Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring and a short usage example.
 
-.PHONY: run test install models lint clean bench bench-budget bench-hd bench-cross
+.PHONY: run test install models lint clean bench bench-budget bench-hd bench-cross bench-duo
 
 # The venv is rebuilt when pyproject.toml changes.  llama-cpp-python compiles from
 # source on first install (several minutes on 2 cores); pip caches the wheel after.
@@ -67,6 +67,12 @@ bench-cross: models $(BIN)/.plot
 	$(BIN)/specli bench --limit 3 -n 128 \
 		--methods none,$(subst $(space),$(comma),$(addprefix draft/,$(DRAFTS))),draft/smollm2-135m-instruct@fixed:3,draft/gemma-3-270m@fixed:3 \
 		--out benchmarks/results/$$(date +%F)-cpu2-cross
+
+# DuoDecoding (#8): the 0.5B draft drafting in its own thread beside verification, against
+# plain decoding and drafting in turn; 3 prompts per category, 128 tokens, 2 runs each.
+bench-duo: models $(BIN)/.plot
+	$(BIN)/specli bench --limit 3 -n 128 --repeats 2 --methods none,draft,duo \
+		--out benchmarks/results/$$(date +%F)-cpu2-duo
 
 lint: install
 	$(BIN)/ruff check .

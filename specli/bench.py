@@ -33,7 +33,7 @@ from .prompts import Prompt
 from .runtime import Loaded, encode_prompt
 from .sampling import SamplingParams
 
-METHODS = ("none", "auto", "draft", "lookup", "hd", "draft+hd", "peer-none", "peer-pld")
+METHODS = ("none", "auto", "draft", "lookup", "hd", "draft+hd", "duo", "peer-none", "peer-pld")
 PLOT_HINT = "install the plot extra (pip install 'specli[plot]') to get speedup.png"
 WARMUP_TEXT = "Say hello."
 _IDENTITY_KEYS = ("identical", "matches", "divergence_index", "gap", "noise", "explained")
@@ -65,12 +65,12 @@ def _known(method: str) -> bool:
         parse_budget(budget)
     except ValueError:
         return False
-    return base in ("draft", "lookup", "hd", "draft+hd")
+    return base in ("draft", "lookup", "hd", "draft+hd", "duo")
 
 
 def uses_tree(methods: Sequence[str]) -> bool:
     """Whether a method may verify candidate trees (the target then holds sequences)."""
-    return any(m.partition("@")[0] in ("hd", "auto") for m in methods)
+    return any(m.partition("@")[0] in ("hd", "auto", "duo") for m in methods)
 
 
 def parse_list(text: str | None) -> list[str] | None:
@@ -466,6 +466,11 @@ def describe(plan: Plan, loaded: Loaded, command: Sequence[str], ctx: int) -> di
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": machine(),
         "threads": plan.threads,
+        "gpu_layers": loaded.opts.n_gpu_layers,
+        "duo_drafter": (f"{loaded.duo_opts.n_threads or plan.threads} threads, "
+                        f"{loaded.duo_opts.n_gpu_layers} GPU layers")
+        if loaded.duo_opts is not None and any(m.startswith("duo") for m in plan.methods)
+        else None,
         "n_tokens": plan.n_tokens,
         "temperature": plan.params.temperature,
         "draft_max": plan.draft_max,

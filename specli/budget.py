@@ -12,13 +12,20 @@ step) that maximises expected tokens per second,
 with p_j the estimated probability that draft token j is accepted given the ones
 before it were.  While drafting, the drafter's own confidence refines p_j and
 drafting stops once one more token is expected to cost more than it pays
-(SpecDec++'s stop rule, in expected-rate form).  Pure: numbers in, numbers out.
+(SpecDec++'s stop rule, in expected-rate form).
+
+With a drafter that works beside the target (duo), a round costs about the larger of
+drafting and verifying instead of their sum, when the next round's draft made in the
+background turns out to be the one needed; `overlap_rate` weighs that (see there).
+Pure: numbers in, numbers out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 CONF_EDGES = (0.3, 0.5, 0.7, 0.85, 0.95)  # drafter confidence bins: [0,.3) [.3,.5) ... [.95,1]
@@ -32,6 +39,15 @@ class CostModel:
     verify: list[float]
     draft: float
     catch_up: float = 0.0  # per token the drafter must read (in a batch) before drafting
+    # Drafting beside verification (duo): a target pass runs this many times slower while
+    # the drafter works next to it (they share cores or memory bandwidth; 1.0: unaffected),
+    # and a token drafted meanwhile costs `overlap_draft` seconds (0: not measured, `draft`).
+    overlap_verify: float = 1.0
+    overlap_draft: float = 0.0
+
+    def beside_draft(self) -> float:
+        """Seconds per token the drafter takes while a target pass runs beside it."""
+        return self.overlap_draft if self.overlap_draft > 0 else self.draft
 
     def verify_cost(self, n: int) -> float:
         """Cost of one target pass over n tokens; linear beyond the measured range."""
@@ -131,6 +147,52 @@ def keep_drafting(cost: CostModel, p_so_far: Sequence[float], p_next: float) -> 
     return rate(cost, [*p_so_far, p_next]) > rate(cost, p_so_far)
 
 
+def overlapped_verify(cost: CostModel, n: int, busy: float) -> float:
+    """A target pass over n tokens while the drafter works for `busy` seconds beside it:
+    slower by `overlap_verify` while both run, at full speed once the drafter is done."""
+    w = cost.verify_cost(n)
+    slow = max(cost.overlap_verify, 1.0)
+    return min(w * slow, w + busy * (1.0 - 1.0 / slow))
+
+
+def overlap_rate(cost: CostModel, p: Sequence[float], p_guess: float, lag: int = 0,
+                 horizon: float = 1e9) -> float:
+    """Expected tokens per second when each round drafts len(p) tokens and, while the target
+    verifies them, the drafter drafts the next round's draft beside it: a guess of the
+    target's own next token, then len(p) tokens after it.
+
+    That work is used (a hit) only if the target accepts all of p and its next token is
+    the guess (probability prod(p) * p_guess); the round then waits only for what drafting
+    had not finished when the pass ended.  Otherwise (a miss) it is dropped and the draft
+    is made in the open, as without overlap.  Steady state: the two kinds of round mix with
+    the hit probability, and every pass runs with the drafter beside it."""
+    k = len(p)
+    if k == 0:
+        return 1.0 / cost.verify_cost(1)
+    beside = cost.beside_draft()
+    busy = (k + 1) * beside
+    verify = overlapped_verify(cost, k + 1, busy)
+    hit = math.prod(p) * p_guess
+    late = max(0.0, busy - verify) * (cost.draft / beside if beside > 0 else 0.0)
+    share = min(1.0, expected_tokens(p) / max(horizon, 1.0))
+    catch_up = lag * cost.catch_up * share
+    return expected_tokens(p) / (verify + hit * late + (1.0 - hit) * k * cost.draft + catch_up)
+
+
+def best_overlap_length(
+    cost: CostModel, p: Sequence[float], k_max: int, lag: int = 0, horizon: float = 1e9,
+    min_gain: float = 1.0,
+) -> int:
+    """`best_length` for drafting beside verification: `p` holds one estimate more than
+    the longest draft considered (for the guess of the target's token after it)."""
+    best_k, best_rate = 0, rate(cost, []) * min_gain
+    for k in range(1, min(k_max, len(p) - 1) + 1):
+        r = overlap_rate(cost, p[:k], p[k], lag, horizon)
+        if r > best_rate:
+            best_k, best_rate = k, r
+    return best_k
+
+
 @dataclass
 class Acceptance:
     """Online acceptance estimates: per draft position, and per bin of the drafter's
@@ -207,8 +269,12 @@ def describe_costs(c: CostModel) -> str:
     """Costs relative to one plain target step, in one line."""
     v1 = c.verify_cost(1)
     curve = ", ".join(f"{n} tokens {c.verify_cost(n) / v1:.2f}x" for n in (2, 5, 9, 17))
-    return (f"cost model: target step {1000 * v1:.1f} ms; one pass over {curve}; "
+    text = (f"cost model: target step {1000 * v1:.1f} ms; one pass over {curve}; "
             f"a drafted token {c.draft / v1:.2f}x, catching up {c.catch_up / v1:.3f}x a token")
+    if c.overlap_verify != 1.0 or c.overlap_draft > 0:
+        text += (f"; side by side, a pass {c.overlap_verify:.2f}x slower and a drafted token "
+                 f"{c.beside_draft() / v1:.2f}x")
+    return text
 
 
 def ema(old: float, new: float, weight: float = 0.2) -> float:
@@ -319,8 +385,9 @@ class AdaptiveBudget:
 
     @property
     def cost(self) -> CostModel:
-        return CostModel([v * self.verify_scale for v in self.base.verify],
-                         self.base.draft * self.draft_scale, self.base.catch_up * self.draft_scale)
+        return replace(self.base, verify=[v * self.verify_scale for v in self.base.verify],
+                       draft=self.base.draft * self.draft_scale,
+                       catch_up=self.base.catch_up * self.draft_scale)
 
     def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
         cost = self.cost
@@ -345,11 +412,15 @@ class AdaptiveBudget:
         return amortised_rate(self.cost, self.acc.by_position(k), lag, left)
 
     def prune_tree(self, parents: Sequence[int], confidences: Sequence[float]) -> list[int]:
+        return self._prune(self.cost, parents, confidences)
+
+    def _prune(self, cost: CostModel, parents: Sequence[int],
+               confidences: Sequence[float]) -> list[int]:
         depth: list[int] = []
         for par in parents:
             depth.append(depth[par] + 1 if par >= 0 else 0)
         p = [self.acc.by_confidence(c, d) for c, d in zip(confidences, depth, strict=True)]
-        return best_tree(self.cost, parents, exclusive(parents, p, confidences), self.min_gain)
+        return best_tree(cost, parents, exclusive(parents, p, confidences), self.min_gain)
 
     def keep_going(self, confidences: Sequence[float]) -> bool:
         i = len(confidences)
@@ -364,8 +435,86 @@ class AdaptiveBudget:
             self.verify_scale = ema(self.verify_scale, verify_s / self.base.verify_cost(n + 1))
             if n and self.base.draft > 0:
                 self.draft_scale = ema(self.draft_scale, draft_s / (n * self.base.draft))
+        self._learn(confidences, n_accepted, n)
+
+    def _learn(self, confidences: Sequence[float], n_accepted: int, n: int) -> None:
         if n:
             self.acc.update(confidences, n_accepted)
         if self._probing and n:  # a failed probe waits twice as long for the next one
             self._gap = self.explore_every if n_accepted else min(2 * self._gap, 1024)
             self._probing = False
+
+
+class OverlapBudget(AdaptiveBudget):
+    """The budget of a drafter that drafts the next round beside verification (duo).
+
+    Draft lengths come from `overlap_rate`, so drafting time is matched to verification
+    time on the measured hardware pair.  Each round the drafter says whether its draft
+    came ready from the background (`ready`: drafted tokens are paid for, only verifying
+    them costs) and how many tokens it is drafting beside the pass (`beside`)."""
+
+    def __init__(self, cost: CostModel, acceptance: Acceptance | None = None,
+                 explore_every: int = 16, optimistic_p: float = 0.95,
+                 min_gain: float = 1.05) -> None:
+        super().__init__(cost, acceptance, explore_every, optimistic_p, min_gain)
+        self.ready = False
+        self.beside = 0
+
+    def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
+        """The draft length itself (not k_cap): the next round's draft is made beside the
+        pass to that length, before the confidence rule could be asked."""
+        cost = self.cost
+        self._probing = False
+        self.ready, self.beside = False, 0  # until the drafter says otherwise this round
+        p = self.acc.by_position(k_cap + 1)
+        k = best_overlap_length(cost, p, k_cap, lag, left, self.min_gain)
+        if k == 0:
+            self._idle += 1
+            if self._idle >= self._gap:
+                k = best_overlap_length(cost, [self.optimistic_p] * (k_cap + 1), k_cap, lag, left)
+                self._idle = 0 if k == 0 else self._idle
+                self._probing = k > 0
+        if k:
+            self._idle = 0
+        return k
+
+    def expected_rate(self, k: int, lag: int = 0, left: int = 1 << 30) -> float:
+        if k == 0:
+            return rate(self.cost, [])
+        p = self.acc.by_position(k + 1)
+        return overlap_rate(self.cost, p[:k], p[k], lag, left)
+
+    def keep_going(self, confidences: Sequence[float]) -> bool:
+        cost = replace(self.cost, draft=0.0) if self.ready else self.cost
+        return _keep(cost, self.acc, confidences)
+
+    def background_rule(self) -> Callable[[Sequence[float]], bool]:
+        """The stop rule for drafting beside verification, frozen now: the drafter's thread
+        asks it while this budget goes on learning on the main thread.  A token drafted
+        beside the target costs what it slows the pass down."""
+        cost = self.cost
+        slow = max(cost.overlap_verify, 1.0)
+        frozen = replace(cost, draft=cost.beside_draft() * (1.0 - 1.0 / slow))
+        acc = copy.deepcopy(self.acc)
+        return lambda confidences: _keep(frozen, acc, confidences)
+
+    def prune_tree(self, parents: Sequence[int], confidences: Sequence[float]) -> list[int]:
+        # the candidates are drafted already (mostly in the background): only verifying costs
+        return self._prune(replace(self.cost, draft=0.0), parents, confidences)
+
+    def observe(self, confidences: Sequence[float], n_accepted: int,
+                timing: tuple[float, float] | None, n_verified: int | None = None) -> None:
+        n = len(confidences) if n_verified is None else n_verified
+        if timing is not None:
+            draft_s, verify_s = timing
+            expected = overlapped_verify(self.base, n + 1, self.beside * self.base.beside_draft())
+            self.verify_scale = ema(self.verify_scale, verify_s / expected)
+            if n and not self.ready and self.base.draft > 0:  # drafted in the open
+                self.draft_scale = ema(self.draft_scale, draft_s / (n * self.base.draft))
+        self._learn(confidences, n_accepted, n)
+
+
+def _keep(cost: CostModel, acc: Acceptance, confidences: Sequence[float]) -> bool:
+    i = len(confidences)
+    p = [acc.by_confidence(c, j) for j, c in enumerate(confidences)]
+    return keep_drafting(cost, p, acc.by_position(i + 1)[-1])

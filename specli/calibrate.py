@@ -4,6 +4,11 @@ The cost of one target pass over k tokens is not linear in k and differs by an o
 of magnitude between a CPU and a GPU, so the budget needs it measured for the exact
 model file, runtime, device settings and thread count.  The result is cached in
 $SPECLI_HOME/calibration/ and reused until any of those change.
+
+For duo (drafting beside verification) the pair is also measured side by side: how much
+slower a target pass runs while the drafter drafts next to it, and what a drafted token
+costs meanwhile.  On one CPU the two share cores and memory bandwidth; with the target
+on a GPU they should barely meet.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import json
 import os
 import statistics
+import threading
 import time
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
@@ -34,7 +40,8 @@ def _file_id(path: str) -> dict:
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
 
 
-def cache_key(target: Backend, draft: Backend | None, opts: LoadOptions) -> str:
+def cache_key(target: Backend, draft: Backend | None, opts: LoadOptions,
+              draft_opts: LoadOptions | None = None, overlap: bool = False) -> str:
     ident = {
         "target": _file_id(target.path),
         "draft": _file_id(draft.path) if draft is not None else None,
@@ -45,6 +52,10 @@ def cache_key(target: Backend, draft: Backend | None, opts: LoadOptions) -> str:
         "opts": asdict(opts),
         "k_max": K_MAX,
     }
+    if overlap or draft_opts is not None:  # keys of the earlier calibrations stay as they were
+        ident["draft_threads"] = getattr(draft, "n_threads", None)
+        ident["draft_opts"] = asdict(draft_opts) if draft_opts is not None else None
+        ident["overlap"] = overlap
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -62,9 +73,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX) -> CostModel:
+def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
+            overlap: bool = False) -> CostModel:
     """Median time of a target pass over n = 1..k_max tokens (logits for all of them,
-    as verification asks) and of one drafted token, at a short context."""
+    as verification asks) and of one drafted token, at a short context; with `overlap`,
+    also both side by side (`measure_overlap`)."""
     k_max = max(1, min(k_max, target.n_ctx // 2))  # a tiny --ctx still calibrates
     ctx = target.tokenize(CONTEXT, add_bos=target.add_bos)[: max(1, target.n_ctx - k_max - 1)]
     filler = (ctx * (k_max // max(len(ctx), 1) + 2))[: k_max + 1]
@@ -104,7 +117,58 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX) -> CostM
             _timed(lambda: (draft.truncate(0), draft.eval(batch))) for _ in range(REPEATS)
         ) / len(batch)
         draft.truncate(0)
-    return CostModel(verify=verify, draft=draft_cost, catch_up=catch_up)
+    cost = CostModel(verify=verify, draft=draft_cost, catch_up=catch_up)
+    if overlap and draft is not None:
+        cost.overlap_verify, cost.overlap_draft = measure_overlap(target, draft, verify)
+    return cost
+
+
+OVERLAP_SIZES = (1, 2, 4, 8)  # verify passes timed beside the drafter
+
+
+def measure_overlap(target: Backend, draft: Backend, alone: list[float]) -> tuple[float, float]:
+    """Target passes over 1, 2, 4 and 8 tokens timed while another thread drafts without
+    pause (one token at a time, as duo's drafter does), against `alone` (the same passes
+    measured apart).  Returns (median slowdown of a pass, at least 1; median seconds per
+    token drafted meanwhile)."""
+    ctx = target.tokenize(CONTEXT, add_bos=target.add_bos)[: max(1, target.n_ctx - 17)]
+    dctx = draft.tokenize(CONTEXT, add_bos=draft.add_bos)[: max(1, draft.n_ctx - 40)]
+    target.truncate(0)
+    target.eval(ctx)
+    draft.truncate(0)
+    draft.eval(dctx)
+    stop = threading.Event()
+    steps: list[float] = []
+
+    def drafting() -> None:  # this thread alone touches the draft model meanwhile
+        while not stop.is_set():
+            draft.truncate(len(dctx))
+            for tok in dctx[:16]:
+                if stop.is_set():
+                    break
+                steps.append(_timed(lambda tok=tok: draft.eval([tok], [0])))
+
+    worker = threading.Thread(target=drafting, name="specli-calibrate-drafter", daemon=True)
+    worker.start()
+    try:
+        ratios = []
+        sizes = [n for n in OVERLAP_SIZES if n <= len(alone)]
+        filler = (ctx * 8)[: max(sizes)]
+        time.sleep(0.05)  # the drafter is under way
+        for n in sizes:
+            def once(n: int = n) -> None:
+                target.eval(filler[:n], range(n))
+                target.truncate(len(ctx))
+            once()
+            beside = statistics.median(_timed(once) for _ in range(REPEATS))
+            ratios.append(beside / alone[n - 1])
+    finally:
+        stop.set()
+        worker.join()
+    target.truncate(0)
+    draft.truncate(0)
+    drafted = statistics.median(steps[2:]) if len(steps) > 2 else 0.0
+    return max(1.0, statistics.median(ratios)), drafted
 
 
 def calibration_path(key: str) -> Path:
@@ -112,23 +176,29 @@ def calibration_path(key: str) -> Path:
 
 
 def load_or_measure(
-    target: Backend, draft: Backend | None, opts: LoadOptions, *, force: bool = False
+    target: Backend, draft: Backend | None, opts: LoadOptions, *, force: bool = False,
+    draft_opts: LoadOptions | None = None, overlap: bool = False,
 ) -> tuple[CostModel, bool]:
-    """The cached cost model, or a fresh measurement (saved atomically).
-    Returns (model, measured_now)."""
-    path = calibration_path(cache_key(target, draft, opts))
+    """The cached cost model, or a fresh measurement (saved atomically).  `draft_opts`:
+    where the draft runs when it differs from `opts`; `overlap`: also measure the pair
+    side by side (duo).  Returns (model, measured_now)."""
+    path = calibration_path(cache_key(target, draft, opts, draft_opts, overlap))
     if not force and path.exists():
         try:
             data = json.loads(path.read_text("utf-8"))
-            cost = CostModel(list(data["verify"]), float(data["draft"]), float(data["catch_up"]))
+            cost = CostModel(list(data["verify"]), float(data["draft"]), float(data["catch_up"]),
+                             float(data.get("overlap_verify", 1.0)),
+                             float(data.get("overlap_draft", 0.0)))
             return cost, False
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable cache: measure again
-    cost = measure(target, draft)
+    cost = measure(target, draft, overlap=overlap)
     record = {
         "verify": cost.verify,
         "draft": cost.draft,
         "catch_up": cost.catch_up,
+        "overlap_verify": cost.overlap_verify,
+        "overlap_draft": cost.overlap_draft,
         "target": target.path,
         "draft_model": draft.path if draft is not None else None,
         "measured": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -71,7 +71,9 @@ MethodOpt = Annotated[
         "reference); draft: speculative decoding with --draft; lookup: draft by copying "
         "from the prompt and output so far (no draft model needed); hd: hierarchy drafting "
         "from the context, your past generations and a --corpus index; draft+hd: the draft "
-        "model, with hd guessing its tokens (a cascade).",
+        "model, with hd guessing its tokens (a cascade); duo: the draft model drafts the "
+        "next round in its own thread, on the CPU, while the target verifies this one "
+        "(DuoDecoding; pays when the target sits on a GPU: -ngl).",
     ),
 ]
 DraftOpt = Annotated[
@@ -102,6 +104,19 @@ DeviceOpt = Annotated[
         "--device",
         help="Where an ONNX model runs: auto, cpu, gpu or npu (onnxruntime execution "
         "providers: CUDA/DirectML/OpenVINO; see `specli devices`). GGUF models use -ngl.",
+    ),
+]
+DraftThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--draft-threads", min=1,
+                 help="CPU threads for the draft model. Default: --threads."),
+]
+DraftGpuLayersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--draft-gpu-layers", "-ngld", min=0,
+        help="Draft model layers to offload to the GPU. Default: 0 for duo (its drafter "
+        "runs on the CPU beside the target), --gpu-layers for the other methods.",
     ),
 ]
 DraftMaxOpt = Annotated[
@@ -218,6 +233,8 @@ def generate(
     ctx: CtxOpt = 4096,
     gpu_layers: GpuLayersOpt = 0,
     device: DeviceOpt = "auto",
+    draft_threads: DraftThreadsOpt = None,
+    draft_gpu_layers: DraftGpuLayersOpt = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print statistics to stderr.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (text, tokens, stats) instead.")
@@ -242,7 +259,8 @@ def generate(
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches,
                        device=device)
     loaded = runtime.load(model, draft, method, opts, err, budget, corpus,
-                          _history(no_history, params))
+                          _history(no_history, params), draft_threads=draft_threads,
+                          draft_gpu_layers=draft_gpu_layers)
     tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
     loaded.engine.check_prompt(tokens)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
@@ -299,6 +317,8 @@ def chat(
     ctx: CtxOpt = 8192,
     gpu_layers: GpuLayersOpt = 0,
     device: DeviceOpt = "auto",
+    draft_threads: DraftThreadsOpt = None,
+    draft_gpu_layers: DraftGpuLayersOpt = None,
 ) -> None:
     """Chat with a model, multi-turn, answers streamed as they are accepted.
 
@@ -313,7 +333,8 @@ def chat(
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches,
                        device=device)
     loaded = runtime.load(model, draft, method, opts, err, budget, corpus,
-                          _history(no_history, params))
+                          _history(no_history, params), draft_threads=draft_threads,
+                          draft_gpu_layers=draft_gpu_layers)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
     ChatSession(loaded, cfg, system=system, write=_write, err=err).run(sys.stdin)
 
@@ -500,8 +521,9 @@ def bench(
             help="Comma list of: none (plain decoding, always run first: the reference), "
             "auto (specli's per-round choice), draft (specli with --draft under --budget), "
             "lookup (specli's prompt lookup), hd (hierarchy drafting: context, then "
-            "--corpus; never your history), draft+hd (the cascade), METHOD@fixed:K (draft, "
-            "lookup, hd or draft+hd with a fixed draft length K), peer-none "
+            "--corpus; never your history), draft+hd (the cascade), duo (the draft model "
+            "drafting beside verification, in its own thread), METHOD@fixed:K (draft, "
+            "lookup, hd, draft+hd or duo with a fixed draft length K), peer-none "
             "(llama-cpp-python's Llama), peer-pld (its prompt-lookup decoding).",
         ),
     ] = "none,draft,peer-none,peer-pld",
@@ -546,6 +568,8 @@ def bench(
     ctx: CtxOpt = 4096,
     gpu_layers: GpuLayersOpt = 0,
     device: DeviceOpt = "auto",
+    draft_threads: DraftThreadsOpt = None,
+    draft_gpu_layers: DraftGpuLayersOpt = None,
 ) -> None:
     """Measure methods against plain decoding on the same prompts, in one process.
 
@@ -577,12 +601,13 @@ def bench(
     out_dir = out or Path(f"specli-bench-{time.strftime('%Y%m%d-%H%M%S')}")
     bases = {m.partition("@")[0] for m in method_list}
     used = ("draft" if bases & {"draft", "draft+hd"} else "auto" if "auto" in bases
-            else "none")
+            else "duo" if "duo" in bases else "none")
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches,
                        device=device)
     # benchmark prompts never enter the user's history
     loaded = runtime.load(model, draft, used, opts, err, budget, corpus, history=False,
-                          tree=bm.uses_tree(method_list))
+                          tree=bm.uses_tree(method_list), draft_threads=draft_threads,
+                          draft_gpu_layers=draft_gpu_layers)
     plan = bm.Plan(chosen, method_list, max_tokens, params, draft_max,
                    threads or default_threads(), budget, out_dir, repeats)
     plan.meta = bm.describe(plan, loaded, ["specli", *sys.argv[1:]], loaded.target.n_ctx)

@@ -13,10 +13,18 @@ from rich.console import Console
 
 from .backends import open_model
 from .backends.base import Backend, LoadOptions
-from .budget import AdaptiveBudget, Budget, CostModel, FixedBudget, parse_budget
+from .budget import (
+    AdaptiveBudget,
+    Budget,
+    CostModel,
+    FixedBudget,
+    OverlapBudget,
+    parse_budget,
+)
 from .calibrate import load_or_measure
 from .drafters.auto import AutoBudget, AutoDrafter, Member
 from .drafters.cross import CrossDrafter, same_tokenizer
+from .drafters.duo import DuoDrafter
 from .drafters.hierarchy import HierarchyDrafter
 from .drafters.lookup import LookupDrafter
 from .drafters.model import ModelDrafter
@@ -26,9 +34,9 @@ from .ngram import NgramStore, tokenizer_fingerprint
 from .pull import resolve_model
 from .registry import load_registry
 
-METHODS = ("auto", "none", "draft", "lookup", "hd", "draft+hd")
-DRAFT_METHODS = ("auto", "draft", "draft+hd")  # use a draft model when there is one
-TREE_METHODS = ("auto", "hd")  # may verify several candidate branches in one pass
+METHODS = ("auto", "none", "draft", "lookup", "hd", "draft+hd", "duo")
+DRAFT_METHODS = ("auto", "draft", "draft+hd", "duo")  # use a draft model when there is one
+TREE_METHODS = ("auto", "hd", "duo")  # may verify several candidate branches in one pass
 
 
 @dataclass
@@ -42,9 +50,14 @@ class Loaded:
     budget_spec: str = "auto"
     corpus: str | None = None  # static n-gram index for hd (`specli index build`)
     history: bool = True  # hd learns from (and drafts from) this user's past generations
+    # where duo's drafter runs (CPU-pinned by default) and with how many threads
+    duo_opts: LoadOptions | None = None
     engine: Engine = field(init=False)
     cross: bool = field(default=False, init=False)  # the draft's tokenizer differs
     _cost: CostModel | None = field(default=None, init=False, repr=False)
+    _duo_cost: CostModel | None = field(default=None, init=False, repr=False)
+    _duo_model: Backend | None = field(default=None, init=False, repr=False)
+    _duos: list[DuoDrafter] = field(default_factory=list, init=False, repr=False)
     _closers: list = field(default_factory=list, init=False, repr=False)
 
     def cost_model(self, console: Console | None = None, force: bool = False) -> CostModel:
@@ -53,6 +66,27 @@ class Loaded:
             with _status(console, "calibrating (first use of this model pair here)"):
                 self._cost, _ = load_or_measure(self.target, self.draft, self.opts, force=force)
         return self._cost
+
+    def duo_cost_model(self, console: Console | None = None) -> CostModel:
+        """Calibrated costs for duo: the pair measured apart and side by side."""
+        if self._duo_cost is None:
+            with _status(console, "calibrating the drafter beside the target (first use here)"):
+                self._duo_cost, _ = load_or_measure(self.target, self.duo_model(), self.opts,
+                                                    draft_opts=self.duo_opts, overlap=True)
+        return self._duo_cost
+
+    def duo_model(self) -> Backend:
+        """duo's draft model, placed by duo_opts: the loaded draft when duo is the method,
+        else a second copy (another method's drafter may be using the first)."""
+        if self.draft is None:
+            raise SpecliError("--method duo needs a draft model (--draft)")
+        if self.cross:
+            raise SpecliError("--method duo needs a draft model with the target's tokenizer")
+        if self.method == "duo":
+            return self.draft
+        if self._duo_model is None:
+            self._duo_model = open_model(self.draft.path, self.duo_opts or _duo_opts(self.opts))
+        return self._duo_model
 
     def make_budget(self, spec: str, free_drafts: bool = False) -> Budget:
         """`free_drafts`: the drafter costs ~nothing (n-gram lookup), only verification."""
@@ -84,6 +118,9 @@ class Loaded:
             return Engine(self.target, ModelDrafter(self.draft, helper), self.make_budget(budget))
         if method == "auto":
             return self._auto_engine(budget)
+        if method == "duo":
+            drafter, duo_budget = self._duo(budget)
+            return Engine(self.target, drafter, duo_budget)
         raise SpecliError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
     def draft_engine(self, name: str, budget: str = "auto") -> Engine:
@@ -126,8 +163,22 @@ class Loaded:
         if self.draft is not None and not self.cross:
             members.append(
                 Member("draft+hd", ModelDrafter(self.draft, hd), self.make_budget("auto")))
+        if self.draft is not None and not self.cross and on_accelerator(self.opts):
+            drafter, duo_budget = self._duo("auto")
+            assert isinstance(duo_budget, AdaptiveBudget)
+            members.append(Member("duo", drafter, duo_budget))
         auto = AutoDrafter(members, learner=hd)
         return Engine(self.target, auto, AutoBudget(auto))
+
+    def _duo(self, budget: str) -> tuple[DuoDrafter, Budget]:
+        """A drafter one round ahead in its own thread, with a budget that knows it."""
+        model = self.duo_model()
+        k = _parse_budget(budget)
+        duo_budget = FixedBudget(k) if k is not None else OverlapBudget(self.duo_cost_model())
+        drafter = DuoDrafter(model, duo_budget, branches=self.target.max_branches)
+        self._duos.append(drafter)
+        self._closers.append(drafter.close)  # before the models: it stops the thread
+        return drafter, duo_budget
 
     def _model_drafter(self) -> ModelDrafter | CrossDrafter:
         """Same tokenizer: drafts are target tokens.  Another: the cross-tokenizer path."""
@@ -146,9 +197,24 @@ class Loaded:
     def close(self) -> None:
         for close in self._closers:
             close()
-        for m in (self.target, self.draft):
-            if m is not None:
+        # a duo thread that did not stop may still be inside its model: leave that one
+        busy = {id(d.model) for d in self._duos if not d.stopped}
+        for m in (self.target, self.draft, self._duo_model):
+            if m is not None and id(m) not in busy:
                 m.close()
+
+
+def _duo_opts(draft_opts: LoadOptions, gpu_layers: int | None = None) -> LoadOptions:
+    """duo's drafter: on the CPU unless told (llama.cpp then also keeps its KV cache and
+    every op there), one sequence, the draft's threads."""
+    return replace(draft_opts, branches=1, n_gpu_layers=gpu_layers or 0)
+
+
+def on_accelerator(opts: LoadOptions) -> bool:
+    """Whether the target runs (partly) on a GPU: layers asked for and a build that can."""
+    import llama_cpp
+
+    return opts.n_gpu_layers > 0 and bool(llama_cpp.llama_supports_gpu_offload())
 
 
 def _parse_budget(spec: str) -> int | None:
@@ -176,7 +242,7 @@ def choose_models(model: str | None, draft: str | None, method: str) -> tuple[st
         )
     if not wants_draft:
         draft = None
-    elif method in ("draft", "draft+hd") and draft is None:
+    elif method in ("draft", "draft+hd", "duo") and draft is None:
         raise SpecliError(f"--method {method} needs a draft model: pass --draft PATH_OR_NAME")
     return model, draft
 
@@ -191,9 +257,13 @@ def load(
     corpus: str | None = None,
     history: bool = True,
     tree: bool | None = None,
+    draft_threads: int | None = None,
+    draft_gpu_layers: int | None = None,
 ) -> Loaded:
     """`tree`: load the target to verify candidate trees (opts.branches sequences);
-    None: when the method may draft trees."""
+    None: when the method may draft trees.  `draft_threads` / `draft_gpu_layers`: where
+    the draft model runs (None: the target's threads; duo's drafter on the CPU, the
+    other methods' draft with the target's GPU layers)."""
     model, draft = choose_models(model, draft, method)
     if not (method in TREE_METHODS if tree is None else tree):
         opts = replace(opts, branches=1)
@@ -202,16 +272,22 @@ def load(
     draft_path = resolve_model(draft, registry=reg, console=console) if draft else None
     with _status(console, f"loading {Path(target_path).name}"):
         target = open_model(target_path, opts)
+    draft_opts = replace(opts, branches=1, n_threads=draft_threads or opts.n_threads)
+    if draft_gpu_layers is not None:
+        draft_opts = replace(draft_opts, n_gpu_layers=draft_gpu_layers)
+    duo = _duo_opts(draft_opts, draft_gpu_layers)
     dm: Backend | None = None
     if draft_path is not None:
         with _status(console, f"loading {Path(draft_path).name}"):
-            dm = open_model(draft_path, replace(opts, branches=1))
+            dm = open_model(draft_path, duo if method == "duo" else draft_opts)
     used = method
     if method == "auto" and _parse_budget(budget) is not None:  # a fixed length: one drafter
         used = "draft" if dm is not None else "hd"
-    loaded = Loaded(target, dm, used, model, draft, opts, budget, corpus, history)
+    loaded = Loaded(target, dm, used, model, draft, opts, budget, corpus, history, duo)
     loaded.cross = dm is not None and not same_tokenizer(target, dm)
-    if used != "none" and _parse_budget(budget) is None:
+    if used == "duo" and _parse_budget(budget) is None:
+        loaded.duo_cost_model(console)
+    elif used != "none" and _parse_budget(budget) is None:
         loaded.cost_model(console)  # measured here, with a spinner, on first use
     loaded.engine = loaded.make_engine(used, budget)
     return loaded

@@ -214,3 +214,75 @@ def test_cross_tokenizer_greedy_identity(qwen_pair, cross_drafters, report, name
     report(f"greedy identity, 1.5B target with {name} (cross-tokenizer), 48 tokens", rows)
     assert not unexplained, unexplained
     assert drafted and accepted / drafted > 0.2  # the drafter's text does help
+
+
+def _duo_compare(target, draft, prompt, cfg, drafter_cls=None):
+    from specli.budget import FixedBudget
+    from specli.drafters.duo import DuoDrafter
+
+    plain = Engine(target).generate(prompt, cfg, "none")
+    cls = drafter_cls or DuoDrafter
+    duo = cls(draft, FixedBudget(cfg.draft_max), branches=target.max_branches)
+    try:
+        spec = Engine(target, duo, FixedBudget(cfg.draft_max)).generate(prompt, cfg, "duo")
+    finally:
+        duo.close()
+    return plain, spec, duo
+
+
+def test_duo_greedy_identity_up_to_noise(qwen_pair, report):
+    """duo drafting every round (fixed:4) while the target verifies, multi-sequence drafts
+    on (the target holds 3 sequences); then a drafter whose early work is wrong every
+    round (its bet on the target's next token is always replaced by another)."""
+    from test_duo import WrongGuess
+
+    target, draft = qwen_pair
+    cfg = GenerationConfig(max_tokens=N_TOKENS, draft_max=DRAFT_MAX)
+    rows, unexplained = [], []
+    hits = trees = accepted = 0
+    runs = [(p, None) for p in _prompts()[:4]] + [(p, WrongGuess) for p in _prompts()[6:8]]
+    for p, cls in runs:
+        prompt = encode_prompt(target, p.text)
+        plain, spec, duo = _duo_compare(target, draft, prompt, cfg, cls)
+        name = "duo" if cls is None else "duo, wrong bets"
+        if cls is None:
+            hits, trees = hits + duo.hits, trees + duo.trees
+        else:
+            assert duo.hits == 0 and duo.speculated > 0
+        accepted += spec.stats.accepted
+        i = first_difference(plain.tokens, spec.tokens)
+        if i is None:
+            assert plain.tokens == spec.tokens
+            rows.append(f"{p.category:15s} {name:15s} identical, "
+                        f"{spec.stats.mean_accepted:.2f} tokens per pass")
+            continue
+        d = analyse(target, prompt, plain.tokens, i, window=DRAFT_MAX + 4)
+        rows.append(f"{p.category:15s} {name:15s} diverges at {i:2d}: top-2 gap {d.gap:.3f}"
+                    f" < noise {d.noise:.3f} ? {d.explained}")
+        if not d.explained:
+            unexplained.append((p.category, name, d))
+    rows.append(f"early work used in {hits} rounds; {trees} multi-sequence drafts")
+    report("greedy identity, duo, Qwen 1.5B target + 0.5B draft beside it, 64 tokens", rows)
+    assert not unexplained, unexplained
+    assert hits > 0 and accepted > 0
+
+
+def test_duo_sampling_is_reproducible_with_seed(qwen_pair):
+    from specli.budget import FixedBudget
+    from specli.drafters.duo import DuoDrafter
+
+    target, draft = qwen_pair
+    prompt = encode_prompt(target, "Write a short poem about speculative decoding.")
+
+    def run(seed: int) -> list[int]:
+        params = SamplingParams(temperature=0.8, top_p=0.95, seed=seed)
+        cfg = GenerationConfig(max_tokens=40, params=params, draft_max=DRAFT_MAX)
+        duo = DuoDrafter(draft, FixedBudget(DRAFT_MAX), branches=target.max_branches)
+        try:
+            return Engine(target, duo, FixedBudget(DRAFT_MAX)).generate(prompt, cfg, "duo").tokens
+        finally:
+            duo.close()
+
+    a, b, c = run(7), run(7), run(8)
+    assert a == b
+    assert a != c
