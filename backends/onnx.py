@@ -77,7 +77,9 @@ def choose_providers(
     ov_has = {d.split(".")[0].upper() for d in openvino_devices}
     cpu = (CPU, {})
     if device == "cpu":
-        first = [(OPENVINO, {"device_type": "CPU"})] if ov else []
+        # ACCURACY: without it OpenVINO's CPU plugin quantises activations on the fly, and
+        # a token's logits change with its call's size (0.26 apart, Qwen2.5-0.5B int8)
+        first = [(OPENVINO, {"device_type": "CPU", "precision": "ACCURACY"})] if ov else []
         return ProviderChoice([*first, cpu], device, fallback=False)
     if device == "npu":
         if not ov:
@@ -85,7 +87,8 @@ def choose_providers(
                 "--device npu needs the OpenVINO execution provider: "
                 "pip install onnxruntime-openvino (it replaces onnxruntime)")
         if openvino_devices and "NPU" not in ov_has:
-            raise SpecliError(f"OpenVINO sees no NPU here (devices: {', '.join(openvino_devices)})")
+            raise SpecliError("--device npu: OpenVINO sees no NPU here "
+                              f"(devices: {', '.join(openvino_devices)})")
         return ProviderChoice([(OPENVINO, {"device_type": "NPU"}), cpu], device, fallback=False)
     gpus = [(p, {}) for p in GPU_PROVIDERS if p in available]
     if ov and (not openvino_devices or "GPU" in ov_has):
@@ -214,6 +217,11 @@ class ONNXModel:
         self._kv_dtype = np.float16 if "float16" in k0.type else np.float32
         self._has_positions = "position_ids" in inputs
         self._has_logit_rows = "logits_positions" in inputs
+        # specli's exporter keeps every MatMul at 2+ rows; other graphs (optimum's) send a
+        # lone token's attention through onnxruntime's one-row (GEMV) path, which sums in
+        # another order (0.19 logits apart on Qwen2.5-0.5B): there a one-token call
+        # re-feeds the previous token, so no token's logits depend on its call's size.
+        self._min_two_rows = not self._has_logit_rows
         out = {o.name: o for o in self._sess.get_outputs()}
         self._outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(self._layers)
                                       for kv in ("key", "value")]
@@ -271,8 +279,12 @@ class ONNXModel:
         except Exception as e:
             raise SpecliError(f"cannot read {tj}: {_one_line(e)}") from None
         tok.encode_special_tokens = False
-        return (tok, _read_json(folder / "tokenizer_config.json"),
-                _read_json(folder / "generation_config.json"), _read_json(folder / "config.json"))
+        tok_cfg = _read_json(folder / "tokenizer_config.json")
+        jinja = folder / "chat_template.jinja"  # where recent transformers save it
+        if not tok_cfg.get("chat_template") and jinja.exists():
+            tok_cfg["chat_template"] = jinja.read_text(encoding="utf-8")
+        return (tok, tok_cfg, _read_json(folder / "generation_config.json"),
+                _read_json(folder / "config.json"))
 
     def _special_id(self, token: Any) -> int | None:
         if isinstance(token, dict):
@@ -372,6 +384,10 @@ class ONNXModel:
         return np.concatenate(rows).astype(np.float32, copy=False)
 
     def _run(self, chunk: list[int], local: list[int]) -> np.ndarray:
+        if len(chunk) == 1 and self._min_two_rows and self.tokens:
+            prev = self.tokens[-1]
+            self.truncate(len(self.tokens) - 1)
+            return self._run([prev, *chunk], [1] if local else [])
         past, n = len(self.tokens), len(chunk)
         feed: dict[str, np.ndarray] = {
             "input_ids": np.asarray([chunk], dtype=np.int64),

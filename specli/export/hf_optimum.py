@@ -40,7 +40,7 @@ def export(kind: str, path: Path, out: Path, quant: str,
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+            str(path.parent), gguf_file=path.name, dtype=torch.float32)
         onnx_export_from_model(model, output=str(out), task=TASK, do_validation=False)
         del model
         # transformers' GGUF tokenizer drops most control tokens: write ours

@@ -19,7 +19,8 @@ BITS = {"int4": 4, "int8": 8}
 
 
 def quantize_model(model: Path, quant: str) -> Path:
-    """Quantise `model` (an .onnx file, weights beside it) in place; returns model.onnx."""
+    """Quantise `model` (an .onnx file, weights beside it) in place; returns model.onnx,
+    its weights in model.onnx.data (the layout specli's own exporter writes)."""
     if quant == "none":
         return model
     if quant not in BITS:
@@ -31,13 +32,14 @@ def quantize_model(model: Path, quant: str) -> Path:
     q = MatMulNBitsQuantizer(onnx.load(str(model)), bits=BITS[quant], block_size=_BLOCK,
                              is_symmetric=_SYMMETRIC, accuracy_level=_ACCURACY_LEVEL)
     q.process()
-    out = model.with_name(f"model.{quant}.onnx")
-    onnx.save_model(q.model.model, str(out), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=out.name + ".data",
-                    size_threshold=1024)
-    for f in model.parent.iterdir():  # the fp32 graph and weights are no longer needed
+    # the graph and its weights are in memory now: the fp32 files (optimum names the
+    # weights model.onnx_data) can go before the quantised ones are written
+    for f in model.parent.iterdir():
         if f.name.startswith(model.name):
             f.unlink()
     final = model.parent / "model.onnx"
-    os.replace(out, final)  # its weights file keeps its name: the graph refers to it
+    data = final.with_name(final.name + ".data")
+    onnx.save_model(q.model.model, str(final), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+    os.chmod(data, final.stat().st_mode & 0o777)  # onnx writes it 0600; match the graph
     return final
