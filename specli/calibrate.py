@@ -119,18 +119,19 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
         draft.truncate(0)
     cost = CostModel(verify=verify, draft=draft_cost, catch_up=catch_up)
     if overlap and draft is not None:
-        cost.overlap_verify, cost.overlap_draft = measure_overlap(target, draft, verify)
+        cost.overlap_verify, cost.overlap_draft = measure_overlap(target, draft)
     return cost
 
 
-OVERLAP_SIZES = (1, 2, 4, 8)  # verify passes timed beside the drafter
+OVERLAP_SIZES = (1, 2, 4, 8)  # verify passes timed beside the drafter (and without)
 
 
-def measure_overlap(target: Backend, draft: Backend, alone: list[float]) -> tuple[float, float]:
-    """Target passes over 1, 2, 4 and 8 tokens timed while another thread drafts without
-    pause (one token at a time, as duo's drafter does), against `alone` (the same passes
-    measured apart).  Returns (median slowdown of a pass, at least 1; median seconds per
-    token drafted meanwhile)."""
+def measure_overlap(target: Backend, draft: Backend) -> tuple[float, float]:
+    """Target passes over 1, 2, 4 and 8 tokens timed in pairs: once with the drafter
+    paused, once while another thread drafts without pause (one token at a time, as
+    duo's drafter does).  Pairs, so that whatever else loads the machine weighs on both.
+    Returns (median slowdown of a pass, at least 1; median seconds per token drafted
+    beside it)."""
     ctx = target.tokenize(CONTEXT, add_bos=target.add_bos)[: max(1, target.n_ctx - 17)]
     dctx = draft.tokenize(CONTEXT, add_bos=draft.add_bos)[: max(1, draft.n_ctx - 40)]
     target.truncate(0)
@@ -138,30 +139,36 @@ def measure_overlap(target: Backend, draft: Backend, alone: list[float]) -> tupl
     draft.truncate(0)
     draft.eval(dctx)
     stop = threading.Event()
+    gate = threading.Lock()  # held by the main thread while the drafter must pause
     steps: list[float] = []
 
     def drafting() -> None:  # this thread alone touches the draft model meanwhile
+        i = 0
         while not stop.is_set():
-            draft.truncate(len(dctx))
-            for tok in dctx[:16]:
-                if stop.is_set():
-                    break
+            with gate:
+                if i % 16 == 0:
+                    draft.truncate(len(dctx))
+                tok = dctx[i % len(dctx)]
                 steps.append(_timed(lambda tok=tok: draft.eval([tok], [0])))
+            i += 1
 
     worker = threading.Thread(target=drafting, name="specli-calibrate-drafter", daemon=True)
     worker.start()
     try:
         ratios = []
-        sizes = [n for n in OVERLAP_SIZES if n <= len(alone)]
-        filler = (ctx * 8)[: max(sizes)]
-        time.sleep(0.05)  # the drafter is under way
-        for n in sizes:
+        filler = (ctx * 8)[: max(OVERLAP_SIZES)]
+        for n in OVERLAP_SIZES:
             def once(n: int = n) -> None:
                 target.eval(filler[:n], range(n))
                 target.truncate(len(ctx))
             once()
-            beside = statistics.median(_timed(once) for _ in range(REPEATS))
-            ratios.append(beside / alone[n - 1])
+            alone, beside = [], []
+            for _ in range(REPEATS):
+                with gate:
+                    alone.append(_timed(once))
+                time.sleep(0.005)  # the drafter is under way again
+                beside.append(_timed(once))
+            ratios.append(statistics.median(beside) / statistics.median(alone))
     finally:
         stop.set()
         worker.join()
