@@ -27,6 +27,15 @@ CROSS_DRAFTS = ("smollm2-135m-instruct", "gemma-3-270m")
 _REPORTS: list[tuple[str, list[str]]] = []
 
 
+def sigint_default() -> None:
+    """For Ctrl-C tests' child processes: a shell's background job (`make test &`)
+    ignores SIGINT, children inherit that, and Python then installs no KeyboardInterrupt
+    handler.  Restore the default so the child meets Ctrl-C as a user's terminal sends it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory) -> dict[str, Path]:
     """target; draft (target plus noise: mostly agrees); same (an exact copy);

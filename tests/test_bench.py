@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sigint_default
 
 from specli import bench as bm
 from specli.errors import SpecliError
@@ -195,6 +196,7 @@ def test_ctrl_c_still_writes_the_summary(tiny_paths, env, tmp_path):
     args[args.index("--limit") + 1] = "60"
     args[args.index("-n") + 1] = "400"
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default,
                             env=env)
     results = out / "results.jsonl"
     deadline = time.monotonic() + 60

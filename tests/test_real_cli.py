@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sigint_default
 
 pytestmark = pytest.mark.real
 
@@ -29,12 +30,27 @@ def _wait_for_output(proc: subprocess.Popen, timeout: float = 120) -> bytes:
     raise AssertionError("no output before the timeout")
 
 
-def test_ctrl_c_stops_generate_cleanly(qwen_pair):
+@pytest.fixture
+def spawn():
+    """Start specli as a user would; whatever a failed test leaves running is killed."""
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str], stdin) -> subprocess.Popen:
+        procs.append(subprocess.Popen([SPECLI, *args], stdin=stdin, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, preexec_fn=sigint_default))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_ctrl_c_stops_generate_cleanly(qwen_pair, spawn):
     target, draft = qwen_pair
-    proc = subprocess.Popen(
-        [SPECLI, "generate", target.path, "-d", draft.path, "-p", LONG, "-n", "600", "--stats"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    proc = spawn(["generate", target.path, "-d", draft.path, "-p", LONG, "-n", "600", "--stats"],
+                 subprocess.DEVNULL)
     first = _wait_for_output(proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -44,12 +60,9 @@ def test_ctrl_c_stops_generate_cleanly(qwen_pair):
     assert (first + out).strip()
 
 
-def test_ctrl_c_in_chat_keeps_the_session(qwen_pair):
+def test_ctrl_c_in_chat_keeps_the_session(qwen_pair, spawn):
     target, draft = qwen_pair
-    proc = subprocess.Popen(
-        [SPECLI, "chat", target.path, "-d", draft.path, "-n", "600"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    proc = spawn(["chat", target.path, "-d", draft.path, "-n", "600"], subprocess.PIPE)
     proc.stdin.write((LONG + "\n").encode())
     proc.stdin.flush()
     _wait_for_output(proc)
