@@ -485,6 +485,8 @@ def export_cmd(
 
       specli export ./hf-model-folder --name mymodel
     """
+    import time
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .export.exporter import export_model
@@ -498,11 +500,13 @@ def export_cmd(
             tasks[step] = bars.add_task(step, total=max(total, 1))
         bars.update(tasks[step], completed=done, total=max(total, 1))
 
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     with bars:
         entry = export_model(source, out, quant=quant, name=name, exporter=exporter, force=force,
                              reuse=reuse, progress=progress)
     size = sum(f.stat().st_size for f in Path(entry.path).iterdir() if f.is_file())
-    err.print(f"exported {entry.name} ({entry.quant}, {size / 2**30:.2f} GiB) to {entry.path}",
+    made = "exported" if entry.created >= started else "kept the existing export"
+    err.print(f"{made} {entry.name} ({entry.quant}, {size / 2**30:.2f} GiB) in {entry.path}",
               markup=False)
     if not entry.batch_invariant:
         err.print(f"warning: {entry.quant} logits depend on the batch: speculative output may "
