@@ -9,11 +9,12 @@ batch marks exactly the positions under verification, and KV rollback checks
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import llama_cpp
@@ -36,13 +37,35 @@ _LOG_LOCK = threading.Lock()
 _VERBOSE = bool(os.environ.get("SPECLI_VERBOSE"))
 
 
+_LOG_ERROR, _LOG_CONT = 4, 5  # ggml_log_level: an error, and a line continuing the last
+_log_state = {"last": 0, "loading": 0}
+
+
 @llama_cpp.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     msg = text.decode("utf-8", errors="replace")
     with _LOG_LOCK:
         _LOG_TAIL.append(msg)
-    if _VERBOSE:
+        if level != _LOG_CONT:
+            _log_state["last"] = level
+        is_error = _log_state["last"] == _LOG_ERROR
+        loading = _log_state["loading"] > 0
+    # errors outside a load go to stderr: a fatal one (a CUDA error, say) aborts the
+    # process right after, and its reason exists nowhere else; a failed load is
+    # reported in one line from the tail instead
+    if _VERBOSE or (is_error and not loading):
         os.write(2, text)
+
+
+@contextlib.contextmanager
+def _loading() -> Iterator[None]:
+    with _LOG_LOCK:
+        _log_state["loading"] += 1
+    try:
+        yield
+    finally:
+        with _LOG_LOCK:
+            _log_state["loading"] -= 1
 
 
 _backend_ready = False
@@ -134,7 +157,8 @@ class GGUFModel:
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = opts.n_gpu_layers
-        self._model = llama_cpp.llama_model_load_from_file(self.path.encode(), mparams)
+        with _loading():
+            self._model = llama_cpp.llama_model_load_from_file(self.path.encode(), mparams)
         if not self._model:
             raise SpecliError(f"llama.cpp could not load {p.name}: {_last_error()}")
 
@@ -158,7 +182,8 @@ class GGUFModel:
         if opts.n_gpu_layers == 0:  # keep everything on the CPU, KV included
             cparams.offload_kqv = False
             cparams.op_offload = False
-        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        with _loading():
+            self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             self.close()
             raise SpecliError(f"llama.cpp could not create a context for {p.name}: {_last_error()}")

@@ -22,6 +22,12 @@
 #   EXTRA_BENCH_FLAGS []      passed to `specli bench` as they are (e.g. "--budget fixed:4")
 #   PRESET [gpu; small with SKIP_BUILD=1]  timing-model size; NOISE [generator's default]
 #   CATEGORIES [all] LIMIT [1] NTOK [128] REPEATS [1]  the bench's prompts and length
+#   QUANT [q4_k_m]            also write llama.cpp-quantised copies of the pair (none: f16 only)
+#   PROBES [q:3 q:1 f:3 f:1]  scripts/gpu_probe.py runs, one process each (MODELS:BRANCHES,
+#                             q = quantised pair, f = f16 pair), with CUDA_LAUNCH_BLOCKING=1;
+#                             the bench runs the first that passed (BENCH_CONFIG overrides)
+#   PACK_BUILD [1]            also return the fresh CUDA build in $OUT (xz parts), so a rerun
+#                             on a fresh machine carries it in $BUNDLE/build/ and skips the build
 #   CUDA_ARCH [from nvidia-smi]  e.g. 90;  CUDA_FA [OFF]  compile FlashAttention kernels
 #   JOBS [nproc] BUILD_TIMEOUT [420]  parallel compile jobs, the build's own time limit
 #   TOTAL_BUDGET [540]        seconds for the whole run; PYTHON [python3]; WORK [/tmp/specli-gpu]
@@ -48,6 +54,15 @@ NTOK=${NTOK:-128}
 REPEATS=${REPEATS:-1}
 CUDA_FA=${CUDA_FA:-OFF}
 REUSE_BUILD=${REUSE_BUILD:-1}
+QUANT=${QUANT:-q4_k_m}
+PROBES=${PROBES:-q:3 q:1 f:3 f:1}
+BENCH_CONFIG=${BENCH_CONFIG:-}
+PACK_BUILD=${PACK_BUILD:-1}
+if [[ $QUANT == none ]]; then  # no quantised pair: drop its probes
+    kept=""
+    for c in $PROBES; do [[ $c == q:* ]] || kept+="$c "; done
+    PROBES=$kept
+fi
 JOBS=${JOBS:-$(nproc)}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-420}
 LCP_VERSION=0.3.36
@@ -102,6 +117,7 @@ write_summary() {
             "$PRESET): these numbers time the pipeline, not a real model pair"
         echo "- machine: ${GPU_INFO:-no GPU queried}; $(nproc) CPU cores"
         echo "- repo: ${COMMIT:-unknown}; methods asked: $METHODS; run: ${RUN_METHODS:-}"
+        echo "- bench configuration: ${CONFIG:-none} (probes passed: ${PASSED[*]:-none})"
         echo "- bench flags: ${BENCH_FLAGS_TEXT:-}"
         echo "- total: $(elapsed)s of $TOTAL_BUDGET"
         echo
@@ -120,6 +136,14 @@ write_summary() {
     } >"$f"
 }
 
+pack_wait() {  # the background packing of the build, waited for once
+    if [[ -n ${PACK_PID:-} && -z ${PACK_RC:-} ]]; then
+        wait "$PACK_PID"
+        PACK_RC=$?
+        say "build packed (rc $PACK_RC): $(du -ch "$WORK"/pack/* 2>/dev/null | tail -1)"
+    fi
+}
+
 finish() {
     write_summary
     echo
@@ -127,14 +151,24 @@ finish() {
     printf '%s\n' "status: $STATUS" "| phase | result | seconds | note |" "${PHASE_LINES[@]}"
     [[ -f $WORK/methods.md ]] && cat "$WORK/methods.md"
     if [[ -n ${OUT:-} ]]; then
-        mkdir -p "$OUT"
+        # at most 8 files come back: the summary, one archive of logs and results, and
+        # the build's parts
+        mkdir -p "$OUT" "$WORK/logs"
         cp "$WORK/gpu_check_summary.md" "$OUT/" 2>/dev/null
-        cp "$WORK/bench/summary.md" "$OUT/bench_summary.md" 2>/dev/null
-        cp "$WORK/bench/summary.json" "$OUT/bench_summary.json" 2>/dev/null
-        cp "$WORK/bench/results.jsonl" "$OUT/bench_results.jsonl" 2>/dev/null
+        for f in bench/summary.md bench/summary.json bench/results.jsonl probe.log \
+            quantize.log specli-pip.log; do
+            [[ -f $WORK/$f ]] && cp "$WORK/$f" "$WORK/logs/${f//\//_}"
+        done
         [[ -f $WORK/build.log ]] && { head -n 150 "$WORK/build.log"; echo "[...]"
-            tail -n 300 "$WORK/build.log"; } >"$OUT/build_log.txt"
-        [[ -f $WORK/bench.log ]] && tail -n 2000 "$WORK/bench.log" >"$OUT/bench_log_tail.txt"
+            tail -n 300 "$WORK/build.log"; } >"$WORK/logs/build_log.txt"
+        [[ -f $WORK/bench.log ]] && tail -n 3000 "$WORK/bench.log" >"$WORK/logs/bench_log_tail.txt"
+        tar -C "$WORK/logs" -czf "$OUT/logs.tar.gz" .
+        pack_wait
+        if [[ ${PACK_RC:-} == 0 ]]; then
+            cp "$WORK"/pack/llama-build.tar.xz.part* "$OUT/"
+        elif [[ -n ${PACK_RC:-} ]]; then
+            say "WARNING: packing the build failed (rc $PACK_RC)"
+        fi
         say "files in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
     fi
     say "done: $STATUS"
@@ -253,6 +287,15 @@ else
     export CMAKE_BUILD_PARALLEL_LEVEL=$JOBS CMAKE_GENERATOR=Ninja
     say "CMAKE_ARGS=$CMAKE_ARGS"
     stamp="$LCP_VERSION $CMAKE_ARGS"
+    if [[ $REUSE_BUILD == 1 && ! -f $LLAMA_SITE/.stamp ]] &&
+        compgen -G "$BUNDLE/build/llama-build.tar.xz.part*" >/dev/null; then
+        say "unpacking the carried build from $BUNDLE/build"
+        rm -rf "$LLAMA_SITE" && mkdir -p "$LLAMA_SITE"
+        cat "$BUNDLE"/build/llama-build.tar.xz.part* | xz -d -T0 | tar -C "$LLAMA_SITE" -xf - ||
+            say "WARNING: the carried build did not unpack"
+        [[ -f $LLAMA_SITE/.stamp && $(cat "$LLAMA_SITE/.stamp") == "$stamp" ]] ||
+            { say "WARNING: the carried build is for other CMAKE_ARGS: building"; rm -rf "$LLAMA_SITE"; }
+    fi
     if [[ $REUSE_BUILD == 1 && -f $LLAMA_SITE/.stamp && $(cat "$LLAMA_SITE/.stamp") == "$stamp" ]]
     then
         say "reusing the build in $LLAMA_SITE (same version and CMAKE_ARGS)"
@@ -288,6 +331,12 @@ else
             fail "the CUDA build failed (rc $rc)"
         fi
         echo "$stamp" >"$LLAMA_SITE/.stamp"
+        if [[ $PACK_BUILD == 1 && -n ${OUT:-} ]]; then  # in the background, for a rerun
+            mkdir -p "$WORK/pack" && rm -f "$WORK"/pack/*
+            (tar -C "$LLAMA_SITE" -cf - . | xz -T8 -6 |
+                split -b 15M -d - "$WORK/pack/llama-build.tar.xz.part") &
+            PACK_PID=$!
+        fi
         phase_end 0 "sm_$arch, FA $CUDA_FA"
     fi
 fi
@@ -345,13 +394,48 @@ gen=("$PYTHON" "$REPO/scripts/make_timing_models.py" write "$WORK/models" --pres
     --tokenizer "$BUNDLE/smollm2-tokenizer.json.gz")
 [[ -n $NOISE ]] && gen+=(--noise "$NOISE")
 timeout "$(limit_for 180)" "${gen[@]}" || fail "writing the timing models failed"
+if [[ $QUANT != none ]]; then
+    for m in target draft; do
+        timeout "$(limit_for 90)" "$PYTHON" "$REPO/scripts/gpu_probe.py" quantize \
+            "$WORK/models/$m.gguf" "$WORK/models/$m-$QUANT.gguf" "$QUANT" \
+            >>"$WORK/quantize.log" 2>&1 || fail "quantizing $m to $QUANT failed"
+        grep "^\[probe" "$WORK/quantize.log" | tail -1
+    done
+fi
 ls -la "$WORK/models"
-phase_end 0 "preset $PRESET"
+phase_end 0 "preset $PRESET${QUANT:+, quantised copies $QUANT}"
+
+# ------------------------------------------------------------------------------------------
+phase probe
+# each configuration in its own process: an abort names its last call (see gpu_probe.py)
+model_files() {  # model_files q|f -> "TARGET DRAFT"
+    if [[ $1 == q ]]; then echo "$WORK/models/target-$QUANT.gguf $WORK/models/draft-$QUANT.gguf"
+    else echo "$WORK/models/target.gguf $WORK/models/draft.gguf"; fi
+}
+PASSED=()
+for cfg in $PROBES; do
+    read -r tgt drf <<<"$(model_files "${cfg%%:*}")"
+    echo "----- probe $cfg: $(basename "$tgt") + $(basename "$drf"), branches ${cfg##*:}" |
+        tee -a "$WORK/probe.log"
+    CUDA_LAUNCH_BLOCKING=1 timeout -k 5 "$(limit_for 90)" "$PYTHON" \
+        "$REPO/scripts/gpu_probe.py" "$tgt" --draft "$drf" -ngl "$NGL" \
+        --branches "${cfg##*:}" >"$WORK/probe.one" 2>&1
+    rc=$?
+    cat "$WORK/probe.one" >>"$WORK/probe.log"
+    # the steps, and every line llama.cpp logged as an error around an abort
+    grep -E '^\[probe|error|Error|ERROR|CUDA|abort|current device' "$WORK/probe.one" |
+        grep -v -E 'llama_model_loader|print_info|load_tensors' | tail -n 25
+    echo "----- probe $cfg: rc $rc" | tee -a "$WORK/probe.log"
+    ((rc == 0)) && PASSED+=("$cfg")
+    PHASE_LINES+=("| probe $cfg | $( ((rc == 0)) && echo ok || echo "FAILED (rc $rc)") | | $(grep '^\[probe' "$WORK/probe.one" | tail -1 | cut -c1-70) |")
+done
+say "probes passed: ${PASSED[*]:-none}"
+phase_end 0 "passed: ${PASSED[*]:-none}"
 
 phase agreement
 # greedy per-token agreement of the pair, measured apart from specli (a cross-check of the
 # bench's acceptance), with the target where the bench puts it; skipped when time is short
-if (($(remaining) < 200)); then
+if (($(remaining) < 300)); then
     say "skipped: $(remaining)s left, kept for the bench"
     phase_end 0 "skipped (time)"
 else
@@ -364,6 +448,7 @@ fi
 
 # ------------------------------------------------------------------------------------------
 phase bench
+pack_wait  # xz on 8 cores would slow the CPU drafter
 help=$("${SPECLI[@]}" bench --help 2>&1) || fail "specli bench --help failed: $help"
 # methods this specli knows (parse_methods raises on the others)
 RUN_METHODS=$("$PYTHON" - "$METHODS" <<'EOF'
@@ -380,8 +465,12 @@ print(",".join(ok))
 EOF
 ) || fail "cannot check the methods"
 [[ -n $RUN_METHODS ]] || fail "none of METHODS=$METHODS is known to this specli"
+CONFIG=${BENCH_CONFIG:-${PASSED[0]:-}}
+[[ -n $CONFIG ]] || fail "no probe configuration passed: nothing to bench"
+read -r BENCH_TARGET BENCH_DRAFT <<<"$(model_files "${CONFIG%%:*}")"
+say "bench configuration $CONFIG: $(basename "$BENCH_TARGET") + $(basename "$BENCH_DRAFT")"
 flags=(--methods "$RUN_METHODS" --limit "$LIMIT" -n "$NTOK" --repeats "$REPEATS"
-    --draft "$WORK/models/draft.gguf" --out "$WORK/bench")
+    --draft "$BENCH_DRAFT" --out "$WORK/bench" --branches "${CONFIG##*:}")
 [[ -n $CATEGORIES ]] && flags+=(--categories "$CATEGORIES")
 [[ -n $THREADS ]] && flags+=(--threads "$THREADS")
 if [[ $NGL != 0 ]]; then
@@ -401,9 +490,9 @@ read -r -a extra <<<"$EXTRA_BENCH_FLAGS"
 flags+=("${extra[@]}")
 BENCH_FLAGS_TEXT="${flags[*]}"
 lim=$(limit_for 300)
-say "specli bench $WORK/models/target.gguf ${flags[*]} (limit ${lim}s)"
+say "specli bench $BENCH_TARGET ${flags[*]} (limit ${lim}s)"
 # SIGINT first: the bench then writes the summary of what finished
-timeout -s INT -k 20 "$lim" "${SPECLI[@]}" bench "$WORK/models/target.gguf" "${flags[@]}" \
+timeout -s INT -k 20 "$lim" "${SPECLI[@]}" bench "$BENCH_TARGET" "${flags[@]}" \
     2>&1 | tee "$WORK/bench.log"
 rc=$?
 [[ -f $WORK/bench/summary.json ]] || { phase_end "$rc"; fail "the bench wrote no summary"; }
