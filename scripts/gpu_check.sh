@@ -18,7 +18,10 @@
 #   NGL [99; 0 with SKIP_BUILD=1]  target layers on the GPU (-ngl; required when > 0)
 #   DRAFT_FLAGS [--draft-gpu-layers 0 --draft-threads 8]  each flag the bench lacks is
 #                             dropped with a warning
-#   THREADS []                --threads for the bench (CPU threads per model)
+#   THREADS [auto; empty with SKIP_BUILD=1]  --threads for the bench (the target's CPU
+#                             threads); auto: `gpu_probe.py speed` times thread splits
+#                             (SPEED_TARGET_THREADS x SPEED_DRAFT_THREADS) and the bench
+#                             takes the split with the fastest draft or duo round
 #   EXTRA_BENCH_FLAGS []      passed to `specli bench` as they are (e.g. "--budget fixed:4")
 #   PRESET [gpu; small with SKIP_BUILD=1]  timing-model size; NOISE [generator's default]
 #   CATEGORIES [all] LIMIT [1] NTOK [128] REPEATS [1]  the bench's prompts and length
@@ -45,7 +48,9 @@ METHODS=${METHODS:-none,draft,duo}
 if [[ $SKIP_BUILD == 1 ]]; then NGL=${NGL:-0}; PRESET=${PRESET:-small}; else
     NGL=${NGL:-99}; PRESET=${PRESET:-gpu}; fi
 DRAFT_FLAGS=${DRAFT_FLAGS---draft-gpu-layers 0 --draft-threads 8}
-THREADS=${THREADS:-}
+if [[ $SKIP_BUILD == 1 ]]; then THREADS=${THREADS:-}; else THREADS=${THREADS:-auto}; fi
+SPEED_TARGET_THREADS=${SPEED_TARGET_THREADS:-1,2,16}
+SPEED_DRAFT_THREADS=${SPEED_DRAFT_THREADS:-2,4,8,16}
 EXTRA_BENCH_FLAGS=${EXTRA_BENCH_FLAGS:-}
 NOISE=${NOISE:-}
 CATEGORIES=${CATEGORIES:-}
@@ -156,7 +161,7 @@ finish() {
         mkdir -p "$OUT" "$WORK/logs"
         cp "$WORK/gpu_check_summary.md" "$OUT/" 2>/dev/null
         for f in bench/summary.md bench/summary.json bench/results.jsonl probe.log \
-            quantize.log specli-pip.log; do
+            speed.log quantize.log specli-pip.log; do
             [[ -f $WORK/$f ]] && cp "$WORK/$f" "$WORK/logs/${f//\//_}"
         done
         [[ -f $WORK/build.log ]] && { head -n 150 "$WORK/build.log"; echo "[...]"
@@ -333,7 +338,17 @@ else
         echo "$stamp" >"$LLAMA_SITE/.stamp"
         if [[ $PACK_BUILD == 1 && -n ${OUT:-} ]]; then  # in the background, for a rerun
             mkdir -p "$WORK/pack" && rm -f "$WORK"/pack/*
-            (tar -C "$LLAMA_SITE" -cf - . | xz -T8 -6 |
+            # the package alone, its libraries' copies (libX.so, .so.0) made links: 10 MB
+            (rm -rf "$WORK/packdir" && mkdir -p "$WORK/packdir" &&
+                cp -a "$LLAMA_SITE"/.stamp "$LLAMA_SITE"/llama_cpp "$LLAMA_SITE"/*.dist-info \
+                    "$WORK/packdir/" &&
+                for real in "$WORK"/packdir/llama_cpp/lib/*.so.*.*; do  # fully versioned
+                    for f in "$WORK"/packdir/llama_cpp/lib/*; do
+                        [[ -f $f && ! -L $f && $f != "$real" ]] && cmp -s "$f" "$real" &&
+                            ln -sf "$(basename "$real")" "$f"
+                    done
+                done &&
+                tar -C "$WORK/packdir" -cf - . | xz -T8 -9 |
                 split -b 15M -d - "$WORK/pack/llama-build.tar.xz.part") &
             PACK_PID=$!
         fi
@@ -444,6 +459,45 @@ else
     rc=$?
     phase_end "$rc" "$( ( ((rc == 0)) && cut -c1-60 "$WORK/models/agreement.json") ||
         echo "not measured")"
+fi
+
+# ------------------------------------------------------------------------------------------
+phase speed
+if [[ $THREADS == auto ]]; then
+    CONFIG=${BENCH_CONFIG:-${PASSED[0]:-}}
+    [[ -n $CONFIG ]] || fail "no probe configuration passed: nothing to time"
+    read -r tgt drf <<<"$(model_files "${CONFIG%%:*}")"
+    timeout -k 5 "$(limit_for 90)" "$PYTHON" "$REPO/scripts/gpu_probe.py" speed "$tgt" "$drf" \
+        -ngl "$NGL" --branches "${CONFIG##*:}" --target-threads "$SPEED_TARGET_THREADS" \
+        --draft-threads "$SPEED_DRAFT_THREADS" >"$WORK/speed.log" 2>&1
+    rc=$?
+    grep '^\[probe' "$WORK/speed.log"
+    split=$("$PYTHON" - "$WORK/speed.log" <<'EOF2'
+import json, sys
+line = [x for x in open(sys.argv[1]) if x.startswith("SPEED ")][-1]
+d = json.loads(line[6:])
+k = d["k"]
+def best_round(r):  # the faster of drafting after verifying and drafting beside it
+    seq = k * r["draft_ms_per_token"] + r["verify_ms"]
+    duo = max(k * (r["draft_ms_per_token_beside"] or 1e9), r["verify_ms_beside"])
+    return min(seq, duo)
+b = min(d["results"], key=best_round)
+print(b["target_threads"], b["draft_threads"], f"{best_round(b):.2f}")
+EOF2
+    )
+    if ((rc == 0)) && [[ -n $split ]]; then
+        read -r THREADS dthreads round_ms <<<"$split"
+        DRAFT_FLAGS=$(sed -E 's/--draft-threads [0-9]+//' <<<"$DRAFT_FLAGS")
+        DRAFT_FLAGS+=" --draft-threads $dthreads"
+        say "thread split: target $THREADS, drafter $dthreads (round of k=4: ${round_ms} ms)"
+        phase_end 0 "target $THREADS threads, drafter $dthreads"
+    else
+        tail -n 20 "$WORK/speed.log"
+        THREADS=""
+        phase_end "$rc" "failed: bench with default threads"
+    fi
+else
+    phase_end 0 "skipped (THREADS=${THREADS:-default})"
 fi
 
 # ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ names the call.  It drives specli's own GGUFModel, so the calls are exactly the 
     python scripts/gpu_probe.py TARGET.gguf [--draft DRAFT.gguf] [-ngl 99] [--branches 3]
         [--flash auto|on|off] [--kv f16|f32] [--sizes 2,5,8,17]
 
+`speed TARGET DRAFT` times drafting and verification per CPU thread split (see `speed`).
 `quantize SRC DST TYPE` writes a quantised copy with llama.cpp's own quantiser (TYPE: q4_k_m,
 q8_0, ...), so a random-weight f16 timing model can be timed as users run real ones.
 """
@@ -99,11 +100,97 @@ def probe(a: argparse.Namespace) -> int:
     return 0
 
 
+def speed(a: argparse.Namespace) -> int:
+    """Drafter and target timings per thread split, drafting after verifying (draft) and
+    beside it in another thread (duo): which CPU thread counts suit this machine.  The
+    last line is `SPEED {json}` with every measurement and the split with the fastest
+    draft round."""
+    import json
+    import threading
+
+    import numpy as np
+
+    from specli.backends.base import LoadOptions
+    from specli.backends.gguf import GGUFModel
+
+    target = GGUFModel(a.target, LoadOptions(n_ctx=2048, n_gpu_layers=a.ngl, branches=a.branches))
+    draft = GGUFModel(a.draft, LoadOptions(n_ctx=2048, n_gpu_layers=0))
+    prompt = target.tokenize("def fibonacci(n):\n    " * 8, add_bos=True)[:56]
+    target.eval(prompt, [len(prompt) - 1])
+    draft.eval(prompt, [len(prompt) - 1])
+    base, k, rounds = len(prompt), 4, 12
+
+    def draft_round() -> None:
+        for t in prompt[1 : k + 1]:
+            int(np.argmax(draft.eval([t], [0])[0]))
+        draft.truncate(base)
+
+    def verify() -> None:
+        target.eval(prompt[1 : k + 2], range(k + 1))
+        target.truncate(base)
+
+    results = []
+    for t_threads in [int(x) for x in a.target_threads.split(",")]:
+        for d_threads in [int(x) for x in a.draft_threads.split(",")]:
+            llama_cpp.llama_set_n_threads(target._ctx, t_threads, t_threads)
+            llama_cpp.llama_set_n_threads(draft._ctx, d_threads, d_threads)
+            for _ in range(2):  # warm-up
+                draft_round()
+                verify()
+            d_times, v_times = [], []
+            for _ in range(rounds):  # sequential, as `draft`
+                t0 = time.perf_counter()
+                draft_round()
+                t1 = time.perf_counter()
+                verify()
+                d_times.append(t1 - t0)
+                v_times.append(time.perf_counter() - t1)
+            stop = threading.Event()
+            beside: list[float] = []
+
+            def drafting(stop: threading.Event = stop, beside: list[float] = beside) -> None:
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    draft_round()
+                    beside.append(time.perf_counter() - t0)
+
+            worker = threading.Thread(target=drafting)
+            worker.start()
+            vb = []
+            for _ in range(rounds):  # side by side, as `duo`
+                t0 = time.perf_counter()
+                verify()
+                vb.append(time.perf_counter() - t0)
+            stop.set()
+            worker.join()
+            r = {"target_threads": t_threads, "draft_threads": d_threads,
+                 "draft_ms_per_token": 1000 * float(np.median(d_times)) / k,
+                 "verify_ms": 1000 * float(np.median(v_times)),
+                 "draft_ms_per_token_beside": 1000 * float(np.median(beside)) / k if beside
+                 else None,
+                 "verify_ms_beside": 1000 * float(np.median(vb))}
+            results.append(r)
+            step(" ".join(f"{key} {val:.2f}" if isinstance(val, float) else f"{key} {val}"
+                          for key, val in r.items()))
+    best = min(results, key=lambda r: k * r["draft_ms_per_token"] + r["verify_ms"])
+    print("SPEED " + json.dumps({"k": k, "results": results, "best": best}), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["quantize"]:
         src, dst, kind = argv[1:4]
         return quantize(src, dst, kind, threads=8)
+    if argv[:1] == ["speed"]:
+        p = argparse.ArgumentParser(prog="gpu_probe.py speed")
+        p.add_argument("target")
+        p.add_argument("draft")
+        p.add_argument("-ngl", "--gpu-layers", dest="ngl", type=int, default=99)
+        p.add_argument("--branches", type=int, default=3)
+        p.add_argument("--target-threads", default="2,16")
+        p.add_argument("--draft-threads", default="2,4,8,16")
+        return speed(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("target")
     p.add_argument("--draft")

@@ -405,6 +405,7 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
             f"prompt {plan.prompts[too_long].id} is {len(encoded[too_long])} tokens; with "
             f"-n {plan.n_tokens} it needs more than --ctx {n_ctx}: raise --ctx or lower -n"
         )
+    t_setup = time.perf_counter()
     runners: dict[str, Runner] = {}
     for m in plan.methods:
         if m.startswith("peer-"):
@@ -422,6 +423,9 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
     warm = encode_prompt(loaded.target, WARMUP_TEXT)
     for r in runners.values():  # first-call costs (page faults, buffers) are not counted
         r(warm, min(4, plan.n_tokens))
+    # where a bench's time goes: calibrations and warm-up apart from the timed runs
+    plan.meta["setup_s"] = round(time.perf_counter() - t_setup, 1)
+    t_runs = time.perf_counter()
 
     plan.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -449,6 +453,7 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
                     bar.advance(task)
         except KeyboardInterrupt:
             interrupted = True
+    plan.meta["runs_s"] = round(time.perf_counter() - t_runs, 1)
     if interrupted:
         total = len(plan.prompts) * len(plan.methods) * plan.repeats
         plan.meta["interrupted"] = f"yes, {len(rows)} of {total} runs finished"
@@ -465,7 +470,7 @@ def describe(plan: Plan, loaded: Loaded, command: Sequence[str], ctx: int) -> di
         "draft": Path(loaded.draft.path).name if loaded.draft is not None else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": machine(),
-        "threads": plan.threads,
+        "threads": getattr(loaded.target, "n_threads", plan.threads),
         "gpu_layers": loaded.opts.n_gpu_layers,
         "duo_drafter": (f"{loaded.duo_opts.n_threads or plan.threads} threads, "
                         f"{loaded.duo_opts.n_gpu_layers} GPU layers")

@@ -609,12 +609,14 @@ def bench(
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches,
                        device=device)
     # benchmark prompts never enter the user's history
+    t_load = time.perf_counter()
     loaded = runtime.load(model, draft, used, opts, err, budget, corpus, history=False,
                           tree=bm.uses_tree(method_list), draft_threads=draft_threads,
                           draft_gpu_layers=draft_gpu_layers)
     plan = bm.Plan(chosen, method_list, max_tokens, params, draft_max,
                    threads or default_threads(), budget, out_dir, repeats)
     plan.meta = bm.describe(plan, loaded, ["specli", *sys.argv[1:]], loaded.target.n_ctx)
+    plan.meta["load_s"] = round(time.perf_counter() - t_load, 1)
     summary, interrupted = bm.run(loaded, plan, err)
     _write(bm.render_markdown(summary, plan.meta))
     written = ", ".join(sorted(f.name for f in out_dir.iterdir()))
