@@ -21,6 +21,7 @@ import llama_cpp
 import numpy as np
 
 from ..errors import SpecliError
+from ..threads import available_cores, target_threads
 from .base import LoadOptions
 
 GGUF_MAGIC = b"GGUF"
@@ -107,12 +108,8 @@ def check_gguf_file(path: str | os.PathLike[str]) -> Path:
 
 
 def default_threads() -> int:
-    """All cores this process may run on: decoding is memory-bound, so more
-    threads than cores only adds contention."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    """Every core this process may use (see specli.threads)."""
+    return available_cores()
 
 
 def placement(n_gpu_layers: int, threads: int) -> str:
@@ -165,7 +162,10 @@ class GGUFModel:
         n_train = llama_cpp.llama_model_n_ctx_train(self._model)
         self.n_ctx = min(opts.n_ctx, n_train) if n_train > 0 else opts.n_ctx
         self.n_batch = max(1, min(opts.n_batch, self.n_ctx))
-        threads = opts.n_threads or default_threads()
+        # the GPU runs every layer and the output head: a couple of CPU threads feed it
+        whole = (opts.n_gpu_layers > llama_cpp.llama_model_n_layer(self._model)
+                 and bool(llama_cpp.llama_supports_gpu_offload()))
+        threads = opts.n_threads or target_threads(default_threads(), whole)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.n_ctx
         cparams.n_batch = self.n_batch

@@ -126,6 +126,43 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
 OVERLAP_SIZES = (1, 2, 4, 8)  # verify passes timed beside the drafter (and without)
 
 
+class _Pause:
+    """Pauses a worker loop between its steps, with a handshake.  Why not a plain Lock
+    around each step: a thread that releases a Lock and takes it again at once usually
+    wins it back, so the other side starved (calibration took minutes beside a fast
+    drafter on a GPU machine)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._want = self._paused = self._stopped = False
+
+    def checkpoint(self) -> bool:
+        """Worker, between steps: wait while paused; False once stopped."""
+        with self._cond:
+            while self._want and not self._stopped:
+                self._paused = True
+                self._cond.notify_all()
+                self._cond.wait()
+            self._paused = False
+            return not self._stopped
+
+    def hold(self, timeout: float = 10.0) -> None:
+        """Ask the worker to pause; return once it has finished its current step."""
+        with self._cond:
+            self._want = True
+            self._cond.wait_for(lambda: self._paused or self._stopped, timeout)
+
+    def release(self) -> None:
+        with self._cond:
+            self._want = False
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+
 def measure_overlap(target: Backend, draft: Backend) -> tuple[float, float]:
     """Target passes over 1, 2, 4 and 8 tokens timed in pairs: once with the drafter
     paused, once while another thread drafts without pause (one token at a time, as
@@ -138,18 +175,16 @@ def measure_overlap(target: Backend, draft: Backend) -> tuple[float, float]:
     target.eval(ctx)
     draft.truncate(0)
     draft.eval(dctx)
-    stop = threading.Event()
-    gate = threading.Lock()  # held by the main thread while the drafter must pause
+    pause = _Pause()
     steps: list[float] = []
 
     def drafting() -> None:  # this thread alone touches the draft model meanwhile
         i = 0
-        while not stop.is_set():
-            with gate:
-                if i % 16 == 0:
-                    draft.truncate(len(dctx))
-                tok = dctx[i % len(dctx)]
-                steps.append(_timed(lambda tok=tok: draft.eval([tok], [0])))
+        while pause.checkpoint():
+            if i % 16 == 0:
+                draft.truncate(len(dctx))
+            tok = dctx[i % len(dctx)]
+            steps.append(_timed(lambda tok=tok: draft.eval([tok], [0])))
             i += 1
 
     worker = threading.Thread(target=drafting, name="specli-calibrate-drafter", daemon=True)
@@ -164,13 +199,14 @@ def measure_overlap(target: Backend, draft: Backend) -> tuple[float, float]:
             once()
             alone, beside = [], []
             for _ in range(REPEATS):
-                with gate:
-                    alone.append(_timed(once))
+                pause.hold()
+                alone.append(_timed(once))
+                pause.release()
                 time.sleep(0.005)  # the drafter is under way again
                 beside.append(_timed(once))
             ratios.append(statistics.median(beside) / statistics.median(alone))
     finally:
-        stop.set()
+        pause.stop()
         worker.join()
     target.truncate(0)
     draft.truncate(0)

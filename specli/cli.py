@@ -88,7 +88,9 @@ DraftOpt = Annotated[
 ]
 ThreadsOpt = Annotated[
     int | None,
-    typer.Option("--threads", min=1, help="CPU threads per model. Default: all cores."),
+    typer.Option("--threads", min=1,
+                 help="CPU threads per model. Default: all cores (2 for a target entirely "
+                 "on the GPU: its CPU only feeds it)."),
 ]
 CtxOpt = Annotated[int, typer.Option("--ctx", min=16, help="Context size in tokens.")]
 GpuLayersOpt = Annotated[
@@ -109,7 +111,8 @@ DeviceOpt = Annotated[
 DraftThreadsOpt = Annotated[
     int | None,
     typer.Option("--draft-threads", min=1,
-                 help="CPU threads for the draft model. Default: --threads."),
+                 help="CPU threads for the draft model. Default: --threads, else all "
+                 "cores, or for duo's drafter beside a GPU target the cores left (at most 8)."),
 ]
 DraftGpuLayersOpt = Annotated[
     int | None,

@@ -33,6 +33,7 @@ from .errors import SpecliError
 from .ngram import NgramStore, tokenizer_fingerprint
 from .pull import resolve_model
 from .registry import load_registry
+from .threads import available_cores, drafter_threads
 
 METHODS = ("auto", "none", "draft", "lookup", "hd", "draft+hd", "duo")
 DRAFT_METHODS = ("auto", "draft", "draft+hd", "duo")  # use a draft model when there is one
@@ -276,6 +277,9 @@ def load(
     if draft_gpu_layers is not None:
         draft_opts = replace(draft_opts, n_gpu_layers=draft_gpu_layers)
     duo = _duo_opts(draft_opts, draft_gpu_layers)
+    if duo.n_threads is None and on_accelerator(opts) and duo.n_gpu_layers == 0:
+        # duo's drafter on the CPU beside a GPU target: the cores the target leaves
+        duo = replace(duo, n_threads=drafter_threads(available_cores(), True))
     dm: Backend | None = None
     if draft_path is not None:
         with _status(console, f"loading {Path(draft_path).name}"):

@@ -295,3 +295,22 @@ def test_high_level_llama_class(models):
         assert llm.detokenize(toks).decode("utf-8") == UNICODE_TEXT
     finally:
         llm.close()
+
+
+def test_llama_errors_outside_a_load_reach_stderr(capfd):
+    """A fatal llama.cpp error (a CUDA abort) logs its reason and then kills the process:
+    that reason must reach stderr even without SPECLI_VERBOSE; errors during a load are
+    summarised in one line instead, and other levels stay quiet."""
+    from specli.backends import gguf
+
+    cb = gguf._log_callback
+    cb(4, b"CUDA error: an illegal memory access\n", None)
+    cb(5, b"  current device: 0\n", None)  # continues the error
+    cb(2, b"llama_context: n_ctx = 4096\n", None)  # info
+    cb(5, b"  more info\n", None)  # continues the info
+    with gguf._loading():
+        cb(4, b"error loading model: bad file\n", None)
+    err = capfd.readouterr().err
+    if not gguf._VERBOSE:
+        assert err == "CUDA error: an illegal memory access\n  current device: 0\n"
+    assert "bad file" in gguf._last_error()

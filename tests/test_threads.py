@@ -1,0 +1,53 @@
+"""Default CPU thread split (specli/threads.py) and the calibration's pause handshake."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from specli.calibrate import _Pause
+from specli.threads import DRAFTER_MAX_THREADS, drafter_threads, target_threads
+
+
+def test_target_threads_every_core_unless_the_gpu_runs_it_all():
+    assert target_threads(16, fully_offloaded=False) == 16
+    assert target_threads(16, fully_offloaded=True) == 2
+    assert target_threads(1, fully_offloaded=True) == 1
+    assert target_threads(0, fully_offloaded=False) == 1
+
+
+def test_drafter_threads_take_what_a_gpu_target_leaves():
+    assert drafter_threads(16, beside_gpu_target=False) is None  # the target's default
+    assert drafter_threads(16, beside_gpu_target=True) == DRAFTER_MAX_THREADS
+    assert drafter_threads(8, beside_gpu_target=True) == 5
+    assert drafter_threads(2, beside_gpu_target=True) == 1
+
+
+def test_pause_holds_a_fast_worker_promptly_and_it_resumes():
+    """A worker whose steps release the GIL and loop at once (as a drafter's llama_decode
+    calls do) must stop between steps when asked, every time, without starving the
+    asker: a Lock around each step did starve it (minutes of calibration on a GPU box)."""
+    pause = _Pause()
+    steps = []
+
+    def work() -> None:
+        while pause.checkpoint():
+            time.sleep(0.001)
+            steps.append(time.perf_counter())
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    t0 = time.perf_counter()
+    for _ in range(40):
+        pause.hold()
+        n = len(steps)
+        time.sleep(0.003)
+        assert len(steps) == n, "the worker stepped while held"
+        pause.release()
+        time.sleep(0.002)
+    elapsed = time.perf_counter() - t0
+    pause.stop()
+    worker.join(2)
+    assert not worker.is_alive()
+    assert elapsed < 2.0, f"40 holds took {elapsed:.2f}s"
+    assert len(steps) > 40  # it ran between the holds
