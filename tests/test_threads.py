@@ -51,3 +51,31 @@ def test_pause_holds_a_fast_worker_promptly_and_it_resumes():
     assert not worker.is_alive()
     assert elapsed < 2.0, f"40 holds took {elapsed:.2f}s"
     assert len(steps) > 40  # it ran between the holds
+
+
+def test_gguf_backend_gives_a_gpu_resident_target_two_threads(tmp_path, monkeypatch):
+    """The wiring, on this CPU build: llama.cpp ignores -ngl here, so the GPU is faked
+    to ask only what thread count the backend would choose.  All layers plus the output
+    head (-ngl > n_layer) count as GPU-resident; -ngl = n_layer leaves the head on the CPU."""
+    import llama_cpp
+
+    from specli.backends import gguf
+    from specli.backends.base import LoadOptions
+    from specli.backends.gguf import GGUFModel
+    from tests.tinymodel import write_tiny_model
+
+    path = write_tiny_model(tmp_path / "tiny.gguf", n_layer=2)
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    monkeypatch.setattr(gguf, "available_cores", lambda: 6)  # as if on a 6-core machine
+    cases = {99: 2, 3: 2, 2: 6, 0: 6}
+    for ngl, want in cases.items():
+        m = GGUFModel(path, LoadOptions(n_ctx=64, n_gpu_layers=ngl))
+        try:
+            assert m.n_threads == want, (ngl, m.n_threads)
+        finally:
+            m.close()
+    m = GGUFModel(path, LoadOptions(n_ctx=64, n_gpu_layers=99, n_threads=3))
+    try:
+        assert m.n_threads == 3  # what the user asks for wins
+    finally:
+        m.close()
