@@ -277,9 +277,10 @@ def load(
     if draft_gpu_layers is not None:
         draft_opts = replace(draft_opts, n_gpu_layers=draft_gpu_layers)
     duo = _duo_opts(draft_opts, draft_gpu_layers)
-    if duo.n_threads is None and on_accelerator(opts) and duo.n_gpu_layers == 0:
-        # duo's drafter on the CPU beside a GPU target: the cores the target leaves
-        duo = replace(duo, n_threads=drafter_threads(available_cores(), True))
+    if duo.n_threads is None and duo.n_gpu_layers == 0:
+        # duo's drafter on the CPU beside a target that leaves cores free (on a GPU)
+        t = getattr(target, "n_threads", None)
+        duo = replace(duo, n_threads=drafter_threads(available_cores(), t) if t else None)
     dm: Backend | None = None
     if draft_path is not None:
         with _status(console, f"loading {Path(draft_path).name}"):

@@ -32,10 +32,11 @@ def target_threads(cores: int, fully_offloaded: bool) -> int:
     return min(cores, GPU_FEEDER_THREADS) if fully_offloaded else max(1, cores)
 
 
-def drafter_threads(cores: int, beside_gpu_target: bool) -> int | None:
-    """Default CPU threads for a draft model on the CPU; None: the target's default.
-    Beside a GPU target: the cores the target's feeder threads and the main thread leave,
-    at most DRAFTER_MAX_THREADS."""
-    if not beside_gpu_target:
+def drafter_threads(cores: int, target_cpu_threads: int) -> int | None:
+    """Default CPU threads for a draft model drafting beside the target (duo); None: the
+    target's default (every core: the two take turns).  When the target leaves cores
+    free (it runs on a GPU): those cores, less one for the main thread, at most
+    DRAFTER_MAX_THREADS."""
+    if target_cpu_threads >= cores:
         return None
-    return max(1, min(DRAFTER_MAX_THREADS, cores - GPU_FEEDER_THREADS - 1))
+    return max(1, min(DRAFTER_MAX_THREADS, cores - target_cpu_threads - 1))

@@ -17,10 +17,11 @@ def test_target_threads_every_core_unless_the_gpu_runs_it_all():
 
 
 def test_drafter_threads_take_what_a_gpu_target_leaves():
-    assert drafter_threads(16, beside_gpu_target=False) is None  # the target's default
-    assert drafter_threads(16, beside_gpu_target=True) == DRAFTER_MAX_THREADS
-    assert drafter_threads(8, beside_gpu_target=True) == 5
-    assert drafter_threads(2, beside_gpu_target=True) == 1
+    assert drafter_threads(16, target_cpu_threads=16) is None  # on the CPU: take turns
+    assert drafter_threads(16, target_cpu_threads=2) == DRAFTER_MAX_THREADS
+    assert drafter_threads(8, target_cpu_threads=2) == 5
+    assert drafter_threads(2, target_cpu_threads=2) is None
+    assert drafter_threads(2, target_cpu_threads=1) == 1
 
 
 def test_pause_holds_a_fast_worker_promptly_and_it_resumes():
@@ -79,3 +80,30 @@ def test_gguf_backend_gives_a_gpu_resident_target_two_threads(tmp_path, monkeypa
         assert m.n_threads == 3  # what the user asks for wins
     finally:
         m.close()
+
+
+def test_duo_drafter_gets_the_cores_a_gpu_target_leaves(tmp_path, monkeypatch):
+    """runtime.load: with the target GPU-resident (faked, as above) on a 6-core machine,
+    duo's drafter gets 6 - 2 - 1 = 3 threads; told --threads, both keep it."""
+    import llama_cpp
+
+    from specli import runtime
+    from specli.backends import gguf
+    from specli.backends.base import LoadOptions
+    from tests.tinymodel import write_tiny_model
+
+    target = write_tiny_model(tmp_path / "t.gguf", n_layer=2)
+    draft = write_tiny_model(tmp_path / "d.gguf", base=target, noise=0.1)
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    monkeypatch.setattr(gguf, "available_cores", lambda: 6)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 6)
+    for threads, want_target, want_draft in ((None, 2, 3), (4, 4, 4)):
+        opts = LoadOptions(n_ctx=256, n_gpu_layers=99, n_threads=threads)
+        loaded = runtime.load(str(target), str(draft), "duo", opts, budget="fixed:2",
+                              history=False)
+        try:
+            assert loaded.target.n_threads == want_target
+            assert loaded.draft.n_threads == want_draft
+        finally:
+            loaded.close()
