@@ -59,11 +59,11 @@ def test_gguf_backend_gives_a_gpu_resident_target_two_threads(tmp_path, monkeypa
     to ask only what thread count the backend would choose.  All layers plus the output
     head (-ngl > n_layer) count as GPU-resident; -ngl = n_layer leaves the head on the CPU."""
     import llama_cpp
+    from tinymodel import write_tiny_model  # tests/ is on sys.path (conftest.py)
 
     from specli.backends import gguf
     from specli.backends.base import LoadOptions
     from specli.backends.gguf import GGUFModel
-    from tests.tinymodel import write_tiny_model
 
     path = write_tiny_model(tmp_path / "tiny.gguf", n_layer=2)
     monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
@@ -86,11 +86,11 @@ def test_duo_drafter_gets_the_cores_a_gpu_target_leaves(tmp_path, monkeypatch):
     """runtime.load: with the target GPU-resident (faked, as above) on a 6-core machine,
     duo's drafter gets 6 - 2 - 1 = 3 threads; told --threads, both keep it."""
     import llama_cpp
+    from tinymodel import write_tiny_model  # tests/ is on sys.path (conftest.py)
 
     from specli import runtime
     from specli.backends import gguf
     from specli.backends.base import LoadOptions
-    from tests.tinymodel import write_tiny_model
 
     target = write_tiny_model(tmp_path / "t.gguf", n_layer=2)
     draft = write_tiny_model(tmp_path / "d.gguf", base=target, noise=0.1)
