@@ -3,7 +3,8 @@
 The cost of one target pass over k tokens is not linear in k and differs by an order
 of magnitude between a CPU and a GPU, so the budget needs it measured for the exact
 model file, runtime, device settings and thread count.  The result is cached in
-$SPECLI_HOME/calibration/ and reused until any of those change.
+$SPECLI_HOME/calibration/ and reused until any of those change, or until a few plain
+steps timed at load disagree with it (it was measured on a busy machine, say).
 
 For duo (drafting beside verification) the pair is also measured side by side: how much
 slower a target pass runs while the drafter drafts next to it, and what a drafted token
@@ -214,6 +215,31 @@ def measure_overlap(target: Backend, draft: Backend) -> tuple[float, float]:
     return max(1.0, statistics.median(ratios)), drafted
 
 
+# A cached calibration is checked against a few plain steps timed now: one measured while
+# the machine was busy (or on other power settings) would otherwise steer every later run.
+RECHECK_STEPS = 3
+STALE_RATIO = 1.5  # re-measure when a plain step now takes over 1.5x more, or less
+MIN_CHECKED_STEP_S = 0.002  # shorter steps are too noisy to judge by 3 samples
+
+
+def plain_step(target: Backend) -> float:
+    """Median time of one plain decoding step now, at a short context."""
+    ctx = target.tokenize(CONTEXT, add_bos=target.add_bos)
+    ctx = ctx[: max(1, min(len(ctx), target.n_ctx - RECHECK_STEPS - 2))]
+    target.truncate(0)
+    target.eval(ctx)
+    times = [_timed(lambda t=t: target.eval([t], [0])) for t in (ctx * 4)[: RECHECK_STEPS + 1]]
+    target.truncate(0)
+    return statistics.median(times[1:])  # the first is a warm-up
+
+
+def is_stale(cached_step: float, step_now: float, ratio: float = STALE_RATIO) -> bool:
+    """Whether a plain step timed now disagrees with the cached one by more than `ratio`."""
+    if cached_step < MIN_CHECKED_STEP_S or step_now <= 0:
+        return False
+    return not (1 / ratio <= step_now / cached_step <= ratio)
+
+
 def calibration_path(key: str) -> Path:
     return specli_home() / "calibration" / f"{key}.json"
 
@@ -232,8 +258,10 @@ def load_or_measure(
             cost = CostModel(list(data["verify"]), float(data["draft"]), float(data["catch_up"]),
                              float(data.get("overlap_verify", 1.0)),
                              float(data.get("overlap_draft", 0.0)))
-            return cost, False
-        except (OSError, ValueError, KeyError, TypeError):
+            cached = cost.verify[0]
+            if cached < MIN_CHECKED_STEP_S or not is_stale(cached, plain_step(target)):
+                return cost, False
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
             pass  # unreadable cache: measure again
     cost = measure(target, draft, overlap=overlap)
     record = {

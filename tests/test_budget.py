@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from specli.backends.base import LoadOptions
@@ -15,7 +17,7 @@ from specli.budget import (
     keep_drafting,
     parse_budget,
 )
-from specli.calibrate import cache_key, load_or_measure, measure
+from specli.calibrate import cache_key, calibration_path, is_stale, load_or_measure, measure
 from specli.drafters.model import ModelDrafter
 from specli.engine import Engine, GenerationConfig
 from specli.runtime import encode_prompt
@@ -145,3 +147,29 @@ def test_calibration_measures_and_caches(tiny_paths, tiny_models, tmp_path, monk
     assert measured and not measured_again and again == first
     assert cache_key(t, d, opts) != cache_key(t, None, opts)
     assert cache_key(t, d, opts) != cache_key(t, d, LoadOptions(n_ctx=512, n_threads=2))
+
+
+def test_stale_rule():
+    assert not is_stale(0.025, 0.026) and not is_stale(0.025, 0.020)
+    assert is_stale(0.0435, 0.0258)  # measured on a busy machine: 1.7x the step now
+    assert is_stale(0.020, 0.040)
+    assert not is_stale(0.0005, 0.005)  # sub-2 ms steps are too noisy to judge
+
+
+def test_a_cached_calibration_that_disagrees_with_now_is_measured_again(
+    tiny_models, tmp_path, monkeypatch
+):
+    """A calibration cached while the machine was busy would steer every later run:
+    at load a few plain steps are timed and a cache that disagrees is replaced."""
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
+    t, d = tiny_models["target"], tiny_models["draft"]
+    opts = LoadOptions(n_ctx=512, n_threads=1)
+    first, _ = load_or_measure(t, d, opts)
+    path = calibration_path(cache_key(t, d, opts))
+    record = json.loads(path.read_text("utf-8"))
+    record["verify"] = [0.05 * (i + 1) for i in range(len(record["verify"]))]  # 50 ms steps
+    path.write_text(json.dumps(record), "utf-8")
+    again, measured = load_or_measure(t, d, opts)
+    assert measured, "a 50 ms cached step against a sub-ms step now was kept"
+    assert again.verify[0] < 0.01
+    assert json.loads(path.read_text("utf-8"))["verify"][0] < 0.01  # the cache was replaced
