@@ -377,8 +377,9 @@ def calibrate(
     """Measure (again) what verifying k tokens and drafting one cost on this machine.
 
     The adaptive budget does this automatically on first use of a model pair with given
-    threads and GPU layers and caches it in $SPECLI_HOME/calibration; this forces a
-    fresh measurement and prints it.
+    threads and GPU layers and caches it in $SPECLI_HOME/calibration (measured again
+    by itself when plain steps timed at load disagree with it by over 1.5x); this forces
+    a fresh measurement and prints it.
     """
     from . import runtime
     from .budget import describe_costs
