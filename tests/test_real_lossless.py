@@ -37,6 +37,24 @@ def _compare(target, draft, prompt_text: str, cfg: GenerationConfig):
     return prompt, plain, spec
 
 
+def _identity_row(target, prompt, plain, spec, label: str, window: int,
+                  unexplained: list) -> str:
+    """Greedy identity of one run against plain decoding, as a report row: identical, or
+    a first divergence judged by the near-tie rule; one it does not explain is added to
+    `unexplained`."""
+    i = first_difference(plain.tokens, spec.tokens)
+    if i is None:
+        # no differing token: both must also have stopped at the same place
+        assert plain.tokens == spec.tokens, (label, len(plain.tokens), len(spec.tokens))
+        return (f"{label} identical ({len(plain.tokens)} tokens), "
+                f"{spec.stats.mean_accepted:.2f} tokens per pass")
+    d = analyse(target, prompt, plain.tokens, i, window=window)
+    if not d.explained:
+        unexplained.append((label, d))
+    return (f"{label} diverges at {i:2d}: top-2 gap {d.gap:.3f} < noise {d.noise:.3f}"
+            f" ? {d.explained}")
+
+
 def test_pair_shares_tokenizer(qwen_pair):
     target, draft = qwen_pair
     assert same_tokenizer(target, draft)  # every token string equal
@@ -51,19 +69,8 @@ def test_greedy_identity_up_to_noise(qwen_pair, report):
         prompt, plain, spec = _compare(target, draft, p.text, cfg)
         drafted += spec.stats.drafted
         accepted += spec.stats.accepted
-        i = first_difference(plain.tokens, spec.tokens)
-        if i is None:
-            # no differing token: both must also have stopped at the same place
-            assert plain.tokens == spec.tokens, (p.category, len(plain.tokens), len(spec.tokens))
-            rows.append(f"{p.category:15s} identical ({len(plain.tokens)} tokens)")
-            continue
-        d = analyse(target, prompt, plain.tokens, i, window=DRAFT_MAX + 4)
-        rows.append(
-            f"{p.category:15s} diverges at {i:2d}: top-2 gap {d.gap:.3f} < noise {d.noise:.3f}"
-            f" ? {d.explained}"
-        )
-        if not d.explained:
-            unexplained.append((p.category, d))
+        rows.append(_identity_row(target, prompt, plain, spec, f"{p.category:15s}",
+                                  DRAFT_MAX + 4, unexplained))
     report("greedy identity, Qwen 1.5B target + 0.5B draft, 64 tokens", rows)
     assert len(rows) >= 10
     assert not unexplained, f"divergences not explained by batch noise: {unexplained}"
@@ -165,17 +172,8 @@ def test_lookup_hd_trees_and_cascade_greedy_identity(qwen_pair, report, monkeypa
         for name, drafter in drafters.items():
             spec = Engine(target, drafter, FixedBudget(6)).generate(prompt, cfg, name)
             accepted += spec.stats.accepted
-            i = first_difference(plain.tokens, spec.tokens)
-            if i is None:
-                assert plain.tokens == spec.tokens
-                rows.append(f"{p.category:14s} {name:8s} identical, "
-                            f"{spec.stats.mean_accepted:.2f} tokens per pass")
-                continue
-            d = analyse(target, prompt, plain.tokens, i, window=3 * 6 + 4)
-            rows.append(f"{p.category:14s} {name:8s} diverges at {i}: gap {d.gap:.3f}"
-                        f" < noise {d.noise:.3f} ? {d.explained}")
-            if not d.explained:
-                unexplained.append((p.category, name, d))
+            rows.append(_identity_row(target, prompt, plain, spec,
+                                      f"{p.category:14s} {name:8s}", 3 * 6 + 4, unexplained))
     rows.append(f"{len(trees)} target passes verified candidate trees")
     report("greedy identity, lookup, hd, hd trees and draft+hd on the 1.5B target", rows)
     assert not unexplained, unexplained
@@ -200,16 +198,8 @@ def test_cross_tokenizer_greedy_identity(qwen_pair, cross_drafters, report, name
             prompt, cfg, "draft")
         drafted += spec.stats.drafted
         accepted += spec.stats.accepted
-        i = first_difference(plain.tokens, spec.tokens)
-        if i is None:
-            assert plain.tokens == spec.tokens
-            rows.append(f"{p.category:14s} identical, {spec.stats.mean_accepted:.2f} per pass")
-            continue
-        d = analyse(target, prompt, plain.tokens, i, window=8)
-        rows.append(f"{p.category:14s} diverges at {i}: gap {d.gap:.3f} < noise {d.noise:.3f}"
-                    f" ? {d.explained}")
-        if not d.explained:
-            unexplained.append((p.category, d))
+        rows.append(_identity_row(target, prompt, plain, spec, f"{p.category:14s}", 8,
+                                  unexplained))
     rows.append(f"accepted {accepted} of {drafted} drafted tokens")
     report(f"greedy identity, 1.5B target with {name} (cross-tokenizer), 48 tokens", rows)
     assert not unexplained, unexplained
@@ -250,17 +240,8 @@ def test_duo_greedy_identity_up_to_noise(qwen_pair, report):
         else:
             assert duo.hits == 0 and duo.speculated > 0
         accepted += spec.stats.accepted
-        i = first_difference(plain.tokens, spec.tokens)
-        if i is None:
-            assert plain.tokens == spec.tokens
-            rows.append(f"{p.category:15s} {name:15s} identical, "
-                        f"{spec.stats.mean_accepted:.2f} tokens per pass")
-            continue
-        d = analyse(target, prompt, plain.tokens, i, window=DRAFT_MAX + 4)
-        rows.append(f"{p.category:15s} {name:15s} diverges at {i:2d}: top-2 gap {d.gap:.3f}"
-                    f" < noise {d.noise:.3f} ? {d.explained}")
-        if not d.explained:
-            unexplained.append((p.category, name, d))
+        rows.append(_identity_row(target, prompt, plain, spec, f"{p.category:15s} {name:15s}",
+                                  DRAFT_MAX + 4, unexplained))
     rows.append(f"early work used in {hits} rounds; {trees} multi-sequence drafts")
     report("greedy identity, duo, Qwen 1.5B target + 0.5B draft beside it, 64 tokens", rows)
     assert not unexplained, unexplained
