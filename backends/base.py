@@ -36,6 +36,21 @@ class LoadOptions:
     device: str = "auto"
 
 
+@dataclass
+class StepClock:
+    """Time a model spends in one-token forward passes: a drafter's steps.  Set beside
+    the calibrated cost of the same step, it shows whether drafting inside a generation
+    runs at the model's standalone speed (thread pools, other threads and the GIL can
+    make it several times slower without changing a single token)."""
+
+    steps: int = 0
+    seconds: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+
+
 class Backend(Protocol):
     """A loaded causal LM with its tokenizer and a single rollback-able KV sequence."""
 
@@ -46,6 +61,7 @@ class Backend(Protocol):
     tokens: list[int]  # what the KV cache holds, in order
     bos: int | None  # the BOS token id, if the vocabulary has one
     placement: str  # where it runs, for --stats and --json ("llama.cpp CPU, 2 threads")
+    step_clock: StepClock  # one-token evals, timed (see StepClock)
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
         """Text to token ids; `special` parses control tokens such as <|im_end|>."""

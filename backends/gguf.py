@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 
 from ..errors import SpecliError
 from ..threads import available_cores, target_threads
-from .base import LoadOptions
+from .base import LoadOptions, StepClock
 
 GGUF_MAGIC = b"GGUF"
 _FLASH = {
@@ -198,6 +199,7 @@ class GGUFModel:
         # an evaluated tree awaiting keep_path: first node position, tokens, sequences
         self._tree: tuple[int, list[int], list[list[int]], int] | None = None
         self.tokens: list[int] = []
+        self.step_clock = StepClock()
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
 
     # -- tokenizer -----------------------------------------------------------------
@@ -272,6 +274,7 @@ class GGUFModel:
             raise SpecliError(
                 f"context full: {len(self.tokens)} + {len(tokens)} tokens > --ctx {self.n_ctx}"
             )
+        t0 = time.perf_counter()
         want = set(logits_for)
         rows: list[np.ndarray] = []
         b = self._batch
@@ -298,6 +301,8 @@ class GGUFModel:
             for j in out_idx:
                 ptr = llama_cpp.llama_get_logits_ith(self._ctx, j)
                 rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        if len(tokens) == 1:
+            self.step_clock.add(time.perf_counter() - t0)
         if not rows:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         return np.stack(rows)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SpecliError
-from .base import LoadOptions
+from .base import LoadOptions, StepClock
 
 DEVICES = ("auto", "cpu", "gpu", "npu")
 # execution providers that put a whole model on a GPU, best first
@@ -247,6 +248,7 @@ class ONNXModel:
         self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
         self.tokens: list[int] = []
+        self.step_clock = StepClock()
         self._past: list[np.ndarray] = []
         self.truncate(0)
 
@@ -373,12 +375,15 @@ class ONNXModel:
         if len(self.tokens) + len(tokens) > self.n_ctx:
             raise SpecliError(
                 f"context full: {len(self.tokens)} + {len(tokens)} tokens > --ctx {self.n_ctx}")
+        t0 = time.perf_counter()
         want = sorted(set(logits_for))
         rows: list[np.ndarray] = []
         for start in range(0, len(tokens), self.n_batch):
             chunk = list(tokens[start : start + self.n_batch])
             local = [i - start for i in want if start <= i < start + len(chunk)]
             rows.append(self._run(chunk, local))
+        if len(tokens) == 1:
+            self.step_clock.add(time.perf_counter() - t0)
         if not rows:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         return np.concatenate(rows).astype(np.float32, copy=False)

@@ -1,19 +1,37 @@
 #!/usr/bin/env bash
-# One-shot GPU timing check for DuoDecoding (issue #8), for a machine with an NVIDIA GPU and
-# no network.  Run from the repository root:
+# One-shot GPU timing check for DuoDecoding (issues #8, #14), for a machine with an NVIDIA GPU
+# and no network.  Run from the repository root:
 #
 #     bash scripts/gpu_check.sh .gpu            # .gpu/ from scripts/pack_gpu_bundle.sh
 #
-# Phases, each with its own time limit inside TOTAL_BUDGET: install the carried wheels,
-# build llama-cpp-python with CUDA for this GPU from the trimmed source, install specli,
-# write RANDOM-WEIGHT timing models (scripts/make_timing_models.py: the numbers time the
-# pipeline, not a real model pair), measure their greedy agreement, then `specli bench`
-# with the target on the GPU and the drafter on the CPU.  Everything useful goes to stdout
-# as it happens; with $OUT set, the summary and the bench's files are copied there.
+# Phases, each with its own time limit inside TOTAL_BUDGET: a time and disk plan (shapes
+# checked before anything slow), install the carried wheels, build llama-cpp-python with
+# CUDA for this GPU from the trimmed source (or unpack a carried build), install specli,
+# then per noise level: write a RANDOM-WEIGHT timing pair (scripts/make_timing_models.py:
+# the numbers time the pipeline, not a real model pair), measure its greedy agreement and
+# run `specli bench` with the target on the GPU and the drafter on the CPU.  The probes
+# (each llama.cpp call in its own process) and the thread-split sweep run once, on the
+# first pair.  Everything useful goes to stdout as it happens; with $OUT set, the summary,
+# one archive of logs and results, and the fresh build's parts are copied there.
 #
 # Env (defaults in brackets):
-#   METHODS [none,draft,duo]  bench methods; ones this specli does not know are dropped,
-#                             loudly
+#   METHODS [none,draft,duo]  bench methods, comma list as `specli bench --methods` takes it
+#                             (e.g. none,auto,draft,duo,draft@fixed:4,duo@fixed:4); ones
+#                             this specli does not know are dropped, loudly
+#   PRESET [gpu; small with SKIP_BUILD=1]  timing-model shapes, see make_timing_models.py
+#   DRAFT_SHAPE, TARGET_SHAPE []  n_embd,n_layer,n_head,n_head_kv,n_ff: override the preset's
+#                             drafter / target (same head size and GQA group; the target
+#                             wider and deeper); checked in the plan phase, before the build
+#   NOISES [generator's default, 0.5]  noise levels, space- or comma-separated ("0.3 0.1"):
+#                             one pair, agreement and bench per level, in order; the drafter
+#                             does not depend on the noise, so the pairs share its file.
+#                             NOISE: a single level, used when NOISES is unset
+#   QUANT [q4_k_m]            also write llama.cpp-quantised copies of each pair (none: f16 only)
+#   PROBES [q:3 q:1 f:3 f:1]  scripts/gpu_probe.py runs, one process each (MODELS:BRANCHES,
+#                             q = quantised pair, f = f16 pair), with CUDA_LAUNCH_BLOCKING=1;
+#                             the bench runs the first that passed.  none (or empty): no
+#                             probes, the bench runs BENCH_CONFIG
+#   BENCH_CONFIG [first probe passed; q:3, or f:3 with QUANT=none, when no probes]
 #   SKIP_BUILD [0]            1: use the llama-cpp-python $PYTHON already imports (CPU test)
 #   NGL [99; 0 with SKIP_BUILD=1]  target layers on the GPU (-ngl; required when > 0)
 #   DRAFT_FLAGS [--draft-gpu-layers 0 --draft-threads 8]  each flag the bench lacks is
@@ -23,18 +41,46 @@
 #                             (SPEED_TARGET_THREADS x SPEED_DRAFT_THREADS) and the bench
 #                             takes the split with the fastest draft or duo round
 #   EXTRA_BENCH_FLAGS []      passed to `specli bench` as they are (e.g. "--budget fixed:4")
-#   PRESET [gpu; small with SKIP_BUILD=1]  timing-model size; NOISE [generator's default]
-#   CATEGORIES [all] LIMIT [1] NTOK [128] REPEATS [1]  the bench's prompts and length
-#   QUANT [q4_k_m]            also write llama.cpp-quantised copies of the pair (none: f16 only)
-#   PROBES [q:3 q:1 f:3 f:1]  scripts/gpu_probe.py runs, one process each (MODELS:BRANCHES,
-#                             q = quantised pair, f = f16 pair), with CUDA_LAUNCH_BLOCKING=1;
-#                             the bench runs the first that passed (BENCH_CONFIG overrides)
-#   PACK_BUILD [1]            also return the fresh CUDA build in $OUT (xz parts), so a rerun
-#                             on a fresh machine carries it in $BUNDLE/build/ and skips the build
+#   CATEGORIES [all: 13] LIMIT [1] NTOK [128] REPEATS [1]  the bench's prompts and length
+#   BENCH_TIMEOUT [300]       one bench's own time limit (SIGINT: it keeps what finished)
+#   BENCH_MS_PER_TOKEN [8]    the plan's bench wall time per generated token, all methods
+#                             together (H200, 1.9B Q4_K_M pair, 2026-11-26: about 6)
+#   PACK_BUILD [1]            also return a fresh CUDA build in $OUT as xz parts of
+#                             PACK_PART_SIZE [15M] each (the device tool returns files up to
+#                             16 MiB, 8 files, 64 MiB together), see "Carrying the build"
 #   CUDA_ARCH [from nvidia-smi]  e.g. 90;  CUDA_FA [OFF]  compile FlashAttention kernels
 #   JOBS [nproc] BUILD_TIMEOUT [420]  parallel compile jobs, the build's own time limit
 #   TOTAL_BUDGET [540]        seconds for the whole run; PYTHON [python3]; WORK [/tmp/specli-gpu]
-#   REUSE_BUILD [1]           a rerun on the same machine keeps a finished build
+#   REUSE_BUILD [1]           reuse a finished build: this machine's (a rerun) or a carried one
+#
+# Time plan.  Before the build the script prints an estimate per phase (from the target's
+# size, the bench's prompt x method x token count and whether a build is carried) and says
+# which noise levels fit.  Before each further noise level it estimates that level's pair,
+# agreement and bench again against the time left, and skips the level LOUDLY (a SKIPPED
+# line in the summary) rather than overrun; an agreement measurement is skipped when it
+# would leave its bench short.  Measured on an H200 (2026-11-26): CUDA build 215 s, 1.9B
+# pair written in 14 s and quantised in 27 s.
+#
+# Carrying the build (keeps a fresh machine from spending ~200-230 s on it; the build never
+# enters the repository).  A run that built hands back llama-build.tar.xz.part00, part01, ...
+# in $OUT.  Put them, and only them, in the ignored bundle folder before the next call:
+#     mkdir -p .gpu/build && rm -f .gpu/build/* && cp <files_at>/llama-build.tar.xz.part* .gpu/build/
+# and call with carry [".gpu"] as always (.gpu/ must stay ignored: pack_gpu_bundle.sh adds
+# /.gpu/ to .git/info/exclude; the bundle plus the parts must fit the 64 MiB that travel,
+# check with `du -sh .gpu`).  The build phase then unpacks $BUNDLE/build/llama-build.tar.xz.part*
+# and uses it when it was made with the same llama-cpp-python version and CMAKE_ARGS
+# (CUDA_ARCH: 90 on both the H100 and the H200; CUDA_FA; the CUDA paths of the machine
+# image); otherwise it says so and builds.  A reused build is not handed back again.
+#
+# The issue #14 check (6.1B f16 target, 87M drafter, two noise levels), one device call with
+# timeout_s 600 and carry [".gpu"]:
+#     TARGET_SHAPE=4096,32,64,16,11008 DRAFT_SHAPE=512,12,8,2,1536 NOISES="0.3 0.1" QUANT=none PROBES=f:3 METHODS=none,auto,draft,duo,draft@fixed:4,duo@fixed:4 LIMIT=1 NTOK=128 bash scripts/gpu_check.sh .gpu
+# Planned (seconds; target 12.2 GB f16, 13 prompts x 6 methods x 128 tokens, TOTAL_BUDGET 540):
+#   setup ~10, build ~15 when carried (~230 when not), then per noise level: pair written ~50
+#   (disk 12.2 GB per target + 0.17 GB drafter, shared), agreement ~20, bench ~130, plus
+#   once probe ~10 and thread sweep ~20: about 460 s with the build carried.  Without it the
+#   first level (~475 s) fits and the second is skipped loudly; that call hands the build
+#   back, so the next one (carrying it) runs both levels.
 set -uo pipefail
 
 BUNDLE=${1:-.gpu}
@@ -47,22 +93,29 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 METHODS=${METHODS:-none,draft,duo}
 if [[ $SKIP_BUILD == 1 ]]; then NGL=${NGL:-0}; PRESET=${PRESET:-small}; else
     NGL=${NGL:-99}; PRESET=${PRESET:-gpu}; fi
+DRAFT_SHAPE=${DRAFT_SHAPE:-}
+TARGET_SHAPE=${TARGET_SHAPE:-}
 DRAFT_FLAGS=${DRAFT_FLAGS---draft-gpu-layers 0 --draft-threads 8}
 if [[ $SKIP_BUILD == 1 ]]; then THREADS=${THREADS:-}; else THREADS=${THREADS:-auto}; fi
 SPEED_TARGET_THREADS=${SPEED_TARGET_THREADS:-1,2,16}
 SPEED_DRAFT_THREADS=${SPEED_DRAFT_THREADS:-2,4,8,16}
 EXTRA_BENCH_FLAGS=${EXTRA_BENCH_FLAGS:-}
 NOISE=${NOISE:-}
+NOISES=${NOISES:-}
 CATEGORIES=${CATEGORIES:-}
 LIMIT=${LIMIT:-1}
 NTOK=${NTOK:-128}
 REPEATS=${REPEATS:-1}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
+BENCH_MS_PER_TOKEN=${BENCH_MS_PER_TOKEN:-8}
 CUDA_FA=${CUDA_FA:-OFF}
 REUSE_BUILD=${REUSE_BUILD:-1}
 QUANT=${QUANT:-q4_k_m}
-PROBES=${PROBES:-q:3 q:1 f:3 f:1}
+PROBES=${PROBES-q:3 q:1 f:3 f:1}
+[[ $PROBES == none ]] && PROBES=""
 BENCH_CONFIG=${BENCH_CONFIG:-}
 PACK_BUILD=${PACK_BUILD:-1}
+PACK_PART_SIZE=${PACK_PART_SIZE:-15M}
 if [[ $QUANT == none ]]; then  # no quantised pair: drop its probes
     kept=""
     for c in $PROBES; do [[ $c == q:* ]] || kept+="$c "; done
@@ -72,6 +125,7 @@ JOBS=${JOBS:-$(nproc)}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-420}
 LCP_VERSION=0.3.36
 RESERVE=15  # seconds kept for the summary at the end
+ALL_CATEGORIES=13  # the bench's prompt categories when CATEGORIES is empty
 
 SITE=$WORK/site              # wheels and specli, fresh each run
 LLAMA_SITE=$WORK/llama-site  # the CUDA build, kept for a rerun
@@ -79,6 +133,8 @@ export PYTHONPATH=$SITE:$LLAMA_SITE${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export SPECLI_HOME=$WORK/home  # fresh calibration, no history, no registry downloads
 declare -a PHASE_LINES=()
+declare -a TAGS=()  # noise levels whose pair was written: noise0.3, ...
+PASSED=()
 STATUS=ok
 
 elapsed() { echo $(($(date +%s) - START)); }
@@ -101,8 +157,13 @@ phase_end() {  # phase_end RC [note]
     PHASE_LINES+=("| $PHASE | $result | $dt | ${2:-} |")
     echo "=============== END $PHASE: rc=$1, ${dt}s (elapsed $(elapsed)s) ==============="
 }
+skipped() {  # skipped WHAT WHY: a phase not run, loudly, in the log and the summary
+    say "SKIPPED $1: $2"
+    PHASE_LINES+=("| $1 | SKIPPED | | $2 |")
+}
 limit_for() {  # limit_for DEFAULT: the phase's limit, never past the total budget
     local left=$(($(remaining) - RESERVE))
+    ((left < 1)) && left=1  # (timeout 0 would mean no limit at all)
     ((left < $1)) && echo "$left" || echo "$1"
 }
 fail() {  # fail MESSAGE: stop here, still writing the summary
@@ -113,31 +174,39 @@ fail() {  # fail MESSAGE: stop here, still writing the summary
 }
 
 write_summary() {
-    local f=$WORK/gpu_check_summary.md
+    local f=$WORK/gpu_check_summary.md tag
     {
         echo "# specli gpu_check ($(date -u +%FT%TZ))"
         echo
         echo "- status: $STATUS"
         echo "- models: RANDOM-WEIGHT timing models (scripts/make_timing_models.py, preset" \
-            "$PRESET): these numbers time the pipeline, not a real model pair"
+            "$PRESET${DRAFT_SHAPE:+, drafter $DRAFT_SHAPE}${TARGET_SHAPE:+, target $TARGET_SHAPE}):" \
+            "these numbers time the pipeline, not a real model pair"
+        echo "- noise levels asked: ${NOISE_LIST[*]:-default}; benched: ${BENCHED[*]:-none}"
         echo "- machine: ${GPU_INFO:-no GPU queried}; $(nproc) CPU cores"
         echo "- repo: ${COMMIT:-unknown}; methods asked: $METHODS; run: ${RUN_METHODS:-}"
-        echo "- bench configuration: ${CONFIG:-none} (probes passed: ${PASSED[*]:-none})"
+        echo "- bench configuration: ${CONFIG:-none} (probes${PROBES:+ passed: ${PASSED[*]:-none}" \
+            "of $PROBES}${PROBES:- skipped})"
         echo "- bench flags: ${BENCH_FLAGS_TEXT:-}"
+        echo "- plan: ${PLAN_TEXT:-none}"
         echo "- total: $(elapsed)s of $TOTAL_BUDGET"
         echo
         echo "| phase | result | seconds | note |"
         echo "|---|---|---|---|"
         printf '%s\n' "${PHASE_LINES[@]}"
-        if [[ -f $WORK/models/models.json ]]; then
+        for tag in "${TAGS[@]}"; do
             echo
-            echo '```'
-            cat "$WORK/models/models.json"
-            [[ -f $WORK/models/agreement.json ]] && cat "$WORK/models/agreement.json"
-            echo '```'
-        fi
-        [[ -f $WORK/methods.md ]] && { echo; cat "$WORK/methods.md"; }
-        [[ -f $WORK/bench/summary.md ]] && { echo; cat "$WORK/bench/summary.md"; }
+            echo "## $tag"
+            if [[ -f $WORK/models-$tag/models.json ]]; then
+                echo
+                echo '```'
+                cat "$WORK/models-$tag/models.json"
+                [[ -f $WORK/models-$tag/agreement.json ]] && cat "$WORK/models-$tag/agreement.json"
+                echo '```'
+            fi
+            [[ -f $WORK/methods-$tag.md ]] && { echo; cat "$WORK/methods-$tag.md"; }
+            [[ -f $WORK/bench-$tag/summary.md ]] && { echo; cat "$WORK/bench-$tag/summary.md"; }
+        done
     } >"$f"
 }
 
@@ -145,32 +214,56 @@ pack_wait() {  # the background packing of the build, waited for once
     if [[ -n ${PACK_PID:-} && -z ${PACK_RC:-} ]]; then
         wait "$PACK_PID"
         PACK_RC=$?
-        say "build packed (rc $PACK_RC): $(du -ch "$WORK"/pack/* 2>/dev/null | tail -1)"
+        say "build packed (rc $PACK_RC): $(ls -l "$WORK"/pack/ 2>/dev/null | grep -c part)" \
+            "part(s), $(du -ch "$WORK"/pack/* 2>/dev/null | tail -1)"
     fi
 }
 
 finish() {
+    local tag f
     write_summary
     echo
     echo "=============== SUMMARY ==============="
     printf '%s\n' "status: $STATUS" "| phase | result | seconds | note |" "${PHASE_LINES[@]}"
-    [[ -f $WORK/methods.md ]] && cat "$WORK/methods.md"
+    for tag in "${TAGS[@]}"; do
+        [[ -f $WORK/methods-$tag.md ]] && { echo "$tag:"; cat "$WORK/methods-$tag.md"; }
+    done
     if [[ -n ${OUT:-} ]]; then
-        # at most 8 files come back: the summary, one archive of logs and results, and
-        # the build's parts
+        # at most 8 files come back (16 MiB each, 64 MiB together): the summary, one
+        # archive of logs and results (bench-noiseX/ folders inside), the build's parts
+        rm -rf "$WORK/logs"
         mkdir -p "$OUT" "$WORK/logs"
         cp "$WORK/gpu_check_summary.md" "$OUT/" 2>/dev/null
-        for f in bench/summary.md bench/summary.json bench/results.jsonl probe.log \
-            speed.log quantize.log specli-pip.log; do
-            [[ -f $WORK/$f ]] && cp "$WORK/$f" "$WORK/logs/${f//\//_}"
+        for f in probe.log speed.log quantize.log specli-pip.log plan.log; do
+            [[ -f $WORK/$f ]] && cp "$WORK/$f" "$WORK/logs/$f"
+        done
+        for tag in "${TAGS[@]}"; do
+            mkdir -p "$WORK/logs/bench-$tag"
+            for f in summary.md summary.json results.jsonl; do
+                [[ -f $WORK/bench-$tag/$f ]] && cp "$WORK/bench-$tag/$f" "$WORK/logs/bench-$tag/"
+            done
+            for f in models.json agreement.json; do
+                [[ -f $WORK/models-$tag/$f ]] && cp "$WORK/models-$tag/$f" "$WORK/logs/bench-$tag/"
+            done
+            [[ -f $WORK/bench-$tag.log ]] &&
+                tail -n 3000 "$WORK/bench-$tag.log" >"$WORK/logs/bench-$tag/bench_log_tail.txt"
         done
         [[ -f $WORK/build.log ]] && { head -n 150 "$WORK/build.log"; echo "[...]"
             tail -n 300 "$WORK/build.log"; } >"$WORK/logs/build_log.txt"
-        [[ -f $WORK/bench.log ]] && tail -n 3000 "$WORK/bench.log" >"$WORK/logs/bench_log_tail.txt"
         tar -C "$WORK/logs" -czf "$OUT/logs.tar.gz" .
         pack_wait
         if [[ ${PACK_RC:-} == 0 ]]; then
-            cp "$WORK"/pack/llama-build.tar.xz.part* "$OUT/"
+            local n kb
+            n=$(find "$WORK/pack" -name 'llama-build.tar.xz.part*' | wc -l)
+            kb=$(du -ck "$WORK"/pack/llama-build.tar.xz.part* | tail -1 | cut -f1)
+            if ((n > 6 || kb > 56 * 1024)); then  # the device tool would drop some
+                say "WARNING: the packed build ($n parts, $((kb / 1024)) MiB) is over what" \
+                    "\$OUT returns (8 files, 64 MiB): not handed back"
+            else
+                cp "$WORK"/pack/llama-build.tar.xz.part* "$OUT/"
+                say "build handed back: $n part(s), $((kb / 1024)) MiB; next time put them in" \
+                    ".gpu/build/ and carry .gpu (header of this script)"
+            fi
         elif [[ -n ${PACK_RC:-} ]]; then
             say "WARNING: packing the build failed (rc $PACK_RC)"
         fi
@@ -182,12 +275,16 @@ finish() {
 # ------------------------------------------------------------------------------------------
 phase env
 mkdir -p "$WORK"
-rm -rf "${WORK:?}"/{site,bench,home,methods.md,bench.log}
+# earlier runs' results and pairs (a pair is 12 GB and more: the disk is 64 GiB)
+rm -rf "${WORK:?}"/{site,bench,home,logs,models,methods.md,bench.log,plan.log}
+rm -rf "${WORK:?}"/models-noise* "${WORK:?}"/bench-noise* "${WORK:?}"/methods-noise*.md
 BUNDLE=$(cd "$BUNDLE" 2>/dev/null && pwd) || fail "no bundle folder ${1:-.gpu}"
 COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "unknown (no .git)")
 say "repo $REPO ($COMMIT), bundle $BUNDLE, work $WORK, budget ${TOTAL_BUDGET}s"
 say "python: $($PYTHON --version 2>&1) at $(command -v "$PYTHON")"
 say "cpu: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)"
+say "memory: $(free -g | awk '/^Mem:/ {print $2 " GiB, " $7 " GiB available"}');" \
+    "disk under $WORK: $(df -h --output=avail "$WORK" | tail -1 | tr -d ' ') free"
 if command -v nvidia-smi >/dev/null; then
     GPU_INFO=$(nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap \
         --format=csv,noheader 2>&1 | head -1)
@@ -198,7 +295,104 @@ else
     say "WARNING: no nvidia-smi"
 fi
 sed -n '1,3p' "$BUNDLE/MANIFEST.txt" 2>/dev/null
+# noise levels: NOISES (space or comma list), else NOISE, else the generator's default
+[[ -n $NOISES && -n $NOISE ]] && say "WARNING: NOISES=$NOISES and NOISE=$NOISE: NOISE ignored"
+NOISE_LIST=()
+IFS=', ' read -r -a words <<<"${NOISES:-$NOISE}"
+for n in "${words[@]}"; do
+    [[ -z $n ]] && continue
+    [[ $n =~ ^[0-9]*\.?[0-9]+$ ]] || fail "noise '$n' is not a number (NOISES=${NOISES:-$NOISE})"
+    NOISE_LIST+=("$n")
+done
+if ((${#NOISE_LIST[@]} == 0)); then
+    NOISE_LIST=("$(sed -n 's/^DEFAULT_NOISE = \([0-9.]*\).*/\1/p' \
+        "$REPO/scripts/make_timing_models.py")")
+    [[ -n ${NOISE_LIST[0]} ]] || fail "cannot read DEFAULT_NOISE from make_timing_models.py"
+fi
+BENCHED=()
+say "noise levels: ${NOISE_LIST[*]}"
 phase_end 0
+
+# ------------------------------------------------------------------------------------------
+phase plan
+# the shapes are checked here, before anything slow; then the time and disk estimates
+GEN_ARGS=(--preset "$PRESET" --tokenizer "$BUNDLE/smollm2-tokenizer.json.gz")
+[[ -n $DRAFT_SHAPE ]] && GEN_ARGS+=(--draft-shape "$DRAFT_SHAPE")
+[[ -n $TARGET_SHAPE ]] && GEN_ARGS+=(--target-shape "$TARGET_SHAPE")
+QUANT_EST=()
+case $QUANT in none) ;; q4_0 | q4_k_m | q8_0) QUANT_EST=(--quant-estimate "$QUANT") ;;
+    *) say "WARNING: no size estimate for QUANT=$QUANT: the disk plan counts f16 only" ;; esac
+timeout 120 "$PYTHON" "$REPO/scripts/make_timing_models.py" write "$WORK/models-plan" \
+    "${GEN_ARGS[@]}" "${QUANT_EST[@]}" --noise "${NOISE_LIST[0]}" --dry-run >"$WORK/plan.log" 2>&1
+rc=$?
+grep -v '^PLAN ' "$WORK/plan.log"
+if ((rc != 0)); then
+    phase_end "$rc"
+    ((rc == 2)) && fail "bad shapes (DRAFT_SHAPE=$DRAFT_SHAPE TARGET_SHAPE=$TARGET_SHAPE" \
+        "PRESET=$PRESET): $(tail -n 1 "$WORK/plan.log")"
+    fail "the timing-model plan failed: $(tail -n 1 "$WORK/plan.log")"
+fi
+# GB: target f16, drafter f16, the pair's quantised copies (estimate); bytes: target + quant
+read -r TGB DGB QGB PAIR_BYTES <<<"$("$PYTHON" - "$WORK/plan.log" <<'EOF2'
+import json, sys
+p = json.loads([x for x in open(sys.argv[1]) if x.startswith("PLAN ")][-1][5:])
+t, d, q = p["target_bytes_planned"], p["draft_bytes_planned"], p["quant_bytes_estimated"]
+print(f"{t / 1e9:.2f} {d / 1e9:.2f} {q / 1e9:.2f} {t + q}")
+EOF2
+)"
+[[ -n ${PAIR_BYTES:-} ]] || fail "cannot read the plan ($WORK/plan.log)"
+est() {  # est EXPR: seconds, EXPR in g (target GB), d (drafter GB), q (quantised GB)
+    awk -v g="$TGB" -v d="$DGB" -v q="$QGB" "BEGIN { printf \"%d\", ($1) + 0.5 }"
+}
+if [[ $SKIP_BUILD == 1 ]]; then EST_BUILD=0; build_how="skipped (SKIP_BUILD=1)"
+elif [[ $REUSE_BUILD == 1 && -f $LLAMA_SITE/.stamp ]]; then EST_BUILD=5; build_how="on this machine"
+elif [[ $REUSE_BUILD == 1 ]] && compgen -G "$BUNDLE/build/llama-build.tar.xz.part*" >/dev/null
+then EST_BUILD=15; build_how="carried in $BUNDLE/build"
+else EST_BUILD=230; build_how="NOT carried: built here"; fi
+n_probes=$(wc -w <<<"$PROBES")
+IFS=, read -r -a cats <<<"$CATEGORIES"
+n_prompts=$(((${#cats[@]} > 0 ? ${#cats[@]} : ALL_CATEGORIES) * LIMIT * REPEATS))
+IFS=, read -r -a meths <<<"$METHODS"
+n_methods=${#meths[@]}
+[[ ,$METHODS, == *,none,* ]] || n_methods=$((n_methods + 1))  # the bench always runs none
+# Per phase, from the H200 run of 2026-11-26 (1.9B Q4_K_M pair): f16 written at ~3.5 s/GB,
+# quantised at ~7 s/GB, a model loaded in ~0.5 s/GB; the bench's setup ~40 s.
+EST_SETUP=10
+EST_WRITE=$(est '5 + 3.5 * (g + d)')
+EST_QUANT=0
+[[ $QUANT != none ]] && EST_QUANT=$(est '8 * (g + d)')
+EST_PROBES=$((n_probes * $(est '5 + 0.5 * g')))
+EST_AGREE=$(est '15 + 0.5 * g')
+EST_SPEED=0
+[[ $THREADS == auto ]] && EST_SPEED=$(est '15 + 0.5 * g')
+EST_BENCH=$(est "40 + g + $n_prompts * $n_methods * $NTOK * $BENCH_MS_PER_TOKEN / 1000")
+EST_FIRST=$((EST_WRITE + EST_QUANT + EST_PROBES + EST_AGREE + EST_SPEED + EST_BENCH))
+EST_NEXT=$((EST_WRITE + EST_QUANT + EST_AGREE + EST_BENCH))  # a further noise level
+total=$((EST_SETUP + EST_BUILD + EST_FIRST))
+fit=1
+for ((k = 1; k < ${#NOISE_LIST[@]}; k++)); do
+    ((total + EST_NEXT <= TOTAL_BUDGET - RESERVE)) && fit=$((fit + 1))
+    total=$((total + EST_NEXT))
+done
+if ((EST_SETUP + EST_BUILD + EST_FIRST > TOTAL_BUDGET - RESERVE)); then fit=0; fi
+disk_need=$(awk -v n="${#NOISE_LIST[@]}" -v b="$PAIR_BYTES" -v d="$DGB" \
+    'BEGIN { printf "%.1f", (n * b) / 1e9 + d }')
+PLAN_TEXT="~${total}s of ${TOTAL_BUDGET}s for ${#NOISE_LIST[@]} noise level(s), $fit fit"
+say "time plan (estimates, seconds): setup $EST_SETUP, build $EST_BUILD ($build_how);" \
+    "first level: pair written $EST_WRITE, quantised $EST_QUANT, probes $EST_PROBES" \
+    "($n_probes), agreement $EST_AGREE, thread sweep $EST_SPEED, bench $EST_BENCH" \
+    "($n_prompts prompts x $n_methods methods x $NTOK tokens at ${BENCH_MS_PER_TOKEN} ms);" \
+    "each further level $EST_NEXT; total ~${total}s of ${TOTAL_BUDGET}s"
+say "disk plan: target ${TGB} GB f16 per level, drafter ${DGB} GB (shared), quantised" \
+    "copies ~${QGB} GB per level: ~${disk_need} GB for ${#NOISE_LIST[@]} level(s);" \
+    "$(df -h --output=avail "$WORK" | tail -1 | tr -d ' ') free (a level's files are" \
+    "deleted after its bench when the next would not fit)"
+if ((fit < ${#NOISE_LIST[@]})); then
+    say "WARNING: by this estimate only $fit of ${#NOISE_LIST[@]} noise level(s)" \
+        "(${NOISE_LIST[*]}) fit in TOTAL_BUDGET=$TOTAL_BUDGET; each further level is" \
+        "checked again against the time left and SKIPPED, loudly, if it does not fit"
+fi
+phase_end 0 "$PLAN_TEXT"
 
 # ------------------------------------------------------------------------------------------
 phase wheels
@@ -294,7 +488,8 @@ else
     stamp="$LCP_VERSION $CMAKE_ARGS"
     if [[ $REUSE_BUILD == 1 && ! -f $LLAMA_SITE/.stamp ]] &&
         compgen -G "$BUNDLE/build/llama-build.tar.xz.part*" >/dev/null; then
-        say "unpacking the carried build from $BUNDLE/build"
+        say "unpacking the carried build from $BUNDLE/build:" \
+            "$(ls "$BUNDLE"/build/llama-build.tar.xz.part* | xargs -n1 basename | tr '\n' ' ')"
         rm -rf "$LLAMA_SITE" && mkdir -p "$LLAMA_SITE"
         cat "$BUNDLE"/build/llama-build.tar.xz.part* | xz -d -T0 | tar -C "$LLAMA_SITE" -xf - ||
             say "WARNING: the carried build did not unpack"
@@ -338,18 +533,21 @@ else
         echo "$stamp" >"$LLAMA_SITE/.stamp"
         if [[ $PACK_BUILD == 1 && -n ${OUT:-} ]]; then  # in the background, for a rerun
             mkdir -p "$WORK/pack" && rm -f "$WORK"/pack/*
-            # the package alone, its libraries' copies (libX.so, .so.0) made links: 10 MB
+            # the package alone, its libraries' copies (libX.so, .so.0) made links: 10 MB;
+            # xz blocks of 32 MiB so that its threads share the work (one block otherwise)
             (rm -rf "$WORK/packdir" && mkdir -p "$WORK/packdir" &&
                 cp -a "$LLAMA_SITE"/.stamp "$LLAMA_SITE"/llama_cpp "$LLAMA_SITE"/*.dist-info \
                     "$WORK/packdir/" &&
                 for real in "$WORK"/packdir/llama_cpp/lib/*.so.*.*; do  # fully versioned
                     for f in "$WORK"/packdir/llama_cpp/lib/*; do
-                        [[ -f $f && ! -L $f && $f != "$real" ]] && cmp -s "$f" "$real" &&
+                        # (an `if`: a last file that is no copy must not fail the packing)
+                        if [[ -f $f && ! -L $f && $f != "$real" ]] && cmp -s "$f" "$real"; then
                             ln -sf "$(basename "$real")" "$f"
+                        fi
                     done
                 done &&
-                tar -C "$WORK/packdir" -cf - . | xz -T8 -9 |
-                split -b 15M -d - "$WORK/pack/llama-build.tar.xz.part") &
+                tar -C "$WORK/packdir" -cf - . | xz -T8 -9 --block-size=32MiB |
+                split -b "$PACK_PART_SIZE" -d - "$WORK/pack/llama-build.tar.xz.part") &
             PACK_PID=$!
         fi
         phase_end 0 "sm_$arch, FA $CUDA_FA"
@@ -403,70 +601,65 @@ SPECLI=("$PYTHON" -m specli.cli)
 phase_end 0 "installed with $how"
 
 # ------------------------------------------------------------------------------------------
-phase models
-rm -rf "$WORK/models"
-gen=("$PYTHON" "$REPO/scripts/make_timing_models.py" write "$WORK/models" --preset "$PRESET"
-    --tokenizer "$BUNDLE/smollm2-tokenizer.json.gz")
-[[ -n $NOISE ]] && gen+=(--noise "$NOISE")
-timeout "$(limit_for 180)" "${gen[@]}" || fail "writing the timing models failed"
-if [[ $QUANT != none ]]; then
-    for m in target draft; do
-        timeout "$(limit_for 90)" "$PYTHON" "$REPO/scripts/gpu_probe.py" quantize \
-            "$WORK/models/$m.gguf" "$WORK/models/$m-$QUANT.gguf" "$QUANT" \
-            >>"$WORK/quantize.log" 2>&1 || fail "quantizing $m to $QUANT failed"
-        grep "^\[probe" "$WORK/quantize.log" | tail -1
-    done
-fi
-ls -la "$WORK/models"
-phase_end 0 "preset $PRESET${QUANT:+, quantised copies $QUANT}"
-
-# ------------------------------------------------------------------------------------------
-phase probe
-# each configuration in its own process: an abort names its last call (see gpu_probe.py)
-model_files() {  # model_files q|f -> "TARGET DRAFT"
-    if [[ $1 == q ]]; then echo "$WORK/models/target-$QUANT.gguf $WORK/models/draft-$QUANT.gguf"
-    else echo "$WORK/models/target.gguf $WORK/models/draft.gguf"; fi
+model_files() {  # model_files q|f DIR -> "TARGET DRAFT"
+    if [[ $1 == q ]]; then echo "$2/target-$QUANT.gguf $2/draft-$QUANT.gguf"
+    else echo "$2/target.gguf $2/draft.gguf"; fi
 }
-PASSED=()
-for cfg in $PROBES; do
-    read -r tgt drf <<<"$(model_files "${cfg%%:*}")"
-    echo "----- probe $cfg: $(basename "$tgt") + $(basename "$drf"), branches ${cfg##*:}" |
-        tee -a "$WORK/probe.log"
-    CUDA_LAUNCH_BLOCKING=1 timeout -k 5 "$(limit_for 90)" "$PYTHON" \
-        "$REPO/scripts/gpu_probe.py" "$tgt" --draft "$drf" -ngl "$NGL" \
-        --branches "${cfg##*:}" >"$WORK/probe.one" 2>&1
-    rc=$?
-    cat "$WORK/probe.one" >>"$WORK/probe.log"
-    # the steps, and every line llama.cpp logged as an error around an abort
-    grep -E '^\[probe|error|Error|ERROR|CUDA|abort|current device' "$WORK/probe.one" |
-        grep -v -E 'llama_model_loader|print_info|load_tensors' | tail -n 25
-    echo "----- probe $cfg: rc $rc" | tee -a "$WORK/probe.log"
-    ((rc == 0)) && PASSED+=("$cfg")
-    PHASE_LINES+=("| probe $cfg | $( ((rc == 0)) && echo ok || echo "FAILED (rc $rc)") | | $(grep '^\[probe' "$WORK/probe.one" | tail -1 | cut -c1-70) |")
-done
-say "probes passed: ${PASSED[*]:-none}"
-phase_end 0 "passed: ${PASSED[*]:-none}"
 
-phase agreement
-# greedy per-token agreement of the pair, measured apart from specli (a cross-check of the
-# bench's acceptance), with the target where the bench puts it; skipped when time is short
-if (($(remaining) < 300)); then
-    say "skipped: $(remaining)s left, kept for the bench"
-    phase_end 0 "skipped (time)"
-else
-    timeout -k 5 "$(limit_for 60)" "$PYTHON" "$REPO/scripts/make_timing_models.py" measure \
-        "$WORK/models" -n 64 --gpu-layers "$NGL" --threads "$(($(nproc) < 8 ? $(nproc) : 8))"
-    rc=$?
-    phase_end "$rc" "$( ( ((rc == 0)) && cut -c1-60 "$WORK/models/agreement.json") ||
-        echo "not measured")"
-fi
+write_pair() {  # write_pair NOISE DIR: the pair, its quantised copies, the shared drafter
+    local noise=$1 md=$2 shared="" m
+    rm -rf "$md"
+    timeout "$(limit_for 240)" "$PYTHON" "$REPO/scripts/make_timing_models.py" write "$md" \
+        "${GEN_ARGS[@]}" "${QUANT_EST[@]}" --noise "$noise" ||
+        fail "writing the timing models (noise $noise) failed"
+    # the drafter does not depend on the noise: the first level's file serves them all
+    if [[ -n $FIRST_MD && $md != "$FIRST_MD" ]] && cmp -s "$md/draft.gguf" "$FIRST_MD/draft.gguf"
+    then
+        ln -f "$FIRST_MD/draft.gguf" "$md/draft.gguf" && shared="drafter shared"
+    fi
+    if [[ $QUANT != none ]]; then
+        for m in target draft; do
+            if [[ $m == draft && -n $shared && -f $FIRST_MD/draft-$QUANT.gguf ]]; then
+                ln -f "$FIRST_MD/draft-$QUANT.gguf" "$md/draft-$QUANT.gguf"
+                continue
+            fi
+            timeout "$(limit_for 240)" "$PYTHON" "$REPO/scripts/gpu_probe.py" quantize \
+                "$md/$m.gguf" "$md/$m-$QUANT.gguf" "$QUANT" \
+                >>"$WORK/quantize.log" 2>&1 || fail "quantizing $m to $QUANT failed"
+            grep "^\[probe" "$WORK/quantize.log" | tail -1
+        done
+    fi
+    ls -la "$md"
+    say "disk: $(du -sh "$md" | cut -f1) in $md; $(df -h --output=avail "$WORK" | tail -1 |
+        tr -d ' ') free"
+    PAIR_NOTE="noise $noise, target $(du -h "$md/target.gguf" | cut -f1) f16"
+    [[ $QUANT != none ]] && PAIR_NOTE+=", $QUANT copies"
+    [[ -n $shared ]] && PAIR_NOTE+=", $shared"
+}
 
-# ------------------------------------------------------------------------------------------
-phase speed
-if [[ $THREADS == auto ]]; then
-    CONFIG=${BENCH_CONFIG:-${PASSED[0]:-}}
-    [[ -n $CONFIG ]] || fail "no probe configuration passed: nothing to time"
-    read -r tgt drf <<<"$(model_files "${CONFIG%%:*}")"
+run_probes() {  # each configuration in its own process: an abort names its last call
+    local cfg tgt drf rc
+    for cfg in $PROBES; do
+        read -r tgt drf <<<"$(model_files "${cfg%%:*}" "$FIRST_MD")"
+        echo "----- probe $cfg: $(basename "$tgt") + $(basename "$drf"), branches ${cfg##*:}" |
+            tee -a "$WORK/probe.log"
+        CUDA_LAUNCH_BLOCKING=1 timeout -k 5 "$(limit_for 90)" "$PYTHON" \
+            "$REPO/scripts/gpu_probe.py" "$tgt" --draft "$drf" -ngl "$NGL" \
+            --branches "${cfg##*:}" >"$WORK/probe.one" 2>&1
+        rc=$?
+        cat "$WORK/probe.one" >>"$WORK/probe.log"
+        # the steps, and every line llama.cpp logged as an error around an abort
+        grep -E '^\[probe|error|Error|ERROR|CUDA|abort|current device' "$WORK/probe.one" |
+            grep -v -E 'llama_model_loader|print_info|load_tensors' | tail -n 25
+        echo "----- probe $cfg: rc $rc" | tee -a "$WORK/probe.log"
+        ((rc == 0)) && PASSED+=("$cfg")
+        PHASE_LINES+=("| probe $cfg | $( ((rc == 0)) && echo ok || echo "FAILED (rc $rc)") | | $(grep '^\[probe' "$WORK/probe.one" | tail -1 | cut -c1-70) |")
+    done
+}
+
+run_speed() {  # the thread split for the bench, timed on the first level's pair
+    local tgt drf rc split dthreads round_ms
+    read -r tgt drf <<<"$(model_files "${CONFIG%%:*}" "$FIRST_MD")"
     timeout -k 5 "$(limit_for 90)" "$PYTHON" "$REPO/scripts/gpu_probe.py" speed "$tgt" "$drf" \
         -ngl "$NGL" --branches "${CONFIG##*:}" --target-threads "$SPEED_TARGET_THREADS" \
         --draft-threads "$SPEED_DRAFT_THREADS" >"$WORK/speed.log" 2>&1
@@ -496,61 +689,63 @@ EOF2
         THREADS=""
         phase_end "$rc" "failed: bench with default threads"
     fi
-else
-    phase_end 0 "skipped (THREADS=${THREADS:-default})"
-fi
+}
 
-# ------------------------------------------------------------------------------------------
-phase bench
-pack_wait  # xz on 8 cores would slow the CPU drafter
-help=$("${SPECLI[@]}" bench --help 2>&1) || fail "specli bench --help failed: $help"
-# methods this specli knows (parse_methods raises on the others)
-RUN_METHODS=$("$PYTHON" - "$METHODS" <<'EOF'
+bench_setup() {  # once: the methods this specli knows, and the flags every bench shares
+    local help i f v
+    help=$("${SPECLI[@]}" bench --help 2>&1) || fail "specli bench --help failed: $help"
+    # methods this specli knows (parse_methods raises on the others)
+    RUN_METHODS=$("$PYTHON" - "$METHODS" <<'EOF2'
 import sys
 from specli.bench import parse_methods
 ok = []
 for m in sys.argv[1].split(","):
+    if not m.strip():
+        continue
     try:
         parse_methods(m)
-        ok.append(m)
+        ok.append(m.strip())
     except Exception as e:  # noqa: BLE001
         print(f"WARNING: method {m!r} dropped: {e}", file=sys.stderr)
 print(",".join(ok))
-EOF
-) || fail "cannot check the methods"
-[[ -n $RUN_METHODS ]] || fail "none of METHODS=$METHODS is known to this specli"
-CONFIG=${BENCH_CONFIG:-${PASSED[0]:-}}
-[[ -n $CONFIG ]] || fail "no probe configuration passed: nothing to bench"
-read -r BENCH_TARGET BENCH_DRAFT <<<"$(model_files "${CONFIG%%:*}")"
-say "bench configuration $CONFIG: $(basename "$BENCH_TARGET") + $(basename "$BENCH_DRAFT")"
-flags=(--methods "$RUN_METHODS" --limit "$LIMIT" -n "$NTOK" --repeats "$REPEATS"
-    --draft "$BENCH_DRAFT" --out "$WORK/bench" --branches "${CONFIG##*:}")
-[[ -n $CATEGORIES ]] && flags+=(--categories "$CATEGORIES")
-[[ -n $THREADS ]] && flags+=(--threads "$THREADS")
-if [[ $NGL != 0 ]]; then
-    grep -q -- '--gpu-layers' <<<"$help" || fail "specli bench has no -ngl/--gpu-layers flag yet"
-    flags+=(-ngl "$NGL")
-fi
-read -r -a dflags <<<"$DRAFT_FLAGS"
-i=0
-while ((i < ${#dflags[@]})); do  # FLAG VALUE pairs
-    f=${dflags[i]} v=${dflags[i + 1]:-}
-    if grep -q -- "$f" <<<"$help"; then flags+=("$f" "$v"); else
-        say "WARNING: specli bench has no $f flag: dropped '$f $v'"
+EOF2
+    ) || fail "cannot check the methods"
+    [[ -n $RUN_METHODS ]] || fail "none of METHODS=$METHODS is known to this specli"
+    BASE_FLAGS=(--methods "$RUN_METHODS" --limit "$LIMIT" -n "$NTOK" --repeats "$REPEATS"
+        --branches "${CONFIG##*:}")
+    [[ -n $CATEGORIES ]] && BASE_FLAGS+=(--categories "$CATEGORIES")
+    [[ -n $THREADS ]] && BASE_FLAGS+=(--threads "$THREADS")
+    if [[ $NGL != 0 ]]; then
+        grep -q -- '--gpu-layers' <<<"$help" || fail "specli bench has no -ngl/--gpu-layers flag yet"
+        BASE_FLAGS+=(-ngl "$NGL")
     fi
-    i=$((i + 2))
-done
-read -r -a extra <<<"$EXTRA_BENCH_FLAGS"
-flags+=("${extra[@]}")
-BENCH_FLAGS_TEXT="${flags[*]}"
-lim=$(limit_for 300)
-say "specli bench $BENCH_TARGET ${flags[*]} (limit ${lim}s)"
-# SIGINT first: the bench then writes the summary of what finished
-timeout -s INT -k 20 "$lim" "${SPECLI[@]}" bench "$BENCH_TARGET" "${flags[@]}" \
-    2>&1 | tee "$WORK/bench.log"
-rc=$?
-[[ -f $WORK/bench/summary.json ]] || { phase_end "$rc"; fail "the bench wrote no summary"; }
-"$PYTHON" - "$WORK/bench" >"$WORK/methods.md" <<'EOF'
+    read -r -a dflags <<<"$DRAFT_FLAGS"
+    i=0
+    while ((i < ${#dflags[@]})); do  # FLAG VALUE pairs
+        f=${dflags[i]} v=${dflags[i + 1]:-}
+        if grep -q -- "$f" <<<"$help"; then BASE_FLAGS+=("$f" "$v"); else
+            say "WARNING: specli bench has no $f flag: dropped '$f $v'"
+        fi
+        i=$((i + 2))
+    done
+    read -r -a extra <<<"$EXTRA_BENCH_FLAGS"
+    BASE_FLAGS+=("${extra[@]}")
+    BENCH_FLAGS_TEXT="${BASE_FLAGS[*]} --draft DRAFT --out bench-noiseX"
+}
+
+run_bench() {  # run_bench TAG DIR: one `specli bench` into $WORK/bench-TAG
+    local tag=$1 md=$2 target draft lim rc note
+    read -r target draft <<<"$(model_files "${CONFIG%%:*}" "$md")"
+    local flags=("${BASE_FLAGS[@]}" --draft "$draft" --out "$WORK/bench-$tag")
+    lim=$(limit_for "$BENCH_TIMEOUT")
+    say "specli bench $target ${flags[*]} (limit ${lim}s; estimate ${EST_BENCH}s)"
+    # SIGINT first: the bench then writes the summary of what finished
+    timeout -s INT -k 20 "$lim" "${SPECLI[@]}" bench "$target" "${flags[@]}" \
+        2>&1 | tee "$WORK/bench-$tag.log"
+    rc=${PIPESTATUS[0]}
+    [[ -f $WORK/bench-$tag/summary.json ]] ||
+        { phase_end "$rc"; fail "the bench ($tag) wrote no summary"; }
+    "$PYTHON" - "$WORK/bench-$tag" >"$WORK/methods-$tag.md" <<'EOF2'
 """Per method over all prompts: acceptance (accepted / drafted), tokens per target pass,
 decode tok/s and the bench's own speedup vs none."""
 import json, sys
@@ -571,10 +766,89 @@ for m, cells in table.items():
     print(f"| {m} | {len(mine)} | {dr} | {ac} | {f(ac / dr if dr else None, '.3f')} "
           f"| {f(o['mean_accepted'], '.2f')} | {f(o['decode_tok_s'], '.1f')} "
           f"| {f(o['speedup'], '.2f')}x | {ident} |")
-EOF
-note="methods $RUN_METHODS"
-((rc == 124)) && note="stopped at ${lim}s: partial"
-phase_end "$rc" "$note"
-((rc == 0)) || STATUS="bench rc $rc (partial results)"
+EOF2
+    cat "$WORK/methods-$tag.md"
+    note="methods $RUN_METHODS"
+    ((rc == 124)) && note="stopped at ${lim}s: partial"
+    phase_end "$rc" "$note"
+    ((rc == 0)) || STATUS="bench $tag rc $rc (partial results)"
+}
+
+# ------------------------------------------------------------------------------------------
+# per noise level: pair, (probes and thread split: first level only), agreement, bench
+FIRST_MD=""
+SKIPPED_LEVELS=()
+BENCH_READY=0
+for ((li = 0; li < ${#NOISE_LIST[@]}; li++)); do
+    noise=${NOISE_LIST[li]}
+    tag=noise$noise
+    md=$WORK/models-$tag
+    if ((li > 0)); then
+        left=$(($(remaining) - RESERVE))
+        if ((left < EST_NEXT)); then  # not started rather than stopped half way
+            skipped "noise $noise" "needs ~${EST_NEXT}s (pair ${EST_WRITE}, agreement \
+${EST_AGREE}, bench ${EST_BENCH}), ${left}s left of TOTAL_BUDGET=$TOTAL_BUDGET"
+            SKIPPED_LEVELS+=("$noise")
+            continue
+        fi
+        # disk: the earlier levels' targets go when this one's would not fit (1 GB spare)
+        avail=$(df -B1 --output=avail "$WORK" | tail -1 | tr -d ' ')
+        if ((avail < PAIR_BYTES + 1000000000)); then
+            say "disk: $((avail / 1000000000)) GB free, ~$((PAIR_BYTES / 1000000000)) GB" \
+                "needed: deleting the earlier levels' targets (their results are kept)"
+            rm -f "$WORK"/models-noise*/target*.gguf
+        fi
+    fi
+    phase "models $tag"
+    write_pair "$noise" "$md"
+    [[ -z $FIRST_MD ]] && FIRST_MD=$md
+    TAGS+=("$tag")
+    phase_end 0 "$PAIR_NOTE"
+
+    if ((li == 0)); then
+        phase probe
+        if [[ -z $PROBES ]]; then
+            phase_end 0 "skipped (PROBES=none)"
+        else
+            run_probes
+            say "probes passed: ${PASSED[*]:-none}"
+            phase_end 0 "passed: ${PASSED[*]:-none}"
+        fi
+        if [[ -n $BENCH_CONFIG ]]; then CONFIG=$BENCH_CONFIG
+        elif [[ -n $PROBES ]]; then CONFIG=${PASSED[0]:-}
+        elif [[ $QUANT != none ]]; then CONFIG=q:3
+        else CONFIG=f:3; fi
+        [[ -n $CONFIG ]] || fail "no probe configuration passed: nothing to bench"
+        say "bench configuration $CONFIG (models:branches)"
+        pack_wait  # xz on 8 cores would slow the CPU drafter: before the sweep and the bench
+        phase speed
+        if [[ $THREADS == auto ]]; then run_speed; else
+            phase_end 0 "skipped (THREADS=${THREADS:-default})"; fi
+    fi
+
+    phase "agreement $tag"
+    # greedy per-token agreement of the pair, measured apart from specli (a cross-check of
+    # the bench's acceptance), with the target where the bench puts it
+    left=$(($(remaining) - RESERVE))
+    if ((left < EST_AGREE + EST_BENCH)); then
+        say "SKIPPED: ${left}s left, kept for the bench (agreement ~${EST_AGREE}s," \
+            "bench ~${EST_BENCH}s)"
+        phase_end 0 "SKIPPED (time)"
+    else
+        timeout -k 5 "$(limit_for 90)" "$PYTHON" "$REPO/scripts/make_timing_models.py" measure \
+            "$md" -n 64 --gpu-layers "$NGL" --threads "$(($(nproc) < 8 ? $(nproc) : 8))"
+        rc=$?
+        phase_end "$rc" "$( ( ((rc == 0)) && cut -c1-60 "$md/agreement.json") ||
+            echo "not measured")"
+    fi
+
+    phase "bench $tag"
+    ((BENCH_READY)) || { bench_setup; BENCH_READY=1; }
+    run_bench "$tag" "$md"
+    BENCHED+=("$noise")
+done
+if ((${#SKIPPED_LEVELS[@]} > 0)); then
+    STATUS+="; SKIPPED noise level(s) ${SKIPPED_LEVELS[*]} (time)"
+fi
 
 finish

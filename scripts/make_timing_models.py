@@ -20,8 +20,15 @@ Construction ("self-consistent" pair):
 - Control tokens (end of turn, end of text) get zero output rows, so greedy generation
   never stops early and every run decodes the full -n tokens.
 
+The drafter does not depend on --noise (same seed, shapes and tokenizer: the same bytes),
+so pairs written at several noise levels can share one drafter file.
+
 Subcommands:
   write OUT_DIR [--preset gpu|tune|small] [--noise X]   target.gguf, draft.gguf, models.json
+        [--draft-shape S] [--target-shape S]           explicit shapes override the preset;
+                                                       S = n_embd,n_layer,n_head,n_head_kv,n_ff
+        [--quant-estimate q4_k_m] [--dry-run]          report RAM and disk (f16 files, plus a
+                                                       quantised copy's estimate) and stop
   measure OUT_DIR [-n 64] [--gpu-layers 0]             greedy per-token agreement (needs
                                                        llama-cpp-python)
   export-tokenizer SRC.gguf OUT.json.gz                a GGUF's tokenizer, for `write`
@@ -34,8 +41,10 @@ import gzip
 import json
 import math
 import os
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,8 +89,22 @@ class Shape:
 
     @classmethod
     def parse(cls, text: str) -> Shape:
-        """'n_embd,n_layer,n_head,n_head_kv,n_ff'."""
-        return cls(*(int(x) for x in text.split(",")))
+        """'n_embd,n_layer,n_head,n_head_kv,n_ff' (ValueError saying what is wrong)."""
+        parts = [x.strip() for x in text.replace(" ", ",").split(",") if x.strip()]
+        if len(parts) != 5 or not all(x.isdigit() for x in parts):
+            raise ValueError(f"{text!r} is not 5 positive integers "
+                             "n_embd,n_layer,n_head,n_head_kv,n_ff")
+        s = cls(*(int(x) for x in parts))
+        s.check()
+        return s
+
+    def check(self) -> None:
+        if min(asdict(self).values()) < 1:
+            raise ValueError(f"{self}: every field must be at least 1")
+        if self.n_embd % self.n_head or self.n_head % self.n_head_kv:
+            raise ValueError(f"{self}: n_embd must divide by n_head and n_head by n_head_kv")
+        if self.head_dim % 2:
+            raise ValueError(f"{self}: the head size n_embd/n_head must be even (RoPE)")
 
 
 # (drafter, target).  gpu: target ~1.9B params (3.8 GB f16: a GPU step of several ms),
@@ -97,8 +120,7 @@ PRESETS: dict[str, tuple[Shape, Shape]] = {
 
 def check_pair(draft: Shape, target: Shape) -> None:
     for s in (draft, target):
-        if s.n_embd % s.n_head or s.n_head % s.n_head_kv:
-            raise ValueError(f"{s}: n_embd must divide by n_head and n_head by n_head_kv")
+        s.check()
     if draft.head_dim != target.head_dim or draft.group != target.group:
         raise ValueError("drafter and target need the same head size and GQA group")
     if (target.n_embd < draft.n_embd or target.n_head < draft.n_head
@@ -211,76 +233,135 @@ def _name(kind: str, layer: int | None = None) -> str:
     return f"{base}.weight" if base else f"blk.{layer}.{kind}.weight"
 
 
-def draft_tensors(rand: Rand, s: Shape, n_vocab: int, control: np.ndarray) -> dict:
+# A tensor to write: (name, shape, dtype, make).  `make()` builds the array when the writer
+# reaches it, so a file is streamed to disk a tensor at a time (a 6B f16 target is 12 GB:
+# never all in memory), and shapes and sizes are known before anything is generated.  The
+# makers run in list order, which keeps Rand's call sequence, hence the bytes, fixed.
+Spec = tuple[str, tuple[int, ...], type, Callable[[], np.ndarray]]
+F16, F32 = np.float16, np.float32
+
+
+def draft_specs(rand: Rand | None, s: Shape, n_vocab: int, control: np.ndarray | None
+                ) -> list[Spec]:
     """A random llama: weights ~ N(0, 1/fan_in), embeddings N(0, 1), logits ~ N(0, 12^2)."""
     d, hd = s.n_embd, s.head_dim
-    w = {_name("embd"): rand.normal((n_vocab, d), 1.0)}
+
+    def normal(shape: tuple[int, ...], std: float) -> Callable[[], np.ndarray]:
+        return lambda: rand.normal(shape, std)
+
+    def ones(n: int) -> Callable[[], np.ndarray]:
+        return lambda: np.ones(n, F32)
+
+    def output() -> np.ndarray:
+        out = rand.normal((n_vocab, d), LOGIT_STD * d**-0.5)
+        out[control] = 0  # never chosen greedily: runs always reach -n tokens
+        return out
+
+    specs: list[Spec] = [(_name("embd"), (n_vocab, d), F16, normal((n_vocab, d), 1.0))]
     for i in range(s.n_layer):
-        w[_name("attn_norm", i)] = np.ones(d, np.float32)
-        w[_name("attn_q", i)] = rand.normal((s.n_head * hd, d), d**-0.5)
-        w[_name("attn_k", i)] = rand.normal((s.n_head_kv * hd, d), d**-0.5)
-        w[_name("attn_v", i)] = rand.normal((s.n_head_kv * hd, d), d**-0.5)
-        w[_name("attn_output", i)] = rand.normal((d, s.n_head * hd), (s.n_head * hd) ** -0.5)
-        w[_name("ffn_norm", i)] = np.ones(d, np.float32)
-        w[_name("ffn_gate", i)] = rand.normal((s.n_ff, d), d**-0.5)
-        w[_name("ffn_up", i)] = rand.normal((s.n_ff, d), d**-0.5)
-        w[_name("ffn_down", i)] = rand.normal((d, s.n_ff), s.n_ff**-0.5)
-    w[_name("onorm")] = np.ones(d, np.float32)
-    out = rand.normal((n_vocab, d), LOGIT_STD * d**-0.5)
-    out[control] = 0  # never chosen greedily: runs always reach -n tokens
-    w[_name("out")] = out
-    return w
+        for kind, shape, std in (
+                ("attn_norm", (d,), None),
+                ("attn_q", (s.n_head * hd, d), d**-0.5),
+                ("attn_k", (s.n_head_kv * hd, d), d**-0.5),
+                ("attn_v", (s.n_head_kv * hd, d), d**-0.5),
+                ("attn_output", (d, s.n_head * hd), (s.n_head * hd) ** -0.5),
+                ("ffn_norm", (d,), None),
+                ("ffn_gate", (s.n_ff, d), d**-0.5),
+                ("ffn_up", (s.n_ff, d), d**-0.5),
+                ("ffn_down", (d, s.n_ff), s.n_ff**-0.5)):
+            if std is None:
+                specs.append((_name(kind, i), shape, F32, ones(d)))
+            else:
+                specs.append((_name(kind, i), shape, F16, normal(shape, std)))
+    specs.append((_name("onorm"), (d,), F32, ones(d)))
+    specs.append((_name("out"), (n_vocab, d), F16, output))
+    return specs
 
 
-def target_tensors(rand: Rand, dw: dict, ds: Shape, ts: Shape, noise: float):
-    """Yield the target's tensors: the drafter embedded, then extra layers (module doc)."""
+def draft_tensors(rand: Rand, s: Shape, n_vocab: int, control: np.ndarray) -> dict:
+    """The drafter's arrays (small: the target is built from them)."""
+    return {name: make() for name, _, _, make in draft_specs(rand, s, n_vocab, control)}
+
+
+def target_specs(rand: Rand | None, dw: dict | None, ds: Shape, ts: Shape, noise: float,
+                 n_vocab: int) -> list[Spec]:
+    """The target's tensors: the drafter embedded, then extra layers (module doc).  `dw`
+    (the drafter's arrays) is only read when the makers run."""
     d, t, hd = ds.n_embd, ts.n_embd, ts.head_dim
     qd = ds.n_head * hd  # the drafter's query rows
     scale = np.float32(math.sqrt(d / t))  # RMS over t coordinates, d of them non-zero
+    qt, kvt = ts.n_head * hd, ts.n_head_kv * hd
 
-    def pad(a: np.ndarray, rows: int, cols: int) -> np.ndarray:
-        out = np.zeros((rows, cols), np.float16)
-        out[: a.shape[0], : a.shape[1]] = a
-        return out
+    def pad(key: str, shape: tuple[int, int], cols: int | None = None):
+        def make() -> np.ndarray:
+            a = dw[key] if cols is None else dw[key][:, :cols]
+            out = np.zeros(shape, F16)
+            out[: a.shape[0], : a.shape[1]] = a
+            return out
+        return make
 
-    def under(a: np.ndarray, shape: tuple[int, int], std: float) -> np.ndarray:
+    def under(key: str, shape: tuple[int, int], std: float):
         """Random, with the drafter's block in the top-left corner."""
-        out = rand.normal(shape, std)
-        out[: a.shape[0], : a.shape[1]] = a
-        return out
+        def make() -> np.ndarray:
+            a = dw[key]
+            out = rand.normal(shape, std)
+            out[: a.shape[0], : a.shape[1]] = a
+            return out
+        return make
 
-    yield _name("embd"), pad(dw[_name("embd")], dw[_name("embd")].shape[0], t)
+    def normal(shape: tuple[int, ...], std: float):
+        return lambda: rand.normal(shape, std)
+
+    def full(value: float):
+        return lambda: np.full(t, value, F32)
+
+    specs: list[Spec] = [(_name("embd"), (n_vocab, t), F16, pad(_name("embd"), (n_vocab, t)))]
     for i in range(ds.n_layer):  # the drafter's layers, computing at width t
-        g = lambda k, i=i: dw[_name(k, i)]  # noqa: E731
-        yield _name("attn_norm", i), np.full(t, scale, np.float32)
-        yield _name("attn_q", i), under(g("attn_q"), (ts.n_head * hd, t), t**-0.5)
-        yield _name("attn_k", i), under(g("attn_k"), (ts.n_head_kv * hd, t), t**-0.5)
-        yield _name("attn_v", i), under(g("attn_v"), (ts.n_head_kv * hd, t), t**-0.5)
-        # the extra heads and coordinates are computed but never written
-        yield _name("attn_output", i), pad(g("attn_output")[:, :qd], t, ts.n_head * hd)
-        yield _name("ffn_norm", i), np.full(t, scale, np.float32)
-        yield _name("ffn_gate", i), under(g("ffn_gate"), (ts.n_ff, t), t**-0.5)
-        yield _name("ffn_up", i), under(g("ffn_up"), (ts.n_ff, t), t**-0.5)
-        yield _name("ffn_down", i), pad(g("ffn_down"), t, ts.n_ff)
+        specs += [
+            (_name("attn_norm", i), (t,), F32, full(scale)),
+            (_name("attn_q", i), (qt, t), F16, under(_name("attn_q", i), (qt, t), t**-0.5)),
+            (_name("attn_k", i), (kvt, t), F16, under(_name("attn_k", i), (kvt, t), t**-0.5)),
+            (_name("attn_v", i), (kvt, t), F16, under(_name("attn_v", i), (kvt, t), t**-0.5)),
+            # the extra heads and coordinates are computed but never written
+            (_name("attn_output", i), (t, qt), F16, pad(_name("attn_output", i), (t, qt), qd)),
+            (_name("ffn_norm", i), (t,), F32, full(scale)),
+            (_name("ffn_gate", i), (ts.n_ff, t), F16,
+             under(_name("ffn_gate", i), (ts.n_ff, t), t**-0.5)),
+            (_name("ffn_up", i), (ts.n_ff, t), F16,
+             under(_name("ffn_up", i), (ts.n_ff, t), t**-0.5)),
+            (_name("ffn_down", i), (t, ts.n_ff), F16, pad(_name("ffn_down", i), (t, ts.n_ff))),
+        ]
     n_extra = ts.n_layer - ds.n_layer
     a = noise / math.sqrt(n_extra)  # total perturbation ~ noise, whatever the extra depth
-    for i in range(ds.n_layer, ts.n_layer):
-        yield _name("attn_norm", i), np.ones(t, np.float32)
-        yield _name("attn_q", i), rand.normal((ts.n_head * hd, t), t**-0.5)
-        yield _name("attn_k", i), rand.normal((ts.n_head_kv * hd, t), t**-0.5)
-        yield _name("attn_v", i), rand.normal((ts.n_head_kv * hd, t), t**-0.5)
-        yield _name("attn_output", i), rand.normal((t, ts.n_head * hd),
-                                                    a * (ts.n_head * hd) ** -0.5)
-        yield _name("ffn_norm", i), np.ones(t, np.float32)
-        yield _name("ffn_gate", i), rand.normal((ts.n_ff, t), t**-0.5)
-        yield _name("ffn_up", i), rand.normal((ts.n_ff, t), t**-0.5)
-        yield _name("ffn_down", i), rand.normal((t, ts.n_ff), a * ts.n_ff**-0.5)
-    yield _name("onorm"), np.full(t, scale, np.float32)
-    out = dw[_name("out")]
-    yield _name("out"), pad(out, out.shape[0], t)
+    for i in range(ds.n_layer, ts.n_layer):  # the only tensors that depend on the noise
+        specs += [
+            (_name("attn_norm", i), (t,), F32, full(1.0)),
+            (_name("attn_q", i), (qt, t), F16, normal((qt, t), t**-0.5)),
+            (_name("attn_k", i), (kvt, t), F16, normal((kvt, t), t**-0.5)),
+            (_name("attn_v", i), (kvt, t), F16, normal((kvt, t), t**-0.5)),
+            (_name("attn_output", i), (t, qt), F16, normal((t, qt), a * qt**-0.5)),
+            (_name("ffn_norm", i), (t,), F32, full(1.0)),
+            (_name("ffn_gate", i), (ts.n_ff, t), F16, normal((ts.n_ff, t), t**-0.5)),
+            (_name("ffn_up", i), (ts.n_ff, t), F16, normal((ts.n_ff, t), t**-0.5)),
+            (_name("ffn_down", i), (t, ts.n_ff), F16, normal((t, ts.n_ff), a * ts.n_ff**-0.5)),
+        ]
+    specs.append((_name("onorm"), (t,), F32, full(scale)))
+    specs.append((_name("out"), (n_vocab, t), F16, pad(_name("out"), (n_vocab, t))))
+    return specs
 
 
-def write_gguf(path: Path, shape: Shape, tok: dict, tensors, role: str, info: dict) -> None:
+def specs_bytes(specs: list[Spec]) -> int:
+    return sum(math.prod(shape) * np.dtype(dt).itemsize for _, shape, dt, _ in specs)
+
+
+def largest_bytes(specs: list[Spec]) -> int:
+    return max(math.prod(shape) * np.dtype(dt).itemsize for _, shape, dt, _ in specs)
+
+
+def write_gguf(path: Path, shape: Shape, tok: dict, specs: list[Spec], role: str,
+               info: dict) -> None:
+    """Header and tensor table first, then each tensor as it is made: at most two tensors in
+    memory (the one being written, the next one being generated beside it)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
@@ -298,29 +379,89 @@ def write_gguf(path: Path, shape: Shape, tok: dict, tensors, role: str, info: di
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     _add_tokenizer(w, tok)
-    for name, arr in tensors:
-        w.add_tensor(name, arr)
+    for name, shp, dt, _ in specs:
+        w.add_tensor_info(name, shp, np.dtype(dt), math.prod(shp) * np.dtype(dt).itemsize)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    with ThreadPoolExecutor(1) as ahead:  # one worker: the makers run in order
+        nxt = ahead.submit(specs[0][3])
+        for i, (name, shp, dt, _) in enumerate(specs):
+            arr = nxt.result()
+            if i + 1 < len(specs):
+                nxt = ahead.submit(specs[i + 1][3])
+            if arr.shape != tuple(shp) or arr.dtype != np.dtype(dt):
+                raise AssertionError(f"{name}: made {arr.shape} {arr.dtype}, planned {shp} {dt}")
+            w.write_tensor_data(arr)
+            del arr
     w.close()
 
 
+QUANT_BITS = {"q4_0": 4.55, "q4_k_m": 4.9, "q8_0": 8.5}  # llama.cpp, bits per weight, about
+GB = 1e9
+
+
+def plan_pair(out_dir: Path, draft: Shape, target: Shape, n_vocab: int, tok_bytes: int,
+              quant: str | None) -> dict:
+    """Sizes before writing: the f16 files, a quantised copy's estimate, peak memory, and the
+    free disk under out_dir (files of an earlier pair there count as free: overwritten)."""
+    ds = draft_specs(None, draft, n_vocab, None)
+    ts = target_specs(None, None, draft, target, 0.0, n_vocab)
+    draft_b, target_b = specs_bytes(ds) + tok_bytes, specs_bytes(ts) + tok_bytes
+    need = draft_b + target_b
+    quant_b = 0
+    if quant:
+        bits = QUANT_BITS[quant]
+        quant_b = int((draft.params(n_vocab) + target.params(n_vocab)) * bits / 8)
+        need += quant_b
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    free += sum((out_dir / f).stat().st_size for f in ("draft.gguf", "target.gguf")
+                if (out_dir / f).is_file())
+    # in memory: the drafter's arrays, the tensor being written and the next one
+    ram = specs_bytes(ds) + 2 * largest_bytes(ts)
+    plan = {"draft_bytes_planned": draft_b, "target_bytes_planned": target_b,
+            "quant": quant, "quant_bytes_estimated": quant_b, "disk_needed": need,
+            "disk_free": free, "peak_ram_estimated": ram}
+    q = f" + {quant} copies ~{quant_b / GB:.1f} GB (estimate)" if quant else ""
+    print(f"plan: drafter {draft.params(n_vocab) / 1e6:.0f}M params ({draft_b / GB:.2f} GB f16), "
+          f"target {target.params(n_vocab) / 1e9:.2f}B params ({target_b / GB:.2f} GB f16); "
+          f"disk {need / GB:.1f} GB (f16{q}) of {free / GB:.1f} GB free under {probe}; "
+          f"peak memory ~{ram / GB:.1f} GB")
+    return plan
+
+
 def write_pair(out_dir: Path, draft: Shape, target: Shape, tok: dict, noise: float,
-               seed: int, threads: int) -> dict:
+               seed: int, threads: int, quant: str | None = None, dry_run: bool = False
+               ) -> dict:
     check_pair(draft, target)
-    out_dir.mkdir(parents=True, exist_ok=True)
     n_vocab = len(tok["tokens"])
+    tok_bytes = sum(len(x.encode("utf-8")) + 12 for x in tok["tokens"]) + sum(
+        len(x) + 8 for x in tok.get("merges") or []) + len(tok.get("chat_template") or "")
+    plan = plan_pair(out_dir, draft, target, n_vocab, tok_bytes, quant)
+    if plan["disk_needed"] > plan["disk_free"]:
+        raise OSError(f"not enough disk under {out_dir}: {plan['disk_needed'] / GB:.1f} GB "
+                      f"needed, {plan['disk_free'] / GB:.1f} GB free")
+    if dry_run:
+        print("PLAN " + json.dumps(plan))  # for scripts/gpu_check.sh's time and disk plan
+        return plan
+    out_dir.mkdir(parents=True, exist_ok=True)
     control = np.array([t == CONTROL for t in tok["token_type"]])
     rand = Rand(seed, threads)
     info = {"noise": noise, "seed": seed, "draft_shape": asdict(draft),
             "target_shape": asdict(target), "tokenizer": tok.get("source")}
+    # the drafter's own file leaves the noise out: one drafter serves every noise level
+    draft_info = {k: v for k, v in info.items() if k != "noise"}
     t0 = time.perf_counter()
     dw = draft_tensors(rand, draft, n_vocab, control)
-    write_gguf(out_dir / "draft.gguf", draft, tok, dw.items(), "drafter", info)
+    write_gguf(out_dir / "draft.gguf", draft, tok,
+               [(k, v.shape, v.dtype.type, lambda v=v: v) for k, v in dw.items()],
+               "drafter", draft_info)
     t1 = time.perf_counter()
     write_gguf(out_dir / "target.gguf", target, tok,
-               target_tensors(rand, dw, draft, target, noise), "target", info)
+               target_specs(rand, dw, draft, target, noise, n_vocab), "target", info)
     t2 = time.perf_counter()
     rand.pool.shutdown()
     meta = {
@@ -329,6 +470,7 @@ def write_pair(out_dir: Path, draft: Shape, target: Shape, tok: dict, noise: flo
         "draft_bytes": (out_dir / "draft.gguf").stat().st_size,
         "target_bytes": (out_dir / "target.gguf").stat().st_size,
         "draft_write_s": round(t1 - t0, 2), "target_write_s": round(t2 - t1, 2),
+        "disk_free_before": plan["disk_free"],
     }
     (out_dir / "models.json").write_text(json.dumps(meta) + "\n", "utf-8")
     print(f"{LABEL}\n  drafter {draft}: {meta['draft_params'] / 1e6:.0f}M params, "
@@ -401,9 +543,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("write", help="write target.gguf, draft.gguf and models.json")
     w.add_argument("out_dir", type=Path)
-    w.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    w.add_argument("--draft", type=Shape.parse, help="n_embd,n_layer,n_head,n_head_kv,n_ff")
-    w.add_argument("--target", type=Shape.parse, help="n_embd,n_layer,n_head,n_head_kv,n_ff")
+    w.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                   help="drafter and target shapes (default small); see --draft-shape")
+    w.add_argument("--draft-shape", "--draft", dest="draft", metavar="S",
+                   help="n_embd,n_layer,n_head,n_head_kv,n_ff: overrides the preset's drafter "
+                        "(e.g. 512,12,8,2,1536)")
+    w.add_argument("--target-shape", "--target", dest="target", metavar="S",
+                   help="likewise for the target (e.g. 4096,32,64,16,11008: 6.1B, 12.2 GB f16)")
+    w.add_argument("--quant-estimate", choices=sorted(QUANT_BITS),
+                   help="count a quantised copy of the pair (written later, e.g. by "
+                        "gpu_probe.py quantize) in the disk report and check")
+    w.add_argument("--dry-run", action="store_true",
+                   help="print the sizes and the disk check, write nothing")
     w.add_argument("--noise", type=float, default=DEFAULT_NOISE,
                    help="strength of the target's extra layers (0: target == drafter)")
     w.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
@@ -423,8 +574,22 @@ def main(argv: list[str] | None = None) -> int:
         export_tokenizer(args.src, args.out)
     elif args.cmd == "write":
         draft, target = PRESETS[args.preset]
-        write_pair(args.out_dir, args.draft or draft, args.target or target,
-                   load_tokenizer(args.tokenizer), args.noise, args.seed, args.threads)
+        try:  # a bad shape or pair: one line, exit 2 (as argparse's own errors)
+            draft = Shape.parse(args.draft) if args.draft else draft
+            target = Shape.parse(args.target) if args.target else target
+            check_pair(draft, target)
+        except ValueError as e:
+            print(f"{p.prog} write: error: {e}", file=sys.stderr)
+            return 2
+        if args.noise < 0:
+            print(f"{p.prog} write: error: --noise must be >= 0", file=sys.stderr)
+            return 2
+        try:
+            write_pair(args.out_dir, draft, target, load_tokenizer(args.tokenizer), args.noise,
+                       args.seed, args.threads, args.quant_estimate, args.dry_run)
+        except OSError as e:
+            print(f"{p.prog} write: error: {e}", file=sys.stderr)
+            return 1
     else:
         res = measure(args.out_dir, args.tokens, args.gpu_layers, args.threads)
         (args.out_dir / "agreement.json").write_text(json.dumps(res) + "\n", "utf-8")

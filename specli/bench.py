@@ -133,10 +133,26 @@ def specli_runner(engine: Engine, method: str, params: SamplingParams, draft_max
             "n_prompt": s.n_prompt, "n_generated": s.n_generated, "stop_reason": res.stop_reason,
             **clock.fields(s.n_generated), "target_forwards": s.target_forwards,
             "drafted": s.drafted, "accepted": s.accepted, "mean_accepted": s.mean_accepted,
-            "tokens": res.tokens, "stats": s.as_dict(),
+            **costs_fields(res), "tokens": res.tokens, "stats": s.as_dict(),
         }
 
     return run
+
+
+def costs_fields(res: Result) -> dict:
+    """A run's own costs and the calibrated standalone ones, in milliseconds: a draft-model
+    step and a target pass (the calibrated pass has the run's mean size)."""
+    s, cal = res.stats, res.calibrated
+    n = max(1, round(s.pass_size)) if s.target_forwards else 1
+    return {
+        "ms_per_pass": s.ms_per_pass or None,
+        "pass_size": s.pass_size or None,
+        "ms_per_draft_step": s.ms_per_draft_step or None,
+        "draft_steps": s.draft_steps,
+        "calibrated_ms_per_pass": 1000 * cal.verify_cost(n) if cal is not None else None,
+        "calibrated_ms_per_draft_step": 1000 * cal.draft if cal is not None and cal.draft
+        else None,
+    }
 
 
 class Peer:
@@ -288,7 +304,17 @@ def _cell(rows: list[dict], ref: dict[int, dict], runs: list[dict]) -> dict:
         "mean_accepted": fmean(accepted) if accepted else None,
         "identity_rate": sum(judged) / len(judged) if judged else None,
         "decode_tok_s": geomean(r["decode_tok_s"] for r in rows if r["decode_tok_s"]),
+        **{key: _mean(rows, key) for key in COST_KEYS},
     }
+
+
+COST_KEYS = ("ms_per_pass", "pass_size", "calibrated_ms_per_pass", "ms_per_draft_step",
+             "calibrated_ms_per_draft_step")
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key)]
+    return fmean(vals) if vals else None
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -345,6 +371,23 @@ def render_markdown(summary: dict, meta: dict) -> str:
         ident = "n/a" if o["identity_rate"] is None else f"{100 * o['identity_rate']:.0f}%"
         lines.append(f"| {m} | {ident} | {_fmt(o['e2e_speedup'], '.2f')}x | "
                      f"{_fmt(o['decode_tok_s'], '.1f')} | {o['prompts']} | {o['runs']} |")
+    lines += [
+        "",
+        "Costs inside the pipeline beside the calibrated standalone costs (ms, mean over "
+        "prompts; a target pass of the run's mean size):",
+        "",
+        "| method | target pass | calibrated | tokens per pass | draft-model step | calibrated "
+        "| step ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, row in summary["table"].items():
+        o = row["overall"]
+        step, cal = o.get("ms_per_draft_step"), o.get("calibrated_ms_per_draft_step")
+        ratio = f"{step / cal:.2f}x" if step and cal else "n/a"
+        lines.append(f"| {m} | {_fmt(o.get('ms_per_pass'), '.2f')} | "
+                     f"{_fmt(o.get('calibrated_ms_per_pass'), '.2f')} | "
+                     f"{_fmt(o.get('pass_size'), '.2f')} | {_fmt(step, '.2f')} | "
+                     f"{_fmt(cal, '.2f')} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 

@@ -193,6 +193,53 @@ def best_overlap_length(
     return best_k
 
 
+def best_duo_round(
+    cost: CostModel, p: Sequence[float], k_max: int, lag: int = 0, horizon: float = 1e9,
+    min_gain: float = 1.0,
+) -> tuple[int, bool]:
+    """A duo drafter's round: (draft length, True to draft the next round beside the pass
+    or False to draft in turn).  Beside wins where the two run apart (a target on a GPU,
+    a drafter on idle cores); in turn wins where they share cores (a 2-core CPU, where a
+    pass runs ~2x slower beside the drafter), so duo never does worse than drafting in
+    turn on the measured hardware.  (0, False): a plain step."""
+    k_beside = best_overlap_length(cost, p, k_max, lag, horizon, min_gain)
+    k_turn = best_length(cost, p[:k_max], k_max, lag, horizon, min_gain)
+    if not k_beside and not k_turn:
+        return 0, False
+    beside = overlap_rate(cost, p[:k_beside], p[k_beside], lag, horizon) if k_beside else 0.0
+    turn = amortised_rate(cost, p[:k_turn], lag, horizon) if k_turn else 0.0
+    return (k_beside, True) if beside >= turn else (k_turn, False)
+
+
+def duo_rate(cost: CostModel, p: float, k_max: int) -> float:
+    """Best expected tokens per second of a duo drafter with these costs when every draft
+    token is accepted with probability p: beside or in turn, whichever pays (a plain
+    step if neither does)."""
+    ps = [p] * (k_max + 1)
+    k, beside = best_duo_round(cost, ps, k_max)
+    if k == 0:
+        return rate(cost, [])
+    return overlap_rate(cost, ps[:k], p) if beside else rate(cost, ps[:k])
+
+
+PLACEMENT_ACCEPTANCE = (0.5, 0.7, 0.9)  # per-token acceptance a placement is judged at
+
+
+def choose_placement(costs: dict[str, CostModel], k_max: int = 8) -> tuple[str, dict[str, float]]:
+    """Where the draft model should run, from its calibrated costs in each place (e.g. on
+    the GPU beside the target's layers, or on the CPU drafting beside the GPU): the place
+    with the best expected speed over plain decoding, averaged over a spread of acceptance
+    rates (acceptance is the same model wherever it runs; only the costs differ).
+    Returns (place, expected speedup of each place over a plain step)."""
+    speedups = {}
+    for place, cost in costs.items():
+        plain = rate(cost, [])
+        speedups[place] = sum(duo_rate(cost, p, k_max) / plain
+                              for p in PLACEMENT_ACCEPTANCE) / len(PLACEMENT_ACCEPTANCE)
+    best = max(speedups, key=lambda name: speedups[name])
+    return best, speedups
+
+
 @dataclass
 class Acceptance:
     """Online acceptance estimates: per draft position, and per bin of the drafter's
@@ -459,30 +506,35 @@ class OverlapBudget(AdaptiveBudget):
         super().__init__(cost, acceptance, explore_every, optimistic_p, min_gain)
         self.ready = False
         self.beside = 0
+        self.overlap = True  # this round: draft the next one beside the pass (else in turn)
 
     def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
-        """The draft length itself (not k_cap): the next round's draft is made beside the
-        pass to that length, before the confidence rule could be asked."""
+        """The draft length, and (`overlap`) whether the drafter drafts the next round
+        beside this round's pass or waits its turn: whichever the measured costs expect to
+        be faster.  Beside: the length itself (the next draft is made to it before the
+        confidence rule could be asked).  In turn: k_cap, the confidence rule stops it."""
         cost = self.cost
         self._probing = False
         self.ready, self.beside = False, 0  # until the drafter says otherwise this round
         p = self.acc.by_position(k_cap + 1)
-        k = best_overlap_length(cost, p, k_cap, lag, left, self.min_gain)
+        k, self.overlap = best_duo_round(cost, p, k_cap, lag, left, self.min_gain)
         if k == 0:
             self._idle += 1
             if self._idle >= self._gap:
-                k = best_overlap_length(cost, [self.optimistic_p] * (k_cap + 1), k_cap, lag, left)
+                k, self.overlap = best_duo_round(cost, [self.optimistic_p] * (k_cap + 1),
+                                                 k_cap, lag, left)
                 self._idle = 0 if k == 0 else self._idle
                 self._probing = k > 0
         if k:
             self._idle = 0
-        return k
+        return k if self.overlap or k == 0 else k_cap
 
     def expected_rate(self, k: int, lag: int = 0, left: int = 1 << 30) -> float:
         if k == 0:
             return rate(self.cost, [])
         p = self.acc.by_position(k + 1)
-        return overlap_rate(self.cost, p[:k], p[k], lag, left)
+        return max(overlap_rate(self.cost, p[:k], p[k], lag, left),
+                   amortised_rate(self.cost, p[:k], lag, left))
 
     def keep_going(self, confidences: Sequence[float]) -> bool:
         cost = replace(self.cost, draft=0.0) if self.ready else self.cost

@@ -27,6 +27,7 @@ from pathlib import Path
 from .backends.base import Backend, LoadOptions
 from .budget import CostModel
 from .registry import specli_home
+from .threads import release_openmp_threads
 
 K_MAX = 16  # verify costs measured for 1..K_MAX tokens; the budget extrapolates beyond
 REPEATS = 5
@@ -251,6 +252,16 @@ def load_or_measure(
     """The cached cost model, or a fresh measurement (saved atomically).  `draft_opts`:
     where the draft runs when it differs from `opts`; `overlap`: also measure the pair
     side by side (duo).  Returns (model, measured_now)."""
+    try:
+        return _load_or_measure(target, draft, opts, force, draft_opts, overlap)
+    finally:  # the models ran on this thread: hand its OpenMP workers back meanwhile
+        release_openmp_threads()
+
+
+def _load_or_measure(
+    target: Backend, draft: Backend | None, opts: LoadOptions, force: bool,
+    draft_opts: LoadOptions | None, overlap: bool,
+) -> tuple[CostModel, bool]:
     path = calibration_path(cache_key(target, draft, opts, draft_opts, overlap))
     if not force and path.exists():
         try:

@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .backends.base import Backend
-from .budget import Budget, FixedBudget
+from .budget import Budget, CostModel, FixedBudget
 from .drafters.base import Draft, Drafter
 from .errors import SpecliError
 from .sampling import SamplingParams, probs_from_logits
+from .threads import release_openmp_threads
 from .tokens import common_prefix
 from .verify import (
     Verdict,
@@ -54,6 +55,11 @@ class Stats:
     n_prefilled: int = 0  # prompt tokens actually evaluated (fewer when a prefix was reused)
     draft_rounds: int = 0  # rounds in which the budget chose to draft
     rounds_by: dict[str, int] = field(default_factory=dict)  # rounds per drafter ("none": plain)
+    pass_tokens: int = 0  # tokens fed to target passes (the last context token + drafts)
+    # one-token steps of the draft model(s) during this generation, wherever they ran
+    # (the duo thread included) and what they took: a drafter's in-pipeline speed
+    draft_steps: int = 0
+    draft_step_s: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -66,6 +72,21 @@ class Stats:
         return 1.0 + self.accepted / self.target_forwards if self.target_forwards else 0.0
 
     @property
+    def ms_per_pass(self) -> float:
+        """Milliseconds per target forward pass (plain steps and verify passes alike)."""
+        return 1000 * self.verify_s / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def pass_size(self) -> float:
+        """Tokens per target pass, on average (1.0: plain decoding)."""
+        return self.pass_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def ms_per_draft_step(self) -> float:
+        """Milliseconds per one-token step of the draft model, in this generation."""
+        return 1000 * self.draft_step_s / self.draft_steps if self.draft_steps else 0.0
+
+    @property
     def prefill_tok_s(self) -> float:
         return self.n_prefilled / self.prefill_s if self.prefill_s > 0 else 0.0
 
@@ -75,7 +96,8 @@ class Stats:
 
     def as_dict(self) -> dict[str, float | int]:
         d: dict[str, float | int] = asdict(self)
-        for name in ("acceptance_rate", "mean_accepted", "prefill_tok_s", "decode_tok_s"):
+        for name in ("acceptance_rate", "mean_accepted", "prefill_tok_s", "decode_tok_s",
+                     "ms_per_pass", "pass_size", "ms_per_draft_step"):
             d[name] = getattr(self, name)
         return d
 
@@ -91,6 +113,9 @@ class Result:
     budget: str = ""  # the draft budget's name, when a drafter ran
     cost_note: str = ""  # the budget's cost model, in words (for --stats)
     drafter_note: str = ""  # where drafts came from, in words (for --stats)
+    # the calibrated standalone costs the budget planned with (seconds), to set beside
+    # what this run measured: a target pass over n tokens (verify[n - 1]), a draft step
+    calibrated: CostModel | None = None
 
 
 def verify(draft: Draft, logits: np.ndarray, params: SamplingParams, rng) -> Verdict:
@@ -99,6 +124,29 @@ def verify(draft: Draft, logits: np.ndarray, params: SamplingParams, rng) -> Ver
     if params.greedy:
         return verify_greedy(draft.tokens, logits.argmax(axis=1).tolist())
     return verify_sampled(draft.tokens, probs_from_logits(logits, params), draft.probs, rng)
+
+
+def draft_backends(drafter: Drafter | None) -> list[Backend]:
+    """The draft models a drafter runs (none for n-gram drafters; auto: its members')."""
+    if drafter is None:
+        return []
+    members = getattr(drafter, "members", None)
+    if members is not None:
+        found = [b for m in members for b in draft_backends(m.drafter)]
+        return list({id(b): b for b in found}.values())
+    model = getattr(drafter, "model", None)
+    return [model] if model is not None else []
+
+
+def calibrated_costs(budget: Budget) -> CostModel | None:
+    """The calibrated cost model behind a budget (auto: that of a member drafting with a
+    model, else any), or None for a fixed budget."""
+    base = getattr(budget, "base", None)
+    if isinstance(base, CostModel):
+        return base
+    members = getattr(getattr(budget, "auto", None), "members", ())
+    costs = [c for m in members if (c := calibrated_costs(m.budget)) is not None]
+    return next((c for c in costs if c.draft > 0), costs[0] if costs else None)
 
 
 def branch_confidence(draft: Draft, path: list[int]) -> list[float]:
@@ -134,12 +182,26 @@ class Engine:
     ) -> Iterator[list[int]]:
         """Yield accepted tokens chunk by chunk while filling `res`."""
         self.check_prompt(prompt)
+        try:
+            yield from self._rounds(prompt, cfg, res)
+        finally:  # however it ended (done, error, Ctrl-C, a closed pipe)
+            pause = getattr(self.drafter, "pause", None)
+            if pause is not None:
+                pause()  # a drafter's own threads end with the generation
+            release_openmp_threads()  # and so do this thread's idle OpenMP workers
+
+    def _rounds(
+        self, prompt: Sequence[int], cfg: GenerationConfig, res: Result
+    ) -> Iterator[list[int]]:
         t, d, st = self.target, self.drafter, res.stats
         if d is not None:
             self.budget.begin()
             res.budget = self.budget.name
             res.cost_note = self.budget.describe()
         rng = cfg.params.rng()
+        # the draft models' step clocks, as they stood when this generation began
+        clocks = [(c, c.steps, c.seconds) for m in draft_backends(d)
+                  if (c := getattr(m, "step_clock", None)) is not None]
         # A seeded sampled run must replay exactly: its budget then decides from the
         # calibrated costs and the (deterministic) acceptance history, not the clock.
         timed = cfg.params.greedy or cfg.params.seed is None
@@ -177,6 +239,7 @@ class Engine:
             st.draft_s += t1 - t0
             st.verify_s += t2 - t1
             st.target_forwards += 1
+            st.pass_tokens += 1 + len(draft.tokens)
             st.draft_rounds += bool(draft.tokens)
             by = (draft.source or d.name) if draft.tokens and d is not None else "none"
             st.rounds_by[by] = st.rounds_by.get(by, 0) + 1
@@ -191,6 +254,9 @@ class Engine:
             ctx += new
             res.tokens += new
             st.n_generated = len(res.tokens)
+            if clocks:
+                st.draft_steps = sum(c.steps - n for c, n, _ in clocks)
+                st.draft_step_s = sum(c.seconds - x for c, _, x in clocks)
             st.decode_s = time.perf_counter() - start - st.prefill_s
             st.wall_s = st.prefill_s + st.decode_s
             if new:
@@ -202,6 +268,7 @@ class Engine:
         if d is not None:
             res.cost_note = self.budget.describe()  # as tracked online by the end
             res.drafter_note = d.describe()
+            res.calibrated = calibrated_costs(self.budget)
 
     def _check(
         self, ctx: list[int], draft: Draft, params: SamplingParams, rng: np.random.Generator

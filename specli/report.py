@@ -27,11 +27,33 @@ def stats_lines(res: Result, where: dict[str, str] | None = None) -> list[str]:
             f"{s.drafted} tokens, accepted {s.accepted} ({100 * s.acceptance_rate:.1f}%); "
             f"time drafting {s.draft_s:.2f} s, verifying {s.verify_s:.2f} s"
         )
+    lines += cost_lines(res)
     if res.cost_note:
         lines.append(res.cost_note)
     if res.drafter_note:
         lines.append(res.drafter_note)
     lines.append(f"wall {s.wall_s:.2f} s")
+    return lines
+
+
+def cost_lines(res: Result) -> list[str]:
+    """What a target pass and a draft-model step cost in this run, beside the calibrated
+    standalone costs: drafting slower inside a generation than alone is a defect."""
+    s, cal = res.stats, res.calibrated
+    if not s.target_forwards:
+        return []
+    n = max(1, round(s.pass_size))
+    pass_line = (f"target passes: {s.ms_per_pass:.2f} ms each over {s.pass_size:.2f} tokens "
+                 "on average")
+    if cal is not None:
+        pass_line += f" (calibrated alone, {n} tokens: {1000 * cal.verify_cost(n):.2f} ms)"
+    lines = [pass_line]
+    if s.draft_steps:
+        step = f"draft model steps: {s.draft_steps} at {s.ms_per_draft_step:.2f} ms each"
+        if cal is not None and cal.draft > 0:
+            step += (f" (calibrated alone: {1000 * cal.draft:.2f} ms, "
+                     f"{s.ms_per_draft_step / (1000 * cal.draft):.2f}x)")
+        lines.append(step)
     return lines
 
 
@@ -66,5 +88,19 @@ def result_json(
             "draft_s": s.draft_s,
             "verify_s": s.verify_s,
             "wall_s": s.wall_s,
+            "ms_per_pass": s.ms_per_pass,
+            "pass_size": s.pass_size,
+            "draft_steps": s.draft_steps,
+            "ms_per_draft_step": s.ms_per_draft_step,
         },
+        "calibrated": calibrated_json(res),
     }
+
+
+def calibrated_json(res: Result) -> dict | None:
+    """The standalone costs the budget planned with, in milliseconds."""
+    cal = res.calibrated
+    if cal is None:
+        return None
+    return {"ms_per_pass": [round(1000 * v, 4) for v in cal.verify],
+            "ms_per_draft_step": round(1000 * cal.draft, 4)}

@@ -19,6 +19,7 @@ from .budget import (
     CostModel,
     FixedBudget,
     OverlapBudget,
+    choose_placement,
     parse_budget,
 )
 from .calibrate import load_or_measure
@@ -59,6 +60,8 @@ class Loaded:
     _duo_cost: CostModel | None = field(default=None, init=False, repr=False)
     _duo_model: Backend | None = field(default=None, init=False, repr=False)
     _duos: list[DuoDrafter] = field(default_factory=list, init=False, repr=False)
+    # how duo's drafter was placed, when measured (for --stats): "CPU ... (measured: ...)"
+    duo_placement: str = field(default="", init=False)
     _closers: list = field(default_factory=list, init=False, repr=False)
 
     def cost_model(self, console: Console | None = None, force: bool = False) -> CostModel:
@@ -88,6 +91,45 @@ class Loaded:
         if self._duo_model is None:
             self._duo_model = open_model(self.draft.path, self.duo_opts or _duo_opts(self.opts))
         return self._duo_model
+
+    def place_duo_drafter(self, console: Console | None = None) -> None:
+        """With the target on a GPU and no --draft-gpu-layers: calibrate duo's draft model
+        on the GPU and on the CPU beside the target, and keep the place whose measured
+        costs promise the faster generation (`choose_placement`)."""
+        assert self.duo_opts is not None
+        places = {"CPU": self.duo_opts,
+                  "GPU": replace(self.duo_opts, n_gpu_layers=ALL_LAYERS,
+                                 n_threads=getattr(self.target, "n_threads", None))}
+        current = self.draft if self.method == "duo" else self._duo_model  # on the CPU
+        assert self.draft is not None
+        models: dict[str, Backend] = {}
+        costs: dict[str, CostModel] = {}
+        try:
+            for place, o in places.items():
+                reuse = place == "CPU" and current is not None
+                models[place] = current if reuse else open_model(self.draft.path, o)
+                with _status(console, f"measuring the draft model on the {place}"):
+                    costs[place], _ = load_or_measure(self.target, models[place], self.opts,
+                                                      draft_opts=o, overlap=True)
+        except SpecliError:
+            for m in models.values():
+                if m is not current:
+                    m.close()
+            raise
+        best, speedups = choose_placement(costs)
+        chosen = models[best]
+        for m in models.values():
+            if m is not chosen:
+                m.close()
+        if self.method == "duo":
+            self.draft = chosen
+        else:
+            self._duo_model = chosen
+        self.duo_opts, self._duo_cost = places[best], costs[best]
+        measured = ", ".join(
+            f"{place} {1000 * costs[place].draft:.2f} ms a token, "
+            f"{speedups[place]:.2f}x expected" for place in places)
+        self.duo_placement = f"{chosen.placement} (placed by measurement: {measured})"
 
     def make_budget(self, spec: str, free_drafts: bool = False) -> Budget:
         """`free_drafts`: the drafter costs ~nothing (n-gram lookup), only verification."""
@@ -143,6 +185,8 @@ class Loaded:
         where = {"target": self.target.placement}
         if self.draft is not None:
             where["draft"] = self.draft.placement
+        if self.duo_placement:
+            where["duo drafter"] = self.duo_placement
         return where
 
     def finish(self, prompt: Sequence[int], res: Result, start: int = 0) -> None:
@@ -203,6 +247,9 @@ class Loaded:
         for m in (self.target, self.draft, self._duo_model):
             if m is not None and id(m) not in busy:
                 m.close()
+
+
+ALL_LAYERS = 999  # llama.cpp offloads every layer (and the output) of any model this size
 
 
 def _duo_opts(draft_opts: LoadOptions, gpu_layers: int | None = None) -> LoadOptions:
@@ -290,6 +337,10 @@ def load(
         used = "draft" if dm is not None else "hd"
     loaded = Loaded(target, dm, used, model, draft, opts, budget, corpus, history, duo)
     loaded.cross = dm is not None and not same_tokenizer(target, dm)
+    duo_here = used == "duo" or (used == "auto" and on_accelerator(opts))
+    if (duo_here and dm is not None and not loaded.cross and draft_gpu_layers is None
+            and on_accelerator(opts)):
+        loaded.place_duo_drafter(console)  # where the drafter runs: measured, not assumed
     if used == "duo" and _parse_budget(budget) is None:
         loaded.duo_cost_model(console)
     elif used != "none" and _parse_budget(budget) is None:

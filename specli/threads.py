@@ -8,10 +8,20 @@ fully offloaded, an 87M Q4_K_M drafter on the CPU, k = 4): the target's verify p
 1.8 with 4, and 8.8 with 16 beside the target (more threads than free cores).  With the
 target on the CPU the two models take turns (or the overlap budget decides that they
 should), so each keeps every core.
+
+OpenMP (llama.cpp's CPU thread pool in its pip builds, through libgomp) keeps one pool of
+threads per thread that ever ran a model, alive until that thread exits.  When all pools
+together hold more threads than there are cores, libgomp stops spinning at its barriers
+and sleeps on a futex at every one of them, and llama.cpp crosses one barrier per graph
+op: a 2-core machine measured a one-token step 4-5x slower (0.28 -> 1.2-1.4 ms) for as
+long as duo's drafting thread, idle, was alive.  So a thread that ran a model must end,
+or hand its pool back (`release_openmp_threads`), before the next generation.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 
 GPU_FEEDER_THREADS = 2  # a fully offloaded target: its CPU only launches the GPU's work
@@ -40,3 +50,26 @@ def drafter_threads(cores: int, target_cpu_threads: int) -> int | None:
     if target_cpu_threads >= cores:
         return None
     return max(1, min(DRAFTER_MAX_THREADS, cores - target_cpu_threads - 1))
+
+
+_OMP_PAUSE_SOFT = 1
+_gomp: ctypes.CDLL | None | bool = None  # None: not looked up yet; False: not available
+
+
+def release_openmp_threads() -> bool:
+    """Hand the calling thread's OpenMP pool back (`omp_pause_resource_all`): its threads
+    exit, so none spin or count against the cores while specli waits; the next model run
+    makes a new pool (microseconds).  Call it only between generations, from a thread
+    that is not inside a model run.  False where libgomp is not loaded (other builds)."""
+    global _gomp
+    if _gomp is None:
+        _gomp = False
+        name = ctypes.util.find_library("gomp") or "libgomp.so.1"
+        try:
+            lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)  # only if loaded
+            lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+            lib.omp_pause_resource_all.restype = ctypes.c_int
+            _gomp = lib
+        except (OSError, AttributeError):
+            pass
+    return bool(_gomp) and _gomp.omp_pause_resource_all(_OMP_PAUSE_SOFT) == 0

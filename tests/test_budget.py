@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -12,6 +13,8 @@ from specli.budget import (
     AdaptiveBudget,
     CostModel,
     FixedBudget,
+    OverlapBudget,
+    best_duo_round,
     best_length,
     expected_tokens,
     keep_drafting,
@@ -63,6 +66,39 @@ def test_a_drafter_far_behind_only_catches_up_when_the_rest_pays_for_it():
     assert best_length(gpu, p, 8, lag=700, horizon=20000) > 0  # amortised over a long answer
     b = AdaptiveBudget(CostModel(GPU.verify, GPU.draft, catch_up=0.1 * STEP))
     assert b.plan(8, lag=700, left=64) == 0 and b.plan(8, lag=1, left=64) == 8
+
+
+# H200 issue-14 pair: target step 5.2 ms, a pass over 5 tokens 7.4 ms (1.4 steps), the 87M
+# drafter on 8 CPU cores 1.2 ms a token whether or not the GPU runs beside it
+GPU_STEP = 0.0052
+GPU_TARGET = CostModel([GPU_STEP * (1 + 0.1 * i) for i in range(16)], 0.0012,
+                       overlap_verify=1.0, overlap_draft=0.0012)
+# this 2-core CPU: the 0.5B drafter at 0.6 of a step and a pass ~1.9x slower beside it
+CPU_SHARED = CostModel(CPU.verify, 0.6 * STEP, overlap_verify=1.9, overlap_draft=1.1 * STEP)
+
+
+def test_duo_drafts_beside_the_target_only_where_the_hardware_lets_it():
+    """Beside where the pass runs unslowed next to the drafter; in turn (or not at all)
+    where the two share the cores: duo then never does worse than drafting in turn."""
+    p = [0.8] * 9
+    k, beside = best_duo_round(GPU_TARGET, p, 8)
+    assert k > 0 and beside
+    k, beside = best_duo_round(CPU_SHARED, p, 8)
+    assert not beside  # in turn or a plain step
+    k, beside = best_duo_round(CPU_SHARED, [0.99] * 9, 8)
+    assert k > 0 and not beside  # even near-certain drafts are cheaper in turn here
+    assert best_duo_round(CPU_SHARED, [0.1] * 9, 8) == (0, False)
+
+
+def test_overlap_budget_tells_the_drafter_its_mode_and_sizes_in_turn_drafts_by_confidence():
+    sure = Acceptance(prior_mean=0.95)
+    turn = OverlapBudget(replace(CPU_SHARED, draft=0.05 * STEP), sure, min_gain=1.0)
+    k = turn.plan(8)
+    assert k == 8 and not turn.overlap  # in turn: the confidence rule decides the length
+    beside = OverlapBudget(GPU_TARGET, Acceptance(prior_mean=0.95), min_gain=1.0)
+    k = beside.plan(8)
+    assert 0 < k <= 8 and beside.overlap
+    assert beside.expected_rate(k) >= beside.expected_rate(0)
 
 
 def test_stop_rule_follows_drafter_confidence():

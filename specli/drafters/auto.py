@@ -67,6 +67,12 @@ class AutoDrafter:
         for m in self.members:
             m.drafter.reset()
 
+    def pause(self) -> None:
+        """The generation is over: members with threads of their own end them."""
+        for m in self.members:
+            if (pause := getattr(m.drafter, "pause", None)) is not None:
+                pause()
+
     def finish(self, tokens: Sequence[int], start: int = 0) -> None:
         if self.learner is not None:
             self.learner.finish(tokens, start)

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -50,6 +51,7 @@ from .base import Draft, KeepGoing
 from .model import _choose
 
 StopRule = Callable[[Sequence[float]], bool]
+T = TypeVar("T")
 
 
 @dataclass
@@ -150,17 +152,23 @@ class DuoDrafter:
         self.budget = budget
         self.branches = max(1, branches)
         self.timeout_s = timeout_s
-        self.stopped = False  # the worker thread has ended (the model may be freed)
-        self._worker = _Worker("specli-duo-drafter")
+        self.stopped = True  # no worker thread is inside the model (it may be freed)
+        # The worker thread exists only from a generation's first round drafted beside the
+        # target to that generation's end (`pause`): a thread that ran the model keeps an
+        # OpenMP pool, and pools beyond the cores slow every model step (specli.threads).
+        # Until then the model runs on the caller's thread, in turn with the target.
+        self._worker: _Worker | None = None
+        self._busy_s = 0.0  # drafting time of the workers that ended
         self._pending: _Job | None = None  # the speculation for the next round
         self._top = 0  # length of the chain that speculation continues
         self._dropped: list[_Job] = []  # cancelled jobs, checked for errors once done
         self._known: list[int] = []  # what the draft model holds after the queued jobs
         self._broken: str | None = None
+        self._hung = False  # the worker did not answer in time
         self._rng_of: np.random.Generator | None = None
         self._root: np.random.Generator | None = None
         # for --stats
-        self.speculated = self.spec_tokens = self.hits = self.trees = 0
+        self.speculated = self.spec_tokens = self.hits = self.trees = self.in_turn = 0
 
     # -- the drafter protocol (main thread) ---------------------------------------------
     def propose(
@@ -189,22 +197,29 @@ class DuoDrafter:
             self._drop(job)
         if isinstance(self.budget, OverlapBudget):
             self.budget.ready = got is not None  # its tokens are paid for: only verifying costs
+        beside = getattr(self.budget, "overlap", True)  # the budget's call for this round
+        if beside and self._worker is None:  # from now on the model runs on the worker
+            self._worker = _Worker("specli-duo-drafter")
+            self.stopped = False
         drafted: Drafted | None = None
         if got is not None:
             self.hits += 1
             drafted = got.trimmed(k, keep_going)
         else:
             gen = self._job_rng(params)
-            fg = _Job(ctx)
-            fg.future = self._worker.submit(
-                lambda: self._grow(ctx, k, params, gen, keep_going, fg.cancel))
-            drafted = self._wait(fg, len(ctx))
+            cancel = threading.Event()
+            drafted = self._call(lambda: self._grow(ctx, k, params, gen, keep_going, cancel),
+                                 len(ctx), cancel)
         draft = drafted.as_draft()
         if draft.parents is not None:
             self.trees += 1
             if self.budget is not None:  # prune now: speculation continues the kept chain
                 draft = draft.subtree(self.budget.prune_tree(draft.parents, draft.confidence))
-        self._speculate(ctx, draft, k, params)
+        if beside:
+            self._speculate(ctx, draft, k, params)
+        else:
+            self.in_turn += 1
+            self._known = ctx + draft.tokens
         return draft
 
     def lag(self, context: Sequence[int]) -> int:
@@ -222,25 +237,56 @@ class DuoDrafter:
         if self._pending is not None:
             self._drop(self._pending)
         self._known = []
-        self._wait(_Job([], future=self._worker.submit(lambda: self.model.truncate(0))), 0)
+        self._call(lambda: self.model.truncate(0), 0)
 
     def finish(self, tokens: Sequence[int], start: int = 0) -> None:
-        if self._pending is not None:  # the generation is over: free the cores
-            self._drop(self._pending)
+        self.pause()
 
-    def describe(self) -> str:
-        return (f"duo: drafted beside verification in {self.speculated} rounds "
-                f"({self.spec_tokens} tokens, guesses included), {self.hits} of those drafts "
-                "used; "
-                f"{self.trees} multi-sequence drafts; drafter thread busy "
-                f"{self._worker.busy_s:.2f} s")
-
-    def close(self) -> None:
+    def pause(self) -> None:
+        """The generation is over: drop what is pending and end the worker thread, so no
+        thread of ours holds cores (or an OpenMP pool) until the next one drafts beside."""
         if self._pending is not None:
             self._drop(self._pending)
-        self.stopped = self._worker.close(timeout=10.0)
+        self._dropped = []  # what they did no longer matters
+        w = self._worker
+        if w is None:
+            return
+        # a worker that hung has had its timeout: close() alone waits for it again
+        self.stopped = w.close(timeout=0.0 if self._hung else 10.0)
+        if self.stopped:
+            self._busy_s += w.busy_s
+            self._worker = None
+        elif self._broken is None:
+            self._broken = "the duo drafter thread did not stop within 10 s"
+
+    def describe(self) -> str:
+        busy = self._busy_s + (self._worker.busy_s if self._worker is not None else 0.0)
+        return (f"duo: drafted beside verification in {self.speculated} rounds "
+                f"({self.spec_tokens} tokens, guesses included), {self.hits} of those drafts "
+                f"used; in turn in {self.in_turn} rounds (the budget's choice); "
+                f"{self.trees} multi-sequence drafts; drafter thread busy {busy:.2f} s")
+
+    def close(self) -> None:
+        self._hung = False  # one last, patient wait
+        self.pause()
 
     # -- main-thread helpers --------------------------------------------------------------
+    def _call(self, fn: Callable[[], T], n_ctx: int,
+              cancel: threading.Event | None = None) -> T:
+        """Run fn on the model's thread: the worker while it lives, else this one
+        (`cancel`: what fn watches, set if the worker does not answer in time)."""
+        if self._broken is not None:
+            raise SpecliError(self._broken)
+        if self._worker is not None:
+            job = _Job([], cancel or threading.Event(), self._worker.submit(fn))
+            return self._wait(job, n_ctx)  # type: ignore[return-value]
+        try:
+            return fn()
+        except SpecliError:
+            raise
+        except Exception as e:
+            raise self._fail(e) from e
+
     def _still_possible(self, job: _Job, ctx: Sequence[int]) -> bool:
         """Whether the context can still be the one the speculation bet on."""
         n = len(job.base)
@@ -252,7 +298,7 @@ class DuoDrafter:
         """Start drafting the next round beside this round's verification."""
         top = main_chain(draft.parents, len(draft.tokens))
         base = ctx + draft.tokens[:top]
-        if not top or len(base) + 2 >= self.model.n_ctx:
+        if not top or len(base) + 2 >= self.model.n_ctx or self._worker is None:
             return
         job = _Job(base)
         gen = self._job_rng(params)
@@ -290,6 +336,7 @@ class DuoDrafter:
             return job.future.result(timeout=self.timeout_s + 0.1 * n_ctx)
         except FutureTimeout:
             job.cancel.set()
+            self._hung = True
             self._broken = (f"the duo drafter thread did not answer within "
                             f"{self.timeout_s + 0.1 * n_ctx:.0f} s")
             raise SpecliError(self._broken) from None
