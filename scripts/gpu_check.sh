@@ -34,8 +34,9 @@
 #   BENCH_CONFIG [first probe passed; q:3, or f:3 with QUANT=none, when no probes]
 #   SKIP_BUILD [0]            1: use the llama-cpp-python $PYTHON already imports (CPU test)
 #   NGL [99; 0 with SKIP_BUILD=1]  target layers on the GPU (-ngl; required when > 0)
-#   DRAFT_FLAGS [--draft-gpu-layers 0 --draft-threads 8]  each flag the bench lacks is
-#                             dropped with a warning
+#   DRAFT_FLAGS []            e.g. "--draft-gpu-layers 0" (each flag the bench lacks is
+#                             dropped with a warning); none: specli places duo's draft model
+#                             by measurement (GPU or CPU beside the target, issue #14)
 #   THREADS [auto; empty with SKIP_BUILD=1]  --threads for the bench (the target's CPU
 #                             threads); auto: `gpu_probe.py speed` times thread splits
 #                             (SPEED_TARGET_THREADS x SPEED_DRAFT_THREADS) and the bench
@@ -95,7 +96,7 @@ if [[ $SKIP_BUILD == 1 ]]; then NGL=${NGL:-0}; PRESET=${PRESET:-small}; else
     NGL=${NGL:-99}; PRESET=${PRESET:-gpu}; fi
 DRAFT_SHAPE=${DRAFT_SHAPE:-}
 TARGET_SHAPE=${TARGET_SHAPE:-}
-DRAFT_FLAGS=${DRAFT_FLAGS---draft-gpu-layers 0 --draft-threads 8}
+DRAFT_FLAGS=${DRAFT_FLAGS-}
 if [[ $SKIP_BUILD == 1 ]]; then THREADS=${THREADS:-}; else THREADS=${THREADS:-auto}; fi
 SPEED_TARGET_THREADS=${SPEED_TARGET_THREADS:-1,2,16}
 SPEED_DRAFT_THREADS=${SPEED_DRAFT_THREADS:-2,4,8,16}

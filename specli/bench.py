@@ -25,7 +25,7 @@ from statistics import fmean
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .budget import parse_budget
+from .budget import CostModel, parse_budget
 from .engine import Engine, GenerationConfig, Result
 from .errors import SpecliError
 from .fidelity import analyse, first_difference
@@ -121,7 +121,11 @@ class Clock:
 Runner = Callable[[list[int], int], dict]
 
 
-def specli_runner(engine: Engine, method: str, params: SamplingParams, draft_max: int) -> Runner:
+def specli_runner(engine: Engine, method: str, params: SamplingParams, draft_max: int,
+                  calibrated: CostModel | None = None) -> Runner:
+    """`calibrated`: standalone costs to set beside the run's when its budget has none
+    (a fixed length)."""
+
     def run(prompt: list[int], n: int) -> dict:
         res = Result(method=method)
         clock = Clock()
@@ -133,16 +137,16 @@ def specli_runner(engine: Engine, method: str, params: SamplingParams, draft_max
             "n_prompt": s.n_prompt, "n_generated": s.n_generated, "stop_reason": res.stop_reason,
             **clock.fields(s.n_generated), "target_forwards": s.target_forwards,
             "drafted": s.drafted, "accepted": s.accepted, "mean_accepted": s.mean_accepted,
-            **costs_fields(res), "tokens": res.tokens, "stats": s.as_dict(),
+            **costs_fields(res, calibrated), "tokens": res.tokens, "stats": s.as_dict(),
         }
 
     return run
 
 
-def costs_fields(res: Result) -> dict:
+def costs_fields(res: Result, fallback: CostModel | None = None) -> dict:
     """A run's own costs and the calibrated standalone ones, in milliseconds: a draft-model
     step and a target pass (the calibrated pass has the run's mean size)."""
-    s, cal = res.stats, res.calibrated
+    s, cal = res.stats, res.calibrated or fallback
     n = max(1, round(s.pass_size)) if s.target_forwards else 1
     return {
         "ms_per_pass": s.ms_per_pass or None,
@@ -462,7 +466,8 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
             base, _, other = base.partition("/")
             engine = (loaded.draft_engine(other, budget or plan.budget) if other
                       else loaded.make_engine(base, budget or plan.budget))
-            runners[m] = specli_runner(engine, m, plan.params, plan.draft_max)
+            runners[m] = specli_runner(engine, m, plan.params, plan.draft_max,
+                                       _standalone(loaded, base, other, budget or plan.budget))
     warm = encode_prompt(loaded.target, WARMUP_TEXT)
     for r in runners.values():  # first-call costs (page faults, buffers) are not counted
         r(warm, min(4, plan.n_tokens))
@@ -501,6 +506,16 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
         total = len(plan.prompts) * len(plan.methods) * plan.repeats
         plan.meta["interrupted"] = f"yes, {len(rows)} of {total} runs finished"
     return write_summary(rows, plan, console), interrupted
+
+
+def _standalone(loaded: Loaded, base: str, other: str, budget: str) -> CostModel | None:
+    """A fixed-length method's draft model calibrated alone, so that its rows too set the
+    in-pipeline costs beside the standalone ones (a budget of its own carries them)."""
+    if parse_budget(budget) is None or other or loaded.draft is None or loaded.cross:
+        return None
+    if base == "duo":
+        return loaded.duo_cost_model()
+    return loaded.cost_model() if base in ("draft", "draft+hd") else None
 
 
 def describe(plan: Plan, loaded: Loaded, command: Sequence[str], ctx: int) -> dict:

@@ -89,8 +89,12 @@ def best_length(
     its share: the fraction of the `horizon` (tokens left) the round produces.  A draft
     must beat a plain step's rate by the factor `min_gain`."""
     best_k, best_rate = 0, rate(cost, []) * min_gain
+    survive, tokens = 1.0, 1.0  # carried from one length to the next (asked every round)
     for k in range(1, min(k_max, len(p)) + 1):
-        r = amortised_rate(cost, p[:k], lag, horizon)
+        survive *= p[k - 1]
+        tokens += survive  # expected_tokens(p[:k])
+        setup = lag * cost.catch_up * min(1.0, tokens / max(horizon, 1.0))
+        r = tokens / (cost.round_cost(k) + setup)  # amortised_rate(cost, p[:k], lag, horizon)
         if r > best_rate:
             best_k, best_rate = k, r
     return best_k
@@ -184,10 +188,21 @@ def best_overlap_length(
     min_gain: float = 1.0,
 ) -> int:
     """`best_length` for drafting beside verification: `p` holds one estimate more than
-    the longest draft considered (for the guess of the target's token after it)."""
+    the longest draft considered (for the guess of the target's token after it).  Asked
+    every round, so `overlap_rate`'s sums are carried from one length to the next."""
     best_k, best_rate = 0, rate(cost, []) * min_gain
+    beside = cost.beside_draft()
+    late_share = cost.draft / beside if beside > 0 else 0.0
+    survive, tokens = 1.0, 1.0  # prod(p[:k]) and expected_tokens(p[:k])
     for k in range(1, min(k_max, len(p) - 1) + 1):
-        r = overlap_rate(cost, p[:k], p[k], lag, horizon)
+        survive *= p[k - 1]
+        tokens += survive
+        busy = (k + 1) * beside
+        verify = overlapped_verify(cost, k + 1, busy)
+        hit = survive * p[k]
+        late = max(0.0, busy - verify) * late_share
+        catch_up = lag * cost.catch_up * min(1.0, tokens / max(horizon, 1.0))
+        r = tokens / (verify + hit * late + (1.0 - hit) * k * cost.draft + catch_up)
         if r > best_rate:
             best_k, best_rate = k, r
     return best_k

@@ -72,8 +72,9 @@ MethodOpt = Annotated[
         "from the prompt and output so far (no draft model needed); hd: hierarchy drafting "
         "from the context, your past generations and a --corpus index; draft+hd: the draft "
         "model, with hd guessing its tokens (a cascade); duo: the draft model drafts the "
-        "next round in its own thread, on the CPU, while the target verifies this one "
-        "(DuoDecoding; pays when the target sits on a GPU: -ngl).",
+        "next round in its own thread while the target verifies this one (DuoDecoding; "
+        "pays when the target sits on a GPU: -ngl), or in turn where the measured costs "
+        "say overlapping cannot pay (a CPU whose cores both models need).",
     ),
 ]
 DraftOpt = Annotated[
@@ -118,8 +119,10 @@ DraftGpuLayersOpt = Annotated[
     int | None,
     typer.Option(
         "--draft-gpu-layers", "-ngld", min=0,
-        help="Draft model layers to offload to the GPU. Default: 0 for duo (its drafter "
-        "runs on the CPU beside the target), --gpu-layers for the other methods.",
+        help="Draft model layers to offload to the GPU. Default for duo (and auto's duo) "
+        "with the target on a GPU: measured, the draft model is calibrated on the GPU and "
+        "on the CPU beside the target and goes where it is expected to be faster (--stats "
+        "shows both); 0 for duo otherwise; --gpu-layers for the other methods.",
     ),
 ]
 DraftMaxOpt = Annotated[

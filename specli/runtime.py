@@ -34,7 +34,7 @@ from .errors import SpecliError
 from .ngram import NgramStore, tokenizer_fingerprint
 from .pull import resolve_model
 from .registry import load_registry
-from .threads import available_cores, drafter_threads
+from .threads import available_cores, drafter_needs_own_thread, drafter_threads
 
 METHODS = ("auto", "none", "draft", "lookup", "hd", "draft+hd", "duo")
 DRAFT_METHODS = ("auto", "draft", "draft+hd", "duo")  # use a draft model when there is one
@@ -158,7 +158,8 @@ class Loaded:
                 raise SpecliError("--method draft+hd needs a draft model with the target's "
                                   "tokenizer (n-gram guesses are target tokens); use draft")
             helper = self._hd_drafter(branches=1)
-            return Engine(self.target, ModelDrafter(self.draft, helper), self.make_budget(budget))
+            drafter = ModelDrafter(self.draft, helper, own_thread=self._own_thread(self.draft))
+            return Engine(self.target, drafter, self.make_budget(budget))
         if method == "auto":
             return self._auto_engine(budget)
         if method == "duo":
@@ -173,7 +174,8 @@ class Loaded:
         model = open_model(path, replace(self.opts, branches=1))
         self._closers.append(model.close)
         cross = not same_tokenizer(self.target, model)
-        drafter = CrossDrafter(self.target, model) if cross else ModelDrafter(model)
+        drafter = (CrossDrafter(self.target, model) if cross
+                   else ModelDrafter(model, own_thread=self._own_thread(model)))
         k = _parse_budget(budget)
         if k is not None:
             return Engine(self.target, drafter, FixedBudget(k))
@@ -206,8 +208,8 @@ class Loaded:
         if self.draft is not None:
             members.append(Member("draft", self._model_drafter(), self.make_budget("auto")))
         if self.draft is not None and not self.cross:
-            members.append(
-                Member("draft+hd", ModelDrafter(self.draft, hd), self.make_budget("auto")))
+            cascade = ModelDrafter(self.draft, hd, own_thread=self._own_thread(self.draft))
+            members.append(Member("draft+hd", cascade, self.make_budget("auto")))
         if self.draft is not None and not self.cross and on_accelerator(self.opts):
             drafter, duo_budget = self._duo("auto")
             assert isinstance(duo_budget, AdaptiveBudget)
@@ -220,7 +222,8 @@ class Loaded:
         model = self.duo_model()
         k = _parse_budget(budget)
         duo_budget = FixedBudget(k) if k is not None else OverlapBudget(self.duo_cost_model())
-        drafter = DuoDrafter(model, duo_budget, branches=self.target.max_branches)
+        drafter = DuoDrafter(model, duo_budget, branches=self.target.max_branches,
+                             own_thread=self._own_thread(model))
         self._duos.append(drafter)
         self._closers.append(drafter.close)  # before the models: it stops the thread
         return drafter, duo_budget
@@ -228,7 +231,16 @@ class Loaded:
     def _model_drafter(self) -> ModelDrafter | CrossDrafter:
         """Same tokenizer: drafts are target tokens.  Another: the cross-tokenizer path."""
         assert self.draft is not None
-        return CrossDrafter(self.target, self.draft) if self.cross else ModelDrafter(self.draft)
+        if self.cross:
+            return CrossDrafter(self.target, self.draft)
+        return ModelDrafter(self.draft, own_thread=self._own_thread(self.draft))
+
+    def _own_thread(self, draft: Backend) -> bool:
+        """llama.cpp pairs whose CPU thread counts differ: the drafter gets its own thread."""
+        if self.target.name != "llama.cpp" or draft.name != "llama.cpp":
+            return False
+        return drafter_needs_own_thread(getattr(self.target, "n_threads", None),
+                                        getattr(draft, "n_threads", None))
 
     def _hd_drafter(self, branches: int | None = None) -> HierarchyDrafter:
         fp = tokenizer_fingerprint(self.target)

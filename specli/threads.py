@@ -52,6 +52,15 @@ def drafter_threads(cores: int, target_cpu_threads: int) -> int | None:
     return max(1, min(DRAFTER_MAX_THREADS, cores - target_cpu_threads - 1))
 
 
+def drafter_needs_own_thread(target_cpu_threads: int | None, draft_cpu_threads: int | None) -> bool:
+    """Whether a draft model taking turns with the target should run on a thread of its
+    own: yes when both run OpenMP teams (more than one thread) of different sizes, since
+    libgomp ends a master thread's extra workers whenever it asks for a smaller team and
+    creates them again for a bigger one, every round (specli.drafters.worker)."""
+    t, d = target_cpu_threads or 0, draft_cpu_threads or 0
+    return t > 1 and d > 1 and t != d
+
+
 _OMP_PAUSE_SOFT = 1
 _gomp: ctypes.CDLL | None | bool = None  # None: not looked up yet; False: not available
 

@@ -144,12 +144,22 @@ def test_bench_smoke_writes_everything(tiny_paths, env, prompts_file, tmp_path):
         if r["method"] == "none":
             assert r["identical"] and r["mean_accepted"] == 1.0
     assert any(r["drafted"] > 0 for r in rows if r["method"] == "draft@fixed:3")
+    for r in rows:  # every specli row: its own costs (peers: none recorded)
+        if not r["method"].startswith("peer-"):
+            assert r["ms_per_pass"] > 0 and r["pass_size"] >= 1.0
+    fixed = [r for r in rows if r["method"] == "draft@fixed:3"]
+    assert all(r["draft_steps"] > 0 and r["ms_per_draft_step"] > 0 for r in fixed)
+    # a fixed length has no budget of its own: its pair is calibrated for the comparison
+    assert all(r["calibrated_ms_per_draft_step"] > 0 for r in fixed)
+    assert all(r["draft_steps"] == 0 for r in rows if r["method"] == "none")
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["table"]["draft@fixed:3"]["overall"]["ms_per_draft_step"] > 0
     assert summary["categories"] == ["alpha", "beta"]
     assert set(summary["table"]["peer-pld"]) == {"alpha", "beta", "overall"}
     assert summary["meta"]["n_tokens"] == 8 and summary["meta"]["target"] == "target.gguf"
     md = (out / "summary.md").read_text()
     assert "| method | alpha | beta | overall |" in md and "| peer-none |" in md
+    assert "Costs inside the pipeline beside the calibrated standalone costs" in md
     assert md in p.stdout
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "speedup.png").stat().st_size > 1000

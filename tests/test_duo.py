@@ -437,3 +437,34 @@ def test_help_shows_the_draft_placement_flags(env):
 
 def env_home(env: dict) -> Path:
     return Path(env["SPECLI_HOME"])
+
+
+def test_duo_is_free_when_its_budget_declines_and_drafts_in_turn_where_overlap_cannot_pay():
+    """Issue 14: while the budget declines, no thread of duo's runs and the draft model
+    takes no step; where the measured costs say a pass beside the drafter runs twice as
+    slow (two models sharing a 2-core CPU), duo drafts in turn on the caller's thread,
+    with no thread and no background work at all."""
+    from specli.budget import Acceptance, CostModel, OverlapBudget
+
+    table = _table(7, 16)
+    log: list = []
+    never = OverlapBudget(CostModel([0.01] * 9, 1.0, overlap_verify=1.0))  # drafts cost 100x
+    eng = Engine(Markov(table, "target", log), DuoDrafter(Markov(table, "draft", log), never),
+                 never)
+    threads = set(threading.enumerate())
+    res = eng.generate([2], GenerationConfig(max_tokens=30, draft_max=4), "duo")
+    assert res.stats.rounds_by == {"none": 30} and res.stats.drafted == 0
+    assert not [w for w, *_ in log if w == "draft"]  # not one draft-model call
+    assert set(threading.enumerate()) == threads  # and no thread started
+
+    shared = CostModel([0.01 * (1 + 0.5 * i) for i in range(9)], 0.001, overlap_verify=2.0,
+                       overlap_draft=0.002)
+    turn = OverlapBudget(shared, Acceptance(prior_mean=0.95), min_gain=1.0)
+    log.clear()
+    drafter = DuoDrafter(Markov(table, "draft", log), turn)
+    eng = Engine(Markov(table, "target", log), drafter, turn)
+    res = eng.generate([2], GenerationConfig(max_tokens=30, draft_max=4), "duo")
+    assert res.stats.drafted > 0 and drafter.in_turn > 0 and drafter.speculated == 0
+    main = threading.get_ident()
+    assert {tid for w, tid, *_ in log if w == "draft"} == {main}
+    assert set(threading.enumerate()) == threads

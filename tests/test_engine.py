@@ -180,3 +180,39 @@ def test_chat_template_is_applied(tiny_models):
     raw = encode_prompt(t, "hi", raw=True)
     templ = encode_prompt(t, "hi")
     assert len(templ) > len(raw)
+
+
+def test_stats_time_the_draft_model_steps_and_set_them_beside_the_calibration(tiny_models):
+    """Every one-token step of the draft model during a generation is counted and timed
+    (Stats.draft_steps, ms_per_draft_step), and --stats sets that beside the calibrated
+    standalone step, and the passes beside the calibrated pass."""
+    from specli.budget import AdaptiveBudget, CostModel
+    from specli.report import stats_lines
+
+    t, d = tiny_models["target"], tiny_models["draft"]
+    calls: list[int] = []
+    real = d.eval
+
+    class Counting:  # the draft model, counting its one-token evals
+        def __getattr__(self, name):
+            return getattr(d, name)
+
+        def eval(self, tokens, logits_for=()):
+            calls.append(len(tokens))
+            return real(tokens, logits_for)
+
+    cost = CostModel([0.01 * (1 + 0.1 * i) for i in range(9)], 0.001)
+    budget = AdaptiveBudget(cost, min_gain=1.0, optimistic_p=0.99, explore_every=1)
+    engine = Engine(t, ModelDrafter(Counting()), budget)  # type: ignore[arg-type]
+    res = engine.generate(_prompt(t), GenerationConfig(max_tokens=30), "draft")
+    s = res.stats
+    assert s.drafted > 0
+    assert s.draft_steps == calls.count(1) > 0
+    assert 0 < s.ms_per_draft_step < 1000 * s.draft_s / max(1, s.draft_rounds)
+    assert s.pass_tokens == s.target_forwards + s.drafted and s.pass_size > 1.0
+    assert s.ms_per_pass == pytest.approx(1000 * s.verify_s / s.target_forwards)
+    assert res.calibrated is cost
+    text = "\n".join(stats_lines(res))
+    assert f"draft model steps: {s.draft_steps} at {s.ms_per_draft_step:.2f} ms each" in text
+    assert "(calibrated alone: 1.00 ms," in text
+    assert "target passes:" in text and "calibrated alone," in text

@@ -101,9 +101,109 @@ def test_duo_drafter_gets_the_cores_a_gpu_target_leaves(tmp_path, monkeypatch):
     for threads, want_target, want_draft in ((None, 2, 3), (4, 4, 4)):
         opts = LoadOptions(n_ctx=256, n_gpu_layers=99, n_threads=threads)
         loaded = runtime.load(str(target), str(draft), "duo", opts, budget="fixed:2",
-                              history=False)
+                              history=False, draft_gpu_layers=0)  # told: the CPU
         try:
+            assert not loaded.duo_placement  # nothing measured when told where
             assert loaded.target.n_threads == want_target
             assert loaded.draft.n_threads == want_draft
         finally:
             loaded.close()
+
+
+def test_duo_drafter_placed_by_measurement_when_the_target_is_on_a_gpu(tmp_path, monkeypatch):
+    """runtime.load with a (faked) GPU target and no --draft-gpu-layers: the draft model is
+    calibrated in both places, the one choose_placement prefers is kept (the other copy
+    closed) and --stats says what was measured.  On this CPU build both places run on the
+    CPU, so which wins is a coin toss: the wiring is what is tested."""
+    import llama_cpp
+    from tinymodel import write_tiny_model
+
+    from specli import runtime
+    from specli.backends.base import LoadOptions
+    from specli.calibrate import cache_key, calibration_path
+    from specli.engine import GenerationConfig
+
+    target = write_tiny_model(tmp_path / "t.gguf", n_layer=2)
+    draft = write_tiny_model(tmp_path / "d.gguf", base=target, noise=0.1)
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    chosen: list = []
+    real = runtime.choose_placement
+
+    def spy(costs, k_max=8):
+        chosen.append((dict(costs), real(costs, k_max)))
+        return chosen[-1][1]
+
+    monkeypatch.setattr(runtime, "choose_placement", spy)
+    opts = LoadOptions(n_ctx=256, n_gpu_layers=99)
+    loaded = runtime.load(str(target), str(draft), "duo", opts, history=False)
+    try:
+        assert len(chosen) == 1
+        costs, (best, speedups) = chosen[0]
+        assert set(costs) == set(speedups) == {"CPU", "GPU"}
+        assert all(c.draft > 0 and c.verify for c in costs.values())
+        want_layers = 0 if best == "CPU" else runtime.ALL_LAYERS
+        assert loaded.duo_opts.n_gpu_layers == want_layers
+        assert loaded.engine.drafter.model is loaded.draft
+        assert loaded.draft.placement in loaded.duo_placement
+        assert "placed by measurement: CPU" in loaded.duo_placement
+        assert "duo drafter" in loaded.placements()
+        # both calibrations are cached: the next load measures nothing
+        key = cache_key(loaded.target, loaded.draft, loaded.opts, loaded.duo_opts, True)
+        assert calibration_path(key).exists()
+        res = loaded.engine.generate([1, 5, 6, 7], GenerationConfig(max_tokens=12), "duo")
+        assert res.stats.n_generated == 12
+    finally:
+        loaded.close()
+    told = runtime.load(str(target), str(draft), "duo", opts, history=False, draft_gpu_layers=0)
+    try:
+        assert len(chosen) == 1 and not told.duo_placement  # -ngld given: nothing measured
+    finally:
+        told.close()
+
+
+def test_a_drafter_of_another_thread_count_drafts_on_its_own_thread(tmp_path, monkeypatch):
+    """Target and draft model with different CPU thread counts: the draft model runs on a
+    thread of its own (libgomp would otherwise end and recreate its workers every round),
+    only during a generation, and the output stays the target's own greedy output."""
+    from tinymodel import write_tiny_model
+
+    from specli import runtime
+    from specli.backends.base import LoadOptions
+    from specli.engine import GenerationConfig
+    from specli.threads import drafter_needs_own_thread
+
+    assert drafter_needs_own_thread(2, 8) and drafter_needs_own_thread(8, 2)
+    assert not drafter_needs_own_thread(2, 2) and not drafter_needs_own_thread(1, 8)
+    assert not drafter_needs_own_thread(None, 4)
+
+    target = write_tiny_model(tmp_path / "t.gguf", n_layer=2)
+    draft = write_tiny_model(tmp_path / "d.gguf", base=target, noise=0.05)
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path / "home"))
+    opts = LoadOptions(n_ctx=256, n_threads=2, flash_attn="off", kv_type="f32")
+    prompt = [1, 5, 6, 7, 8]
+    plain = runtime.load(str(target), None, "none", opts, history=False)
+    try:
+        want = plain.engine.generate(prompt, GenerationConfig(max_tokens=40), "none")
+    finally:
+        plain.close()
+    loaded = runtime.load(str(target), str(draft), "draft", opts, budget="fixed:3",
+                          history=False, draft_threads=3)
+    try:
+        drafter = loaded.engine.drafter
+        assert drafter.own_thread
+        seen: set[int] = set()
+        real_eval = loaded.draft.eval
+
+        def eval_(tokens, logits_for=()):
+            seen.add(threading.get_ident())
+            return real_eval(tokens, logits_for)
+
+        monkeypatch.setattr(loaded.draft, "eval", eval_)
+        res = loaded.engine.generate(prompt, GenerationConfig(max_tokens=40), "draft")
+        assert res.tokens == want.tokens
+        assert res.stats.drafted > 0
+        assert seen and threading.get_ident() not in seen
+        assert not [t for t in threading.enumerate() if t.name == "specli-drafter"]
+    finally:
+        loaded.close()

@@ -1,9 +1,12 @@
 """DuoDecoding (Lv et al., 2025): the drafter drafts the next round while the target
 verifies this one.
 
-The draft model lives in its own thread (pinned to the CPU by the runtime) and the
-target verifies on the main thread (on a GPU, or on the CPU beside it); llama.cpp
-releases the GIL during a forward pass, so the two really run at once.  Right after each
+The draft model drafts in its own thread (on the CPU or the GPU, wherever the runtime
+measured it faster) and the target verifies on the main thread; llama.cpp releases the
+GIL during a forward pass, so the two really run at once.  Each round the budget says
+whether to draft beside the pass or in turn (where the two share the cores, overlapping
+only slows the pass down); in turn, with no thread of its own yet, the drafter runs on
+the caller's thread and nothing runs in the background.  Right after each
 proposal the thread starts on the draft the NEXT round needs if all goes as the drafter
 expects: this round's draft all accepted, then the target's own next token as the drafter
 guesses it, then a draft after that.  If the target agrees, that draft is ready (or
@@ -12,8 +15,11 @@ context.  Early work never decides anything: it is only ever a draft, and verifi
 alone decides what is emitted.
 
 Thread rules, and why:
-- that thread is the only one that touches the draft model (a llama.cpp context is not
-  thread-safe); the main thread only submits jobs and waits for their results;
+- the thread starts with a generation's first round drafted beside the target and ends
+  with the generation (`pause`): a thread that ran a model keeps an OpenMP pool that
+  slows every later step when the pools outnumber the cores (specli.threads);
+- while it lives it is the only one that touches the draft model (a llama.cpp context is
+  not thread-safe); the main thread only submits jobs and waits for their results;
 - each job samples with its own generator, spawned in submission order from the run's,
   so the verifier's generator is never shared and a seeded run replays exactly: a job's
   length is fixed when it is submitted, never by when verification ends, and only work
@@ -31,9 +37,7 @@ give up the acceptance that speculative sampling gets from knowing q.
 from __future__ import annotations
 
 import math
-import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -49,6 +53,7 @@ from ..sampling import SamplingParams
 from ..tokens import common_prefix
 from .base import Draft, KeepGoing
 from .model import _choose
+from .worker import Worker
 
 StopRule = Callable[[Sequence[float]], bool]
 T = TypeVar("T")
@@ -101,54 +106,19 @@ class _Job:
     guess: int | None = None  # speculation: the target token it bets on (set by the worker)
 
 
-class _Worker:
-    """One daemon thread running jobs in order: the only thread touching the draft model.
-    Daemon, so that a job stuck in native code can never keep the process alive."""
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.busy_s = 0.0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[[], object]) -> Future:
-        fut: Future = Future()
-        self._jobs.put((fut, fn))
-        return fut
-
-    def _run(self) -> None:
-        while True:
-            item = self._jobs.get()
-            if item is None:
-                return
-            fut, fn = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            t0 = time.perf_counter()
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 - every failure must reach the caller
-                fut.set_exception(e)
-            finally:
-                self.busy_s += time.perf_counter() - t0
-
-    def close(self, timeout: float) -> bool:
-        """Stop after the queued jobs; True if the thread ended within `timeout`."""
-        self._jobs.put(None)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-
 class DuoDrafter:
     """A same-tokenizer draft model drafting in its own thread, one round ahead."""
 
     name = "duo"
 
     def __init__(self, model: Backend, budget: Budget | None = None, branches: int = 1,
-                 timeout_s: float = 120.0) -> None:
+                 timeout_s: float = 120.0, own_thread: bool = False) -> None:
         """`branches`: most sequences of a multi-sequence draft (the target's max_branches);
-        `timeout_s`: longest wait for the worker, plus 0.1 s per context token it reads."""
+        `timeout_s`: longest wait for the worker, plus 0.1 s per context token it reads;
+        `own_thread`: draft on the worker even in turn (when the draft model's CPU threads
+        differ from the target's: see drafters.worker)."""
         self.model = model
+        self.own_thread = own_thread
         self.budget = budget
         self.branches = max(1, branches)
         self.timeout_s = timeout_s
@@ -157,7 +127,7 @@ class DuoDrafter:
         # target to that generation's end (`pause`): a thread that ran the model keeps an
         # OpenMP pool, and pools beyond the cores slow every model step (specli.threads).
         # Until then the model runs on the caller's thread, in turn with the target.
-        self._worker: _Worker | None = None
+        self._worker: Worker | None = None
         self._busy_s = 0.0  # drafting time of the workers that ended
         self._pending: _Job | None = None  # the speculation for the next round
         self._top = 0  # length of the chain that speculation continues
@@ -198,8 +168,8 @@ class DuoDrafter:
         if isinstance(self.budget, OverlapBudget):
             self.budget.ready = got is not None  # its tokens are paid for: only verifying costs
         beside = getattr(self.budget, "overlap", True)  # the budget's call for this round
-        if beside and self._worker is None:  # from now on the model runs on the worker
-            self._worker = _Worker("specli-duo-drafter")
+        if (beside or self.own_thread) and self._worker is None:  # from now on: the worker
+            self._worker = Worker("specli-duo-drafter")
             self.stopped = False
         drafted: Drafted | None = None
         if got is not None:

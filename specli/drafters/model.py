@@ -23,6 +23,7 @@ from ..backends.base import Backend
 from ..sampling import SamplingParams, probs_from_logits, sample
 from ..tokens import common_prefix
 from .base import Draft, KeepGoing
+from .worker import Worker
 
 if TYPE_CHECKING:
     from .hierarchy import HierarchyDrafter
@@ -34,9 +35,14 @@ class ModelDrafter:
 
     name = "draft"
 
-    def __init__(self, model: Backend, helper: HierarchyDrafter | None = None) -> None:
+    def __init__(self, model: Backend, helper: HierarchyDrafter | None = None,
+                 own_thread: bool = False) -> None:
+        """`own_thread`: draft on a thread of its own, for one generation at a time (when
+        the draft model's CPU threads differ from the target's: see drafters.worker)."""
         self.model = model
         self.helper = helper
+        self.own_thread = own_thread
+        self._worker: Worker | None = None
         self.guessed = self.guess_hits = 0  # cascade statistics, for --stats
 
     def _sync(self, context: Sequence[int]) -> np.ndarray:
@@ -49,6 +55,28 @@ class ModelDrafter:
         return m.eval(fresh, [len(fresh) - 1])[0]
 
     def propose(
+        self,
+        context: Sequence[int],
+        k: int,
+        params: SamplingParams,
+        rng: np.random.Generator,
+        keep_going: KeepGoing | None = None,
+    ) -> Draft:
+        if not self.own_thread:
+            return self._propose(context, k, params, rng, keep_going)
+        if self._worker is None:
+            self._worker = Worker("specli-drafter")
+        job = self._worker.submit(lambda: self._propose(context, k, params, rng, keep_going))
+        return job.result()  # type: ignore[return-value]
+
+    def pause(self) -> None:
+        """The generation is over: the drafting thread (if any) ends, and its OpenMP pool
+        with it."""
+        w, self._worker = self._worker, None
+        if w is not None:
+            w.close(timeout=10.0)
+
+    def _propose(
         self,
         context: Sequence[int],
         k: int,
@@ -108,7 +136,7 @@ class ModelDrafter:
         pass  # the next _sync rolls back whatever was rejected
 
     def reset(self) -> None:
-        self.model.truncate(0)
+        self.model.truncate(0)  # no compute: safe from this thread while its worker waits
         if self.helper is not None:
             self.helper.reset()
 
