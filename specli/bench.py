@@ -473,6 +473,8 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
         r(warm, min(4, plan.n_tokens))
     # where a bench's time goes: calibrations and warm-up apart from the timed runs
     plan.meta["setup_s"] = round(time.perf_counter() - t_setup, 1)
+    if loaded.duo_placement:  # placed by measurement while the engines were made
+        plan.meta["duo_drafter"] = loaded.duo_placement
     t_runs = time.perf_counter()
 
     plan.out.mkdir(parents=True, exist_ok=True)

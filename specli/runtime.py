@@ -54,6 +54,7 @@ class Loaded:
     history: bool = True  # hd learns from (and drafts from) this user's past generations
     # where duo's drafter runs (CPU-pinned by default) and with how many threads
     duo_opts: LoadOptions | None = None
+    duo_told: bool = False  # -ngld given: duo's drafter goes there, nothing measured
     engine: Engine = field(init=False)
     cross: bool = field(default=False, init=False)  # the draft's tokenizer differs
     _cost: CostModel | None = field(default=None, init=False, repr=False)
@@ -73,19 +74,23 @@ class Loaded:
 
     def duo_cost_model(self, console: Console | None = None) -> CostModel:
         """Calibrated costs for duo: the pair measured apart and side by side."""
+        model = self.duo_model(console)  # placing it by measurement calibrates it too
         if self._duo_cost is None:
             with _status(console, "calibrating the drafter beside the target (first use here)"):
-                self._duo_cost, _ = load_or_measure(self.target, self.duo_model(), self.opts,
+                self._duo_cost, _ = load_or_measure(self.target, model, self.opts,
                                                     draft_opts=self.duo_opts, overlap=True)
         return self._duo_cost
 
-    def duo_model(self) -> Backend:
-        """duo's draft model, placed by duo_opts: the loaded draft when duo is the method,
-        else a second copy (another method's drafter may be using the first)."""
+    def duo_model(self, console: Console | None = None) -> Backend:
+        """duo's draft model: the loaded draft when duo is the method, else a second copy
+        (another method's drafter may be using the first); placed by duo_opts, or by
+        measurement first when the target is on a GPU and -ngld was not given."""
         if self.draft is None:
             raise SpecliError("--method duo needs a draft model (--draft)")
         if self.cross:
             raise SpecliError("--method duo needs a draft model with the target's tokenizer")
+        if not self.duo_told and not self.duo_placement and on_accelerator(self.opts):
+            self.place_duo_drafter(console)
         if self.method == "duo":
             return self.draft
         if self._duo_model is None:
@@ -347,12 +352,9 @@ def load(
     used = method
     if method == "auto" and _parse_budget(budget) is not None:  # a fixed length: one drafter
         used = "draft" if dm is not None else "hd"
-    loaded = Loaded(target, dm, used, model, draft, opts, budget, corpus, history, duo)
+    loaded = Loaded(target, dm, used, model, draft, opts, budget, corpus, history, duo,
+                    duo_told=draft_gpu_layers is not None)
     loaded.cross = dm is not None and not same_tokenizer(target, dm)
-    duo_here = used == "duo" or (used == "auto" and on_accelerator(opts))
-    if (duo_here and dm is not None and not loaded.cross and draft_gpu_layers is None
-            and on_accelerator(opts)):
-        loaded.place_duo_drafter(console)  # where the drafter runs: measured, not assumed
     if used == "duo" and _parse_budget(budget) is None:
         loaded.duo_cost_model(console)
     elif used != "none" and _parse_budget(budget) is None:

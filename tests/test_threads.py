@@ -160,6 +160,17 @@ def test_duo_drafter_placed_by_measurement_when_the_target_is_on_a_gpu(tmp_path,
         assert len(chosen) == 1 and not told.duo_placement  # -ngld given: nothing measured
     finally:
         told.close()
+    # loaded for another method (the bench loads "draft"), duo's copy is placed when first
+    # asked for, and the draft method's own model stays where it was
+    other = runtime.load(str(target), str(draft), "draft", opts, budget="fixed:2",
+                         history=False)
+    try:
+        assert not other.duo_placement
+        engine = other.make_engine("duo", "fixed:2")
+        assert len(chosen) == 2 and "placed by measurement" in other.duo_placement
+        assert engine.drafter.model is not other.draft
+    finally:
+        other.close()
 
 
 def test_a_drafter_of_another_thread_count_drafts_on_its_own_thread(tmp_path, monkeypatch):
