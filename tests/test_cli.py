@@ -185,3 +185,40 @@ def test_lookup_method_and_budget_flags(tiny_paths, env):
     assert p.returncode == 0 and obj["method"] == "lookup" and obj["budget"] == "fixed:3"
     assert_one_line_error(run(["generate", t, "-m", "lookup", "-p", "x", "--budget", "sometimes"],
                               env), "invalid budget")
+
+
+def run_bytes(args, env, stdin: bytes, locale: str):
+    """stdin as raw bytes, under a given locale (C: Python's stdin then smuggles bad bytes
+    through as surrogates; C.UTF-8: it would refuse them while decoding)."""
+    e = {**env, "LC_ALL": locale, "LANG": locale}
+    e.pop("PYTHONIOENCODING", None)
+    e.pop("PYTHONUTF8", None)
+    return subprocess.run([SPECLI, *args], input=stdin, capture_output=True, env=e, timeout=120)
+
+
+@pytest.mark.parametrize("locale", ["C", "C.UTF-8"])
+def test_text_that_is_not_utf8_is_one_clean_error_however_it_comes_in(
+        tiny_paths, env, tmp_path, locale):
+    """Issue 15: the same bytes through -f, -f -, piped stdin and a chat script give the
+    same one-line error (it was an internal error, exit 70, through stdin)."""
+    t = str(tiny_paths["target"])
+    noise = bytes(range(256)) * 4 + "Résumé".encode("latin-1")
+    latin = "Résumé of the day\n".encode("latin-1")
+    f = tmp_path / "latin1.txt"
+    f.write_bytes(latin)
+    cases = [
+        (["generate", t, "-m", "none", "-n", "4", "-f", str(f)], b""),
+        (["generate", t, "-m", "none", "-n", "4", "-f", "-"], latin),
+        (["generate", t, "-m", "none", "-n", "4"], latin),
+        (["generate", t, "-m", "none", "-n", "4"], noise),
+        (["chat", t, "-m", "none", "-n", "4"], latin),
+        (["chat", t, "-m", "none", "-n", "4"], b"Hello!\n" + latin),
+    ]
+    for args, data in cases:
+        p = run_bytes(args, env, data, locale)
+        p.stderr = p.stderr.decode("utf-8", errors="replace")
+        assert p.returncode == 1, (args, p.stderr)
+        assert_one_line_error(p, "is not UTF-8 text (byte 0x", "iconv")
+    ok = run_bytes(["generate", t, "-m", "none", "-n", "4"], env,
+                   "Résumé, naïve café\n".encode(), locale)  # real UTF-8 is fine
+    assert ok.returncode == 0, ok.stderr

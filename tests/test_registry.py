@@ -6,6 +6,10 @@ import base64
 import hashlib
 import io
 import re
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -414,3 +418,49 @@ def test_local_os_errors_become_one_line(env: Path, monkeypatch: pytest.MonkeyPa
         pull(entry, progress=False, console=quiet())
     assert not entry.local_path.exists()
     assert leftovers(entry.local_path.parent) == []
+
+
+def _killed_pull(models: Path) -> subprocess.Popen:
+    """A real `specli pull` killed with SIGKILL once its partial file exists, and left
+    unreaped (a zombie, as after `kill -9` from a shell that has not waited yet)."""
+    specli = str(Path(sys.executable).parent / "specli")
+    proc = subprocess.Popen([specli, "pull", "fake-model"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(models.glob(f".fake-model.gguf.partial-{proc.pid}")):
+        assert proc.poll() is None, "the pull ended before it could be killed"
+        assert time.monotonic() < deadline, "no partial file within 60 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    while not Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+        time.sleep(0.005)
+    return proc
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_a_killed_pull_leaves_nothing_after_the_next_pull_or_models(env: Path) -> None:
+    """Issue 15: a pull killed with SIGKILL left its partial file and wheel folder, and the
+    next successful pull left them too (the dead pull was a zombie: kill(pid, 0) said it
+    lived).  The next pull or `specli models` clears them; a live pull's files stay."""
+    entry = load_registry().get("fake-model")
+    models = entry.local_path.parent
+    models.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "60"])  # stands for a live pull of another model
+    live = models / f".other.gguf.partial-{sleeper.pid}"
+    live.write_bytes(b"being written")
+    killed = []
+    try:
+        killed.append(_killed_pull(models))
+        assert any(f"-{killed[0].pid}" in name for name in leftovers(models))
+        p = subprocess.run([str(Path(sys.executable).parent / "specli"), "models"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert leftovers(models) == [live.name]
+        killed.append(_killed_pull(models))
+        assert len(leftovers(models)) > 1
+        pull(entry, progress=False, console=quiet())
+        assert entry.is_present() and leftovers(models) == [live.name]
+    finally:
+        sleeper.kill()
+        for proc in [sleeper, *killed]:
+            proc.wait()
