@@ -21,6 +21,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from ..chat_template import render_chat
 from ..errors import SpecliError
 from ..threads import available_cores, target_threads
 from .base import LoadOptions, StepClock
@@ -255,18 +256,10 @@ class GGUFModel:
             raise SpecliError(
                 f"{Path(self.path).name} has no chat template; use --raw to send the prompt as is"
             )
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        fmt = Jinja2ChatFormatter(
-            template,
+        return render_chat(
+            template, messages, source=Path(self.path).name,
             eos_token=self._token_text(llama_cpp.llama_vocab_eos(self._vocab)),
-            bos_token=self._token_text(llama_cpp.llama_vocab_bos(self._vocab)),
-            add_generation_prompt=True,
-        )
-        try:
-            return fmt(messages=messages).prompt  # type: ignore[arg-type]
-        except Exception as e:  # a template error names the template's own complaint
-            raise SpecliError(f"chat template of {Path(self.path).name} failed: {e}") from None
+            bos_token=self._token_text(llama_cpp.llama_vocab_bos(self._vocab)))
 
     # -- KV cache ------------------------------------------------------------------
     def eval(self, tokens: Sequence[int], logits_for: Sequence[int] = ()) -> np.ndarray:

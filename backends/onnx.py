@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..chat_template import render_chat
 from ..errors import SpecliError
 from .base import LoadOptions, StepClock
 
@@ -350,25 +351,14 @@ class ONNXModel:
         if not template:
             raise SpecliError(f"{Path(self.path).name} has no chat template; use --raw "
                               "to send the prompt as is")
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def fail(msg: str) -> None:
-            raise TemplateError(msg)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = fail
         cfg = self._tok_cfg
 
         def text_of(t: Any) -> str:
             return (t.get("content", "") if isinstance(t, dict) else t) or ""
 
-        try:
-            return env.from_string(template).render(
-                messages=messages, add_generation_prompt=True,
-                bos_token=text_of(cfg.get("bos_token")), eos_token=text_of(cfg.get("eos_token")))
-        except Exception as e:
-            raise SpecliError(f"chat template of {Path(self.path).name} failed: {e}") from None
+        return render_chat(template, messages, source=Path(self.path).name,
+                           bos_token=text_of(cfg.get("bos_token")),
+                           eos_token=text_of(cfg.get("eos_token")))
 
     # -- KV cache ------------------------------------------------------------------------
     def eval(self, tokens: Sequence[int], logits_for: Sequence[int] = ()) -> np.ndarray:

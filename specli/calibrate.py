@@ -20,7 +20,7 @@ import os
 import statistics
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -241,6 +241,15 @@ def is_stale(cached_step: float, step_now: float, ratio: float = STALE_RATIO) ->
     return not (1 / ratio <= step_now / cached_step <= ratio)
 
 
+def cost_from_json(data: dict) -> CostModel:
+    """A cached cost model, field by field (TypeError or ValueError when it is not one;
+    fields an older file lacks take their defaults)."""
+    names = {f.name for f in fields(CostModel)}
+    cost = CostModel(**{k: v for k, v in data.items() if k in names})
+    return replace(cost, verify=[float(v) for v in cost.verify],
+                   **{n: float(getattr(cost, n)) for n in names - {"verify"}})
+
+
 def calibration_path(key: str) -> Path:
     return specli_home() / "calibration" / f"{key}.json"
 
@@ -265,10 +274,7 @@ def _load_or_measure(
     path = calibration_path(cache_key(target, draft, opts, draft_opts, overlap))
     if not force and path.exists():
         try:
-            data = json.loads(path.read_text("utf-8"))
-            cost = CostModel(list(data["verify"]), float(data["draft"]), float(data["catch_up"]),
-                             float(data.get("overlap_verify", 1.0)),
-                             float(data.get("overlap_draft", 0.0)))
+            cost = cost_from_json(json.loads(path.read_text("utf-8")))
             cached = cost.verify[0]
             if cached < MIN_CHECKED_STEP_S or not is_stale(cached, plain_step(target)):
                 return cost, False
@@ -276,11 +282,7 @@ def _load_or_measure(
             pass  # unreadable cache: measure again
     cost = measure(target, draft, overlap=overlap)
     record = {
-        "verify": cost.verify,
-        "draft": cost.draft,
-        "catch_up": cost.catch_up,
-        "overlap_verify": cost.overlap_verify,
-        "overlap_draft": cost.overlap_draft,
+        **asdict(cost),
         "target": target.path,
         "draft_model": draft.path if draft is not None else None,
         "measured": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -6,6 +6,7 @@ Shared by `generate`, `chat` and `bench` so the three load and encode alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -386,15 +387,7 @@ def encode_messages(target: Backend, messages: list[dict[str, str]]) -> list[int
     return tokens
 
 
-class _NullStatus:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _status(console: Console | None, text: str):
     if console is None or not console.is_terminal:
-        return _NullStatus()
+        return nullcontext()
     return console.status(text, spinner="dots")
