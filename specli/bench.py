@@ -25,6 +25,7 @@ from statistics import fmean
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from . import methods
 from .budget import CostModel, parse_budget
 from .engine import Engine, GenerationConfig, Result
 from .errors import SpecliError
@@ -33,7 +34,6 @@ from .prompts import Prompt
 from .runtime import Loaded, encode_prompt
 from .sampling import SamplingParams
 
-METHODS = ("none", "auto", "draft", "lookup", "hd", "draft+hd", "duo", "peer-none", "peer-pld")
 PLOT_HINT = "install the plot extra (pip install 'specli[plot]') to get speedup.png"
 WARMUP_TEXT = "Say hello."
 _IDENTITY_KEYS = ("identical", "matches", "divergence_index", "gap", "noise", "explained")
@@ -41,36 +41,18 @@ _NO_IDENTITY = dict.fromkeys(_IDENTITY_KEYS)
 
 
 def parse_methods(text: str) -> list[str]:
-    """Comma list to methods in order; `none` always runs first, since every ratio needs it.
-    `draft@fixed:K` (or `draft@auto`) runs the draft method under that budget;
-    `draft/NAME` drafts with another draft model (path or registry name)."""
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = next((m for m in names if not _known(m)), None)
-    if bad is not None or not names:
-        raise SpecliError(
-            f"unknown method {bad!r}; choose from {', '.join(METHODS)}, draft@fixed:K, "
-            "draft/MODEL"
-        )
+    """Comma list to methods in order (specli.methods.parse, peers allowed); `none` always
+    runs first, since every ratio needs it."""
+    names = [methods.parse(m, peers=True).text for m in text.split(",") if m.strip()]
+    if not names:
+        raise SpecliError("no method given; e.g. --methods none,draft")
     return list(dict.fromkeys(["none", *names]))
 
 
-def _known(method: str) -> bool:
-    base, _, budget = method.partition("@")
-    base, slash, model = base.partition("/")
-    if slash and (base != "draft" or not model):
-        return False
-    if not budget:
-        return base in METHODS
-    try:
-        parse_budget(budget)
-    except ValueError:
-        return False
-    return base in ("draft", "lookup", "hd", "draft+hd", "duo")
-
-
-def uses_tree(methods: Sequence[str]) -> bool:
+def uses_tree(names: Sequence[str]) -> bool:
     """Whether a method may verify candidate trees (the target then holds sequences)."""
-    return any(m.partition("@")[0] in ("hd", "auto", "duo") for m in methods)
+    return any((m := methods.parse(n, peers=True).method) is not None and m.trees
+               for n in names)
 
 
 def parse_list(text: str | None) -> list[str] | None:
@@ -466,12 +448,12 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
             peer = Peer(m, loaded.target.path, n_ctx, plan.threads)
             runners[m] = lambda p, n, peer=peer: peer(p, n, plan.params.temperature)
         else:
-            base, _, budget = m.partition("@")
-            base, _, other = base.partition("/")
-            engine = (loaded.draft_engine(other, budget or plan.budget) if other
-                      else loaded.make_engine(base, budget or plan.budget))
+            spec = methods.parse(m, peers=True)
+            budget = spec.budget or plan.budget
+            engine = (loaded.draft_engine(spec.model, budget) if spec.model
+                      else loaded.make_engine(spec.base, budget))
             runners[m] = specli_runner(engine, m, plan.params, plan.draft_max,
-                                       _standalone(loaded, base, other, budget or plan.budget))
+                                       _standalone(loaded, spec, budget))
     warm = encode_prompt(loaded.target, WARMUP_TEXT)
     for r in runners.values():  # first-call costs (page faults, buffers) are not counted
         r(warm, min(4, plan.n_tokens))
@@ -514,14 +496,14 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
     return write_summary(rows, plan, console), interrupted
 
 
-def _standalone(loaded: Loaded, base: str, other: str, budget: str) -> CostModel | None:
+def _standalone(loaded: Loaded, spec: methods.Spec, budget: str) -> CostModel | None:
     """A fixed-length method's draft model calibrated alone, so that its rows too set the
     in-pipeline costs beside the standalone ones (a budget of its own carries them)."""
-    if parse_budget(budget) is None or other or loaded.draft is None or loaded.cross:
+    m = spec.method
+    if (parse_budget(budget) is None or spec.model or m is None or not m.draft_model
+            or loaded.draft is None or loaded.cross):
         return None
-    if base == "duo":
-        return loaded.duo_cost_model()
-    return loaded.cost_model() if base in ("draft", "draft+hd") else None
+    return loaded.duo_cost_model() if m.name == "duo" else loaded.cost_model()
 
 
 def describe(plan: Plan, loaded: Loaded, command: Sequence[str], ctx: int) -> dict:

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from . import methods, runtime  # runtime registers specli's methods
 from .backends.base import LoadOptions
 from .engine import GenerationConfig, Result
 from .errors import SpecliError
@@ -67,15 +68,7 @@ MethodOpt = Annotated[
     typer.Option(
         "--method",
         "-m",
-        help="auto: each round, whichever of hd, draft and draft+hd (the last two with a "
-        "draft model) is expected to pay most, or a plain step; none: plain decoding (the "
-        "reference); draft: speculative decoding with --draft; lookup: draft by copying "
-        "from the prompt and output so far (no draft model needed); hd: hierarchy drafting "
-        "from the context, your past generations and a --corpus index; draft+hd: the draft "
-        "model, with hd guessing its tokens (a cascade); duo: the draft model drafts the "
-        "next round in its own thread while the target verifies this one (DuoDecoding; "
-        "pays when the target sits on a GPU: -ngl), or in turn where the measured costs "
-        "say overlapping cannot pay (a CPU whose cores both models need).",
+        help=methods.help_text(),
     ),
 ]
 DraftOpt = Annotated[
@@ -257,7 +250,6 @@ def generate(
 
       specli generate model.gguf --draft small.gguf -f prompt.txt --json
     """
-    from . import runtime
 
     params = _params(temperature, top_k, top_p, seed)
     text_in = _read_prompt(prompt, file)
@@ -333,7 +325,6 @@ def chat(
     /exit. Ctrl-C stops the current answer and keeps the session; Ctrl-D exits.
     When stdin is not a terminal, each line is one user turn (scriptable).
     """
-    from . import runtime
     from .chat import ChatSession
 
     params = _params(temperature, top_k, top_p, seed)
@@ -385,7 +376,6 @@ def calibrate(
     by itself when plain steps timed at load disagree with it by over 1.5x); this forces
     a fresh measurement and prints it.
     """
-    from . import runtime
     from .budget import describe_costs
 
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, device=device)
@@ -530,13 +520,7 @@ def bench(
         str,
         typer.Option(
             "--methods",
-            help="Comma list of: none (plain decoding, always run first: the reference), "
-            "auto (specli's per-round choice), draft (specli with --draft under --budget), "
-            "lookup (specli's prompt lookup), hd (hierarchy drafting: context, then "
-            "--corpus; never your history), draft+hd (the cascade), duo (the draft model "
-            "drafting beside verification, in its own thread), METHOD@fixed:K (draft, "
-            "lookup, hd, draft+hd or duo with a fixed draft length K), peer-none "
-            "(llama-cpp-python's Llama), peer-pld (its prompt-lookup decoding).",
+            help=methods.bench_help(),
         ),
     ] = "none,draft,peer-none,peer-pld",
     categories: Annotated[
@@ -597,7 +581,6 @@ def bench(
     import time
 
     from . import bench as bm
-    from . import runtime
     from .backends.gguf import default_threads
     from .prompts import load_prompts, pick
 
@@ -611,7 +594,8 @@ def bench(
     params = _params(temperature, 0, 1.0, None)
     chosen = pick(load_prompts(prompts), bm.parse_list(categories), limit)
     out_dir = out or Path(f"specli-bench-{time.strftime('%Y%m%d-%H%M%S')}")
-    bases = {m.partition("@")[0] for m in method_list}
+    # what to load: the draft model as draft and draft+hd want it, else as auto or duo do
+    bases = {methods.parse(m, peers=True).base for m in method_list}
     used = ("draft" if bases & {"draft", "draft+hd"} else "auto" if "auto" in bases
             else "duo" if "duo" in bases else "none")
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from . import methods
 from .backends import open_model
 from .backends.base import Backend, LoadOptions
 from .budget import (
@@ -32,14 +33,11 @@ from .drafters.lookup import LookupDrafter
 from .drafters.model import ModelDrafter
 from .engine import Engine, Result
 from .errors import SpecliError
+from .methods import Method
 from .ngram import NgramStore, tokenizer_fingerprint
 from .pull import resolve_model
 from .registry import load_registry
 from .threads import available_cores, drafter_needs_own_thread, drafter_threads
-
-METHODS = ("auto", "none", "draft", "lookup", "hd", "draft+hd", "duo")
-DRAFT_METHODS = ("auto", "draft", "draft+hd", "duo")  # use a draft model when there is one
-TREE_METHODS = ("auto", "hd", "duo")  # may verify several candidate branches in one pass
 
 
 @dataclass
@@ -146,32 +144,14 @@ class Loaded:
         return AdaptiveBudget(CostModel(cost.verify, 0.0) if free_drafts else cost)
 
     def make_engine(self, method: str, budget: str = "auto") -> Engine:
-        """An engine for `method` on the loaded models (bench switches methods)."""
-        if method == "none":
-            return Engine(self.target)
-        if method == "draft":
-            if self.draft is None:
-                raise SpecliError("--method draft needs a draft model (--draft)")
-            return Engine(self.target, self._model_drafter(), self.make_budget(budget))
-        if method == "lookup":
-            return Engine(self.target, LookupDrafter(), self.make_budget(budget, free_drafts=True))
-        if method == "hd":
-            return Engine(self.target, self._hd_drafter(), self.make_budget(budget, True))
-        if method == "draft+hd":
-            if self.draft is None:
-                raise SpecliError("--method draft+hd needs a draft model (--draft)")
-            if self.cross:
-                raise SpecliError("--method draft+hd needs a draft model with the target's "
-                                  "tokenizer (n-gram guesses are target tokens); use draft")
-            helper = self._hd_drafter(branches=1)
-            drafter = ModelDrafter(self.draft, helper, own_thread=self._own_thread(self.draft))
-            return Engine(self.target, drafter, self.make_budget(budget))
-        if method == "auto":
-            return self._auto_engine(budget)
-        if method == "duo":
-            drafter, duo_budget = self._duo(budget)
-            return Engine(self.target, drafter, duo_budget)
-        raise SpecliError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        """An engine for `method` (a name in specli.methods) on the loaded models."""
+        m = methods.get(method)
+        if m.needs_draft and self.draft is None:
+            raise SpecliError(f"--method {m.name} needs a draft model (--draft)")
+        if m.same_tokenizer and self.cross:
+            raise SpecliError(f"--method {m.name} needs a draft model with the target's "
+                              "tokenizer; use draft")
+        return m.factory(self, budget)
 
     def draft_engine(self, name: str, budget: str = "auto") -> Engine:
         """An engine drafting with another draft model (path or registry name), for the
@@ -293,10 +273,9 @@ def _parse_budget(spec: str) -> int | None:
 def choose_models(model: str | None, draft: str | None, method: str) -> tuple[str, str | None]:
     """No MODEL: the registry's default pair.  A registry target with no --draft:
     its registered same-tokenizer draft, for the methods that use one."""
-    if method not in METHODS:
-        raise SpecliError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    m = methods.get(method)
     reg = load_registry()
-    wants_draft = method in DRAFT_METHODS
+    wants_draft = m.draft_model
     if model is None:
         model = reg.default_pair.target
         if draft is None and wants_draft:
@@ -308,7 +287,7 @@ def choose_models(model: str | None, draft: str | None, method: str) -> tuple[st
         )
     if not wants_draft:
         draft = None
-    elif method in ("draft", "draft+hd", "duo") and draft is None:
+    elif m.needs_draft and draft is None:
         raise SpecliError(f"--method {method} needs a draft model: pass --draft PATH_OR_NAME")
     return model, draft
 
@@ -331,7 +310,7 @@ def load(
     the draft model runs (None: the target's threads; duo's drafter on the CPU, the
     other methods' draft with the target's GPU layers)."""
     model, draft = choose_models(model, draft, method)
-    if not (method in TREE_METHODS if tree is None else tree):
+    if not (methods.get(method).trees if tree is None else tree):
         opts = replace(opts, branches=1)
     reg = load_registry()
     target_path = resolve_model(model, registry=reg, console=console)
@@ -391,3 +370,54 @@ def _status(console: Console | None, text: str):
     if console is None or not console.is_terminal:
         return nullcontext()
     return console.status(text, spinner="dots")
+
+
+# -- specli's methods: each one's engine on loaded models (see specli.methods) -----------
+def _none(loaded: Loaded, budget: str) -> Engine:
+    return Engine(loaded.target)
+
+
+def _draft(loaded: Loaded, budget: str) -> Engine:
+    return Engine(loaded.target, loaded._model_drafter(), loaded.make_budget(budget))
+
+
+def _lookup(loaded: Loaded, budget: str) -> Engine:
+    return Engine(loaded.target, LookupDrafter(), loaded.make_budget(budget, free_drafts=True))
+
+
+def _hd(loaded: Loaded, budget: str) -> Engine:
+    return Engine(loaded.target, loaded._hd_drafter(), loaded.make_budget(budget, True))
+
+
+def _cascade(loaded: Loaded, budget: str) -> Engine:
+    assert loaded.draft is not None
+    helper = loaded._hd_drafter(branches=1)
+    drafter = ModelDrafter(loaded.draft, helper, own_thread=loaded._own_thread(loaded.draft))
+    return Engine(loaded.target, drafter, loaded.make_budget(budget))
+
+
+def _duo_engine(loaded: Loaded, budget: str) -> Engine:
+    drafter, duo_budget = loaded._duo(budget)
+    return Engine(loaded.target, drafter, duo_budget)
+
+
+for _method in (
+    Method("auto", "each round, whichever of hd, draft and draft+hd (the last two with a "
+           "draft model; also duo with the target on a GPU) is expected to pay most, or a "
+           "plain step", lambda loaded, budget: loaded._auto_engine(budget),
+           draft_model=True, trees=True, fixed_budget=False),
+    Method("none", "plain decoding (the reference)", _none, fixed_budget=False),
+    Method("draft", "speculative decoding with the draft model (--draft)", _draft,
+           draft_model=True, needs_draft=True),
+    Method("lookup", "draft by copying from the prompt and output so far (no draft model)",
+           _lookup),
+    Method("hd", "hierarchy drafting from the context, your past generations and a "
+           "--corpus index", _hd, trees=True),
+    Method("draft+hd", "the draft model, with hd guessing its tokens (a cascade)", _cascade,
+           draft_model=True, needs_draft=True, same_tokenizer=True),
+    Method("duo", "the draft model drafts the next round in its own thread while the target "
+           "verifies this one (DuoDecoding; pays when the target sits on a GPU: -ngl), or in "
+           "turn where the measured costs say overlapping cannot pay", _duo_engine,
+           draft_model=True, needs_draft=True, same_tokenizer=True, trees=True),
+):
+    methods.register(_method)

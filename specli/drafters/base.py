@@ -80,3 +80,25 @@ class Drafter(Protocol):
     def describe(self) -> str:
         """One line for --stats about where drafts came from ('' if nothing to say)."""
         ...
+
+
+class BaseDrafter:
+    """No-op defaults for everything but `propose`, so a new drafter is one method: a
+    drafter with no draft model to catch up, nothing to learn and nothing to say."""
+
+    name = "drafter"
+
+    def lag(self, context: Sequence[int]) -> int:
+        return 0
+
+    def accepted(self, n_drafted: int, n_accepted: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def finish(self, tokens: Sequence[int], start: int = 0) -> None:
+        pass
+
+    def describe(self) -> str:
+        return ""
