@@ -342,43 +342,45 @@ def render_markdown(summary: dict, meta: dict) -> str:
         "tokens after the first emitted chunk, prefill excluded) / mean accepted tokens per "
         "target forward:",
         "",
-        "| method | " + " | ".join(cols) + " |",
-        "|---" * (len(cols) + 1) + "|",
     ]
-    for m, row in summary["table"].items():
-        cells = [f"{_fmt(row[c]['speedup'], '.2f')}x / {_fmt(row[c]['mean_accepted'], '.2f')}"
-                 for c in cols]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| method | identity rate (near-tie rule) | end-to-end speedup | decode tok/s | prompts "
-        "| runs |",
-        "|---|---|---|---|---|---|",
-    ]
-    for m, row in summary["table"].items():
-        o = row["overall"]
-        ident = "n/a" if o["identity_rate"] is None else f"{100 * o['identity_rate']:.0f}%"
-        lines.append(f"| {m} | {ident} | {_fmt(o['e2e_speedup'], '.2f')}x | "
-                     f"{_fmt(o['decode_tok_s'], '.1f')} | {o['prompts']} | {o['runs']} |")
+    lines += _md_table(["method", *cols], (
+        [m, *(f"{_fmt(row[c]['speedup'], '.2f')}x / {_fmt(row[c]['mean_accepted'], '.2f')}"
+              for c in cols)] for m, row in summary["table"].items()))
+    lines.append("")
+    lines += _md_table(
+        ["method", "identity rate (near-tie rule)", "end-to-end speedup", "decode tok/s",
+         "prompts", "runs"],
+        (_overall_cells(m, row["overall"]) for m, row in summary["table"].items()))
     lines += [
         "",
         "Costs inside the pipeline beside the calibrated standalone costs (ms, mean over "
         "prompts; a target pass of the run's mean size):",
         "",
-        "| method | target pass | calibrated | tokens per pass | draft-model step | calibrated "
-        "| step ratio | calibrated beside a pass |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for m, row in summary["table"].items():
-        o = row["overall"]
-        step, cal = o.get("ms_per_draft_step"), o.get("calibrated_ms_per_draft_step")
-        ratio = f"{step / cal:.2f}x" if step and cal else "n/a"
-        lines.append(f"| {m} | {_fmt(o.get('ms_per_pass'), '.2f')} | "
-                     f"{_fmt(o.get('calibrated_ms_per_pass'), '.2f')} | "
-                     f"{_fmt(o.get('pass_size'), '.2f')} | {_fmt(step, '.2f')} | "
-                     f"{_fmt(cal, '.2f')} | {ratio} | "
-                     f"{_fmt(o.get('calibrated_ms_per_draft_step_beside'), '.2f')} |")
+    lines += _md_table(
+        ["method", "target pass", "calibrated", "tokens per pass", "draft-model step",
+         "calibrated", "step ratio", "calibrated beside a pass"],
+        (_cost_cells(m, row["overall"]) for m, row in summary["table"].items()))
     return "\n".join(lines) + "\n"
+
+
+def _md_table(head: list[str], rows: Iterable[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _overall_cells(method: str, o: dict) -> list[str]:
+    ident = "n/a" if o["identity_rate"] is None else f"{100 * o['identity_rate']:.0f}%"
+    return [method, ident, f"{_fmt(o['e2e_speedup'], '.2f')}x", _fmt(o["decode_tok_s"], ".1f"),
+            str(o["prompts"]), str(o["runs"])]
+
+
+def _cost_cells(method: str, o: dict) -> list[str]:
+    step, cal = o.get("ms_per_draft_step"), o.get("calibrated_ms_per_draft_step")
+    return [method, _fmt(o.get("ms_per_pass"), ".2f"), _fmt(o.get("calibrated_ms_per_pass"), ".2f"),
+            _fmt(o.get("pass_size"), ".2f"), _fmt(step, ".2f"), _fmt(cal, ".2f"),
+            f"{step / cal:.2f}x" if step and cal else "n/a",
+            _fmt(o.get("calibrated_ms_per_draft_step_beside"), ".2f")]
 
 
 def plot_speedup(summary: dict, path: Path) -> bool:
