@@ -16,7 +16,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from . import methods, runtime  # runtime registers specli's methods
+from . import methods as method_table  # the methods' table (runtime registers them)
+from . import runtime
 from .backends.base import LoadOptions
 from .engine import GenerationConfig, Result
 from .errors import SpecliError
@@ -68,7 +69,7 @@ MethodOpt = Annotated[
     typer.Option(
         "--method",
         "-m",
-        help=methods.help_text(),
+        help=method_table.help_text(),
     ),
 ]
 DraftOpt = Annotated[
@@ -520,7 +521,7 @@ def bench(
         str,
         typer.Option(
             "--methods",
-            help=methods.bench_help(),
+            help=method_table.bench_help(),
         ),
     ] = "none,draft,peer-none,peer-pld",
     categories: Annotated[
@@ -595,7 +596,7 @@ def bench(
     chosen = pick(load_prompts(prompts), bm.parse_list(categories), limit)
     out_dir = out or Path(f"specli-bench-{time.strftime('%Y%m%d-%H%M%S')}")
     # what to load: the draft model as draft and draft+hd want it, else as auto or duo do
-    bases = {methods.parse(m, peers=True).base for m in method_list}
+    bases = {method_table.parse(m, peers=True).base for m in method_list}
     used = ("draft" if bases & {"draft", "draft+hd"} else "auto" if "auto" in bases
             else "duo" if "duo" in bases else "none")
     opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches,
