@@ -31,6 +31,7 @@ from .engine import Engine, GenerationConfig, Result
 from .errors import SpecliError
 from .fidelity import analyse, first_difference
 from .prompts import Prompt
+from .report import calibrated_pass_ms
 from .runtime import Loaded, encode_prompt
 from .sampling import SamplingParams
 
@@ -129,13 +130,12 @@ def costs_fields(res: Result, fallback: CostModel | None = None) -> dict:
     """A run's own costs and the calibrated standalone ones, in milliseconds: a draft-model
     step and a target pass (the calibrated pass has the run's mean size)."""
     s, cal = res.stats, res.calibrated or fallback
-    n = max(1, round(s.pass_size)) if s.target_forwards else 1
     return {
         "ms_per_pass": s.ms_per_pass or None,
         "pass_size": s.pass_size or None,
         "ms_per_draft_step": s.ms_per_draft_step or None,
         "draft_steps": s.draft_steps,
-        "calibrated_ms_per_pass": 1000 * cal.verify_cost(n) if cal is not None else None,
+        "calibrated_ms_per_pass": calibrated_pass_ms(s, cal) if cal is not None else None,
         "calibrated_ms_per_draft_step": 1000 * cal.draft if cal is not None and cal.draft
         else None,
         # duo's pair was also timed side by side: a step while a target pass runs beside it

@@ -5,7 +5,8 @@ Shared by `generate` and `chat` (and free of the CLI, so chat does not import it
 
 from __future__ import annotations
 
-from .engine import Result
+from .budget import CostModel
+from .engine import Result, Stats
 
 
 def stats_lines(res: Result, where: dict[str, str] | None = None) -> list[str]:
@@ -36,17 +37,22 @@ def stats_lines(res: Result, where: dict[str, str] | None = None) -> list[str]:
     return lines
 
 
+def calibrated_pass_ms(stats: Stats, cal: CostModel) -> float:
+    """The calibrated cost of one target pass of this run's mean size, in milliseconds."""
+    return 1000 * cal.verify_cost(max(1, round(stats.pass_size)))
+
+
 def cost_lines(res: Result) -> list[str]:
     """What a target pass and a draft-model step cost in this run, beside the calibrated
     standalone costs: drafting slower inside a generation than alone is a defect."""
     s, cal = res.stats, res.calibrated
     if not s.target_forwards:
         return []
-    n = max(1, round(s.pass_size))
     pass_line = (f"target passes: {s.ms_per_pass:.2f} ms each over {s.pass_size:.2f} tokens "
                  "on average")
     if cal is not None:
-        pass_line += f" (calibrated alone, {n} tokens: {1000 * cal.verify_cost(n):.2f} ms)"
+        pass_line += (f" (calibrated alone, {max(1, round(s.pass_size))} tokens: "
+                      f"{calibrated_pass_ms(s, cal):.2f} ms)")
     lines = [pass_line]
     if s.draft_steps:
         step = f"draft model steps: {s.draft_steps} at {s.ms_per_draft_step:.2f} ms each"

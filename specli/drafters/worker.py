@@ -2,9 +2,10 @@
 
 Why a drafter needs one: llama.cpp's CPU builds run each model's threads as an OpenMP
 team of the thread that calls it, and libgomp ends the extra threads whenever that
-thread next asks for a smaller team (and creates them again for a bigger one).  A draft
-model with 8 threads taking turns on one thread with a GPU target's 2 paid for six
-thread exits and six creations every round.  And drafting beside verification (duo)
+thread next asks for a smaller team (and creates them again for a bigger one: read in
+libgomp's team.c, not measured here).  A draft model with 8 threads taking turns on one
+thread with a GPU target's 2 would pay six thread exits and six creations every round.
+And drafting beside verification (duo)
 needs a second thread anyway.  The thread lives for one generation at most: one that
 ran a model keeps its OpenMP pool until it ends (see specli.threads).
 """
