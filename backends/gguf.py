@@ -21,6 +21,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from .. import tree
 from ..chat_template import render_chat
 from ..errors import SpecliError
 from ..threads import available_cores, target_threads
@@ -119,25 +120,6 @@ def placement(n_gpu_layers: int, threads: int) -> str:
     if n_gpu_layers > 0 and llama_cpp.llama_supports_gpu_offload():
         return f"llama.cpp GPU ({n_gpu_layers} layers offloaded), {threads} CPU threads"
     return f"llama.cpp CPU, {threads} threads"
-
-
-def _tree_layout(parents: Sequence[int]) -> tuple[list[int], list[list[int]]]:
-    """Depth of each node (0 under the root) and the sequences it belongs to: leaf j of
-    the tree (in node order) is sequence j, a node is in the sequences of its leaves."""
-    n = len(parents)
-    depth = [0] * n
-    has_child = [False] * n
-    for i, par in enumerate(parents):
-        if par >= 0:
-            depth[i] = depth[par] + 1
-            has_child[par] = True
-    seqs: list[list[int]] = [[] for _ in range(n)]
-    for s, leaf in enumerate(i for i in range(n) if not has_child[i]):
-        node = leaf
-        while node >= 0:
-            seqs[node].append(s)
-            node = parents[node]
-    return depth, seqs
 
 
 class GGUFModel:
@@ -327,7 +309,7 @@ class GGUFModel:
 
     def eval_tree(self, root: int, tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
         n = len(tokens)
-        depth, seqs = _tree_layout(parents)
+        depth, seqs = tree.depths(parents), tree.sequences(parents)
         n_seqs = 1 + max((s for ss in seqs for s in ss), default=0)
         if n_seqs > self._branches:
             raise SpecliError(f"a draft tree of {n_seqs} branches > {self._branches} sequences")

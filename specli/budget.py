@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from .tree import depths
+
 CONF_EDGES = (0.3, 0.5, 0.7, 0.85, 0.95)  # drafter confidence bins: [0,.3) [.3,.5) ... [.95,1]
 
 
@@ -343,6 +345,33 @@ def ema(old: float, new: float, weight: float = 0.2) -> float:
     return old + weight * (new - old)
 
 
+StopRule = Callable[..., bool]
+"""(confidences so far, ready=False) -> draft another token?"""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A budget's decision for one round."""
+
+    k: int = 0  # tokens to draft (0: a plain step)
+    # for a drafter that can draft beside the pass (duo): wait its turn this round instead
+    in_turn: bool = False
+    # beside the pass: the stop rule for the next round's draft, frozen as the round starts
+    background: StopRule | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one round taught; the engine hands it to the budget that planned it."""
+
+    confidences: Sequence[float]  # the judged chain (a tree: accepted path + next candidate)
+    n_accepted: int
+    n_verified: int = 0  # draft tokens the pass verified (more than the chain for a tree)
+    timing: tuple[float, float] | None = None  # seconds drafting, verifying (None: skip)
+    ready: bool = False  # the draft was made beside the previous pass (paid for then)
+    beside: int = 0  # tokens the drafter drafted beside this round's pass
+
+
 class Budget(Protocol):
     """What the engine asks each round; implementations below."""
 
@@ -352,29 +381,31 @@ class Budget(Protocol):
         """A generation starts (a new prompt or chat turn)."""
         ...
 
-    def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
-        """Draft length for this round, 0..k_cap (0: a plain step), for a drafter `lag`
-        tokens behind the context and `left` tokens still to generate."""
+    def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> Plan:
+        """This round's plan: a draft length 0..k_cap (0: a plain step), for a drafter
+        `lag` tokens behind the context and `left` tokens still to generate."""
         ...
 
-    def keep_going(self, confidences: Sequence[float]) -> bool:
-        """After each drafted token: draft another?"""
+    def expected_rate(self, k: int, lag: int = 0, left: int = 1 << 30) -> float:
+        """Expected tokens per second of drafting k tokens now (k = 0: a plain step); how
+        an engine holding several drafters picks one (0.0: no cost model to say)."""
         ...
 
-    def observe(self, confidences: Sequence[float], n_accepted: int,
-                timing: tuple[float, float] | None, n_verified: int | None = None) -> None:
-        """How much of the draft was accepted and, unless None, what drafting and
-        verifying cost in seconds.  `confidences`: the judged chain (for a tree, the
-        accepted path and the candidate after it); `n_verified`: the draft tokens the
-        pass verified (more than the chain for a tree; None: the chain's length)."""
-        ...
-
-    def describe(self) -> str:
-        """The cost model in words, for --stats ('' when there is none)."""
+    def keep_going(self, confidences: Sequence[float], ready: bool = False) -> bool:
+        """After each drafted token: draft another?  `ready`: drafted already (beside the
+        last pass), so only verifying costs."""
         ...
 
     def prune_tree(self, parents: Sequence[int], confidences: Sequence[float]) -> list[int]:
         """Of a tree of candidates, the nodes worth verifying (sorted, parents kept)."""
+        ...
+
+    def observe(self, outcome: Outcome) -> None:
+        """What the round's draft, verification and timing taught."""
+        ...
+
+    def describe(self) -> str:
+        """The cost model in words, for --stats ('' when there is none)."""
         ...
 
 
@@ -399,14 +430,16 @@ class FixedBudget:
     def begin(self) -> None:
         pass
 
-    def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
-        return k_cap if self.k is None else min(self.k, k_cap)
+    def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> Plan:
+        return Plan(k_cap if self.k is None else min(self.k, k_cap))
 
-    def keep_going(self, confidences: Sequence[float]) -> bool:
+    def expected_rate(self, k: int, lag: int = 0, left: int = 1 << 30) -> float:
+        return 0.0
+
+    def keep_going(self, confidences: Sequence[float], ready: bool = False) -> bool:
         return True
 
-    def observe(self, confidences: Sequence[float], n_accepted: int,
-                timing: tuple[float, float] | None, n_verified: int | None = None) -> None:
+    def observe(self, outcome: Outcome) -> None:
         pass
 
     def describe(self) -> str:
@@ -451,7 +484,10 @@ class AdaptiveBudget:
                        draft=self.base.draft * self.draft_scale,
                        catch_up=self.base.catch_up * self.draft_scale)
 
-    def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
+    def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> Plan:
+        return Plan(self._length(k_cap, lag, left))
+
+    def _length(self, k_cap: int, lag: int, left: int) -> int:
         cost = self.cost
         self._probing = False
         k = best_length(cost, self.acc.by_position(k_cap), k_cap, lag, left, self.min_gain)
@@ -478,26 +514,22 @@ class AdaptiveBudget:
 
     def _prune(self, cost: CostModel, parents: Sequence[int],
                confidences: Sequence[float]) -> list[int]:
-        depth: list[int] = []
-        for par in parents:
-            depth.append(depth[par] + 1 if par >= 0 else 0)
-        p = [self.acc.by_confidence(c, d) for c, d in zip(confidences, depth, strict=True)]
+        p = [self.acc.by_confidence(c, d)
+             for c, d in zip(confidences, depths(parents), strict=True)]
         return best_tree(cost, parents, exclusive(parents, p, confidences), self.min_gain)
 
-    def keep_going(self, confidences: Sequence[float]) -> bool:
-        i = len(confidences)
-        p = [self.acc.by_confidence(c, j) for j, c in enumerate(confidences)]
-        return keep_drafting(self.cost, p, self.acc.by_position(i + 1)[-1])
+    def keep_going(self, confidences: Sequence[float], ready: bool = False) -> bool:
+        cost = replace(self.cost, draft=0.0) if ready else self.cost
+        return _keep(cost, self.acc, confidences)
 
-    def observe(self, confidences: Sequence[float], n_accepted: int,
-                timing: tuple[float, float] | None, n_verified: int | None = None) -> None:
-        n = len(confidences) if n_verified is None else n_verified
-        if timing is not None:
-            draft_s, verify_s = timing
+    def observe(self, outcome: Outcome) -> None:
+        n = outcome.n_verified
+        if outcome.timing is not None:
+            draft_s, verify_s = outcome.timing
             self.verify_scale = ema(self.verify_scale, verify_s / self.base.verify_cost(n + 1))
             if n and self.base.draft > 0:
                 self.draft_scale = ema(self.draft_scale, draft_s / (n * self.base.draft))
-        self._learn(confidences, n_accepted, n)
+        self._learn(outcome.confidences, outcome.n_accepted, n)
 
     def _learn(self, confidences: Sequence[float], n_accepted: int, n: int) -> None:
         if n:
@@ -511,38 +543,33 @@ class OverlapBudget(AdaptiveBudget):
     """The budget of a drafter that drafts the next round beside verification (duo).
 
     Draft lengths come from `overlap_rate`, so drafting time is matched to verification
-    time on the measured hardware pair.  Each round the drafter says whether its draft
-    came ready from the background (`ready`: drafted tokens are paid for, only verifying
-    them costs) and how many tokens it is drafting beside the pass (`beside`)."""
+    time on the measured hardware pair.  The round's outcome says whether the draft came
+    ready from the background (its tokens are paid for, only verifying them costs) and
+    how many tokens the drafter drafted beside the pass."""
 
-    def __init__(self, cost: CostModel, acceptance: Acceptance | None = None,
-                 explore_every: int = 16, optimistic_p: float = 0.95,
-                 min_gain: float = 1.05) -> None:
-        super().__init__(cost, acceptance, explore_every, optimistic_p, min_gain)
-        self.ready = False
-        self.beside = 0
-        self.overlap = True  # this round: draft the next one beside the pass (else in turn)
-
-    def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> int:
-        """The draft length, and (`overlap`) whether the drafter drafts the next round
-        beside this round's pass or waits its turn: whichever the measured costs expect to
-        be faster.  Beside: the length itself (the next draft is made to it before the
-        confidence rule could be asked).  In turn: k_cap, the confidence rule stops it."""
+    def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> Plan:
+        """The draft length, and whether the drafter drafts the next round beside this
+        round's pass or waits its turn: whichever the measured costs expect to be faster.
+        Beside: the length itself (the next draft is made to it before the confidence
+        rule could be asked).  In turn: k_cap, the confidence rule stops it."""
         cost = self.cost
         self._probing = False
-        self.ready, self.beside = False, 0  # until the drafter says otherwise this round
         p = self.acc.by_position(k_cap + 1)
-        k, self.overlap = best_duo_round(cost, p, k_cap, lag, left, self.min_gain)
+        k, overlap = best_duo_round(cost, p, k_cap, lag, left, self.min_gain)
         if k == 0:
             self._idle += 1
             if self._idle >= self._gap:
-                k, self.overlap = best_duo_round(cost, [self.optimistic_p] * (k_cap + 1),
-                                                 k_cap, lag, left)
+                k, overlap = best_duo_round(cost, [self.optimistic_p] * (k_cap + 1),
+                                            k_cap, lag, left)
                 self._idle = 0 if k == 0 else self._idle
                 self._probing = k > 0
         if k:
             self._idle = 0
-        return k if self.overlap or k == 0 else k_cap
+        if not k:
+            return Plan(0)
+        if not overlap:
+            return Plan(k_cap, in_turn=True)
+        return Plan(k, background=self.background_rule())
 
     def expected_rate(self, k: int, lag: int = 0, left: int = 1 << 30) -> float:
         if k == 0:
@@ -551,11 +578,7 @@ class OverlapBudget(AdaptiveBudget):
         return max(overlap_rate(self.cost, p[:k], p[k], lag, left),
                    amortised_rate(self.cost, p[:k], lag, left))
 
-    def keep_going(self, confidences: Sequence[float]) -> bool:
-        cost = replace(self.cost, draft=0.0) if self.ready else self.cost
-        return _keep(cost, self.acc, confidences)
-
-    def background_rule(self) -> Callable[[Sequence[float]], bool]:
+    def background_rule(self) -> StopRule:
         """The stop rule for drafting beside verification, frozen now: the drafter's thread
         asks it while this budget goes on learning on the main thread.  A token drafted
         beside the target costs what it slows the pass down."""
@@ -563,22 +586,22 @@ class OverlapBudget(AdaptiveBudget):
         slow = max(cost.overlap_verify, 1.0)
         frozen = replace(cost, draft=cost.beside_draft() * (1.0 - 1.0 / slow))
         acc = copy.deepcopy(self.acc)
-        return lambda confidences: _keep(frozen, acc, confidences)
+        return lambda confidences, ready=False: _keep(frozen, acc, confidences)
 
     def prune_tree(self, parents: Sequence[int], confidences: Sequence[float]) -> list[int]:
         # the candidates are drafted already (mostly in the background): only verifying costs
         return self._prune(replace(self.cost, draft=0.0), parents, confidences)
 
-    def observe(self, confidences: Sequence[float], n_accepted: int,
-                timing: tuple[float, float] | None, n_verified: int | None = None) -> None:
-        n = len(confidences) if n_verified is None else n_verified
-        if timing is not None:
-            draft_s, verify_s = timing
-            expected = overlapped_verify(self.base, n + 1, self.beside * self.base.beside_draft())
+    def observe(self, outcome: Outcome) -> None:
+        n = outcome.n_verified
+        if outcome.timing is not None:
+            draft_s, verify_s = outcome.timing
+            busy = outcome.beside * self.base.beside_draft()
+            expected = overlapped_verify(self.base, n + 1, busy)
             self.verify_scale = ema(self.verify_scale, verify_s / expected)
-            if n and not self.ready and self.base.draft > 0:  # drafted in the open
+            if n and not outcome.ready and self.base.draft > 0:  # drafted in the open
                 self.draft_scale = ema(self.draft_scale, draft_s / (n * self.base.draft))
-        self._learn(confidences, n_accepted, n)
+        self._learn(outcome.confidences, outcome.n_accepted, n)
 
 
 def _keep(cost: CostModel, acc: Acceptance, confidences: Sequence[float]) -> bool:

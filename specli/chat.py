@@ -17,8 +17,8 @@ from .engine import GenerationConfig, Result
 from .errors import SpecliError
 from .report import stats_lines
 from .runtime import Loaded, encode_messages
+from .session import blank, stream_text
 from .textin import check_text, read_line
-from .tokens import TextStream
 
 HELP = "commands: /stats  /reset  /exit   (Ctrl-C stops an answer, Ctrl-D quits)"
 
@@ -71,7 +71,7 @@ class ChatSession:
             if not interactive and line == "":
                 break  # end of the script
             line = line.rstrip("\n")
-            if not line.strip():
+            if blank(line):
                 continue
             if line.startswith("/"):
                 if self.command(line.strip()):
@@ -109,20 +109,11 @@ class ChatSession:
             self.err.print(f"specli: {e} (try /reset)", markup=False)
             return
         res = Result(method=loaded.method)
-        stream = TextStream(loaded.target.token_bytes)
-        parts: list[str] = []
-        try:
-            for chunk in loaded.engine.stream(tokens, self.cfg, res):
-                piece = stream.push(chunk)
-                parts.append(piece)
-                self.write(piece)
-        except KeyboardInterrupt:
-            res.stop_reason = "interrupted"
+        text = stream_text(loaded, tokens, self.cfg, res, self.write)  # Ctrl-C: stops it
         loaded.finish(tokens, res, start=self.learned)  # hd learns across turns and sessions
         self.learned = len(tokens) + len(res.tokens)
-        parts.append(stream.flush())
-        self.write(parts[-1] + "\n")
-        self.messages.append({"role": "assistant", "content": "".join(parts)})
+        self.write("\n")
+        self.messages.append({"role": "assistant", "content": text})
         self.last = res
         if res.stop_reason == "interrupted":
             self.err.print("(stopped)", markup=False)

@@ -22,9 +22,10 @@ from .backends.base import LoadOptions
 from .engine import GenerationConfig, Result
 from .errors import SpecliError
 from .report import result_json, stats_lines
+from .runtime import Loaded
 from .sampling import SamplingParams
+from .session import ModelOptions, blank, stream_text
 from .textin import check_text, decode_utf8, read_all
-from .tokens import TextStream
 
 app = typer.Typer(
     name="specli",
@@ -253,44 +254,49 @@ def generate(
     """
 
     params = _params(temperature, top_k, top_p, seed)
-    text_in = _read_prompt(prompt, file)
-    if not text_in.strip():
-        raise SpecliError("empty prompt: give text with -p, -f FILE or on stdin")
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches,
-                       device=device)
-    loaded = runtime.load(model, draft, method, opts, err, budget, corpus,
-                          _history(no_history, params), draft_threads=draft_threads,
+    models = ModelOptions(model, draft, method, ctx=ctx, threads=threads, gpu_layers=gpu_layers,
+                          device=device, branches=branches, budget=budget, corpus=corpus,
+                          history=_history(no_history, params), draft_threads=draft_threads,
                           draft_gpu_layers=draft_gpu_layers)
+    text_in = _read_prompt(prompt, file)
+    if blank(text_in):
+        raise SpecliError("empty prompt: give text with -p, -f FILE or on stdin")
+    loaded = models.load(err)
     tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
     loaded.engine.check_prompt(tokens)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
     res = Result(method=loaded.method)
-    stream = TextStream(loaded.target.token_bytes)
-    pieces: list[str] = []
     try:
-        for chunk in loaded.engine.stream(tokens, cfg, res):
-            piece = stream.push(chunk)
-            pieces.append(piece)
+        _answer(loaded, tokens, cfg, res, as_json)
+        if res.stop_reason == "interrupted":
             if not as_json:
-                _write(piece)
-        tail = stream.flush()
-        pieces.append(tail)
+                _write("\n")
+            _print_stats(stats, loaded, res)
+            raise typer.Exit(130)
+    finally:
+        loaded.finish(tokens, res)  # drafters with a memory (hd) learn from what was written
+    _print_stats(stats, loaded, res)
+
+
+def _answer(loaded: Loaded, tokens: list[int], cfg: GenerationConfig, res: Result,
+            as_json: bool) -> None:
+    """generate's output: the text as it streams and its line ended, or one JSON object.
+    Ctrl-C, during that last write too, leaves `res` marked "interrupted"."""
+    try:
+        text = stream_text(loaded, tokens, cfg, res, None if as_json else _write)
+        if res.stop_reason == "interrupted":
+            return
         if as_json:
-            obj = result_json(res, "".join(pieces), loaded.target_name, loaded.draft_name,
+            obj = result_json(res, text, loaded.target_name, loaded.draft_name,
                               loaded.placements())
             _write(json.dumps(obj, ensure_ascii=False) + "\n")
         else:
-            text = "".join(pieces)
-            _write(tail + ("" if text.endswith("\n") else "\n"))
+            _write("" if text.endswith("\n") else "\n")
     except KeyboardInterrupt:
         res.stop_reason = "interrupted"
-        if not as_json:
-            _write(stream.flush() + "\n")
-        if stats:
-            err.print("\n".join(stats_lines(res, loaded.placements())), markup=False)
-        raise typer.Exit(130) from None
-    finally:
-        loaded.finish(tokens, res)  # drafters with a memory (hd) learn from what was written
+
+
+def _print_stats(stats: bool, loaded: Loaded, res: Result) -> None:
     if stats:
         err.print("\n".join(stats_lines(res, loaded.placements())), markup=False)
 
@@ -329,13 +335,84 @@ def chat(
     from .chat import ChatSession
 
     params = _params(temperature, top_k, top_p, seed)
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches,
-                       device=device)
-    loaded = runtime.load(model, draft, method, opts, err, budget, corpus,
-                          _history(no_history, params), draft_threads=draft_threads,
+    models = ModelOptions(model, draft, method, ctx=ctx, threads=threads, gpu_layers=gpu_layers,
+                          device=device, branches=branches, budget=budget, corpus=corpus,
+                          history=_history(no_history, params), draft_threads=draft_threads,
                           draft_gpu_layers=draft_gpu_layers)
+    loaded = models.load(err)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
     ChatSession(loaded, cfg, system=system, write=_write, err=err).run(sys.stdin)
+
+
+@app.command()
+def serve(
+    model: ModelArg = None,
+    draft: DraftOpt = None,
+    method: MethodOpt = "auto",
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (default: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")
+    ] = 8080,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="SPECLI_API_KEY",
+                     help="Require 'Authorization: Bearer KEY' (also $SPECLI_API_KEY)."),
+    ] = None,
+    queue: Annotated[
+        int, typer.Option("--queue", min=1, help="Requests that may wait while one runs; "
+                          "more get 503 with Retry-After.")
+    ] = 8,
+    max_body_bytes: Annotated[
+        int, typer.Option("--max-body-bytes", min=1024, help="Largest request body (413).")
+    ] = 1 << 20,
+    max_tokens_cap: Annotated[
+        int, typer.Option("--max-tokens-cap", min=1,
+                          help="Most tokens per answer (also the default max_tokens).")
+    ] = 2048,
+    draft_max: DraftMaxOpt = 8,
+    budget: BudgetOpt = "auto",
+    corpus: CorpusOpt = None,
+    branches: BranchesOpt = 3,
+    no_history: NoHistoryOpt = False,
+    threads: ThreadsOpt = None,
+    ctx: CtxOpt = 4096,
+    gpu_layers: GpuLayersOpt = 0,
+    device: DeviceOpt = "auto",
+    draft_threads: DraftThreadsOpt = None,
+    draft_gpu_layers: DraftGpuLayersOpt = None,
+) -> None:
+    """Serve the models over an OpenAI-compatible HTTP API (/v1/chat/completions,
+    /v1/completions, /v1/models, /health), one request at a time, answers streamed.
+
+    Examples:
+
+      specli serve                       # http://127.0.0.1:8080/v1, the default pair
+
+      specli serve qwen2.5-coder-1.5b-instruct --port 9000 --api-key secret
+    """
+    try:
+        from .serve import Settings, bind, model_id, url_of
+        from .serve import serve as run_server
+        from .serve_worker import Worker
+    except ImportError:
+        raise SpecliError("specli serve needs FastAPI and uvicorn: "
+                          "pip install 'specli[serve]'") from None
+
+    models = ModelOptions(model, draft, method, ctx=ctx, threads=threads, gpu_layers=gpu_layers,
+                          device=device, branches=branches, budget=budget, corpus=corpus,
+                          history=not no_history, draft_threads=draft_threads,
+                          draft_gpu_layers=draft_gpu_layers)
+    sock = bind(host, port)
+    loaded = models.load(err)
+    name = loaded.target_name
+    settings = Settings(model_id(name), frozenset({name}), api_key or None, max_body_bytes,
+                        max_tokens_cap)
+    err.print(f"specli serve: {settings.model_id} ({loaded.method}) on {url_of(sock)}"
+              + ("" if api_key else " (no API key)"), markup=False)
+    run_server(Worker(loaded, draft_max, queue), settings, sock)
+    err.print("specli serve: stopped", markup=False)
 
 
 @app.command()
@@ -379,8 +456,9 @@ def calibrate(
     """
     from .budget import describe_costs
 
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, device=device)
-    loaded = runtime.load(model, draft, "auto", opts, err, budget="fixed:1")
+    models = ModelOptions(model, draft, "auto", ctx=ctx, threads=threads, gpu_layers=gpu_layers,
+                          device=device, budget="fixed:1")
+    loaded = models.load(err)
     cost = loaded.cost_model(err, force=True)
     print(describe_costs(cost))
     print("verify seconds by tokens per pass: " + " ".join(f"{v:.4f}" for v in cost.verify))
@@ -599,13 +677,13 @@ def bench(
     bases = {method_table.parse(m, peers=True).base for m in method_list}
     used = ("draft" if bases & {"draft", "draft+hd"} else "auto" if "auto" in bases
             else "duo" if "duo" in bases else "none")
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, branches=branches,
-                       device=device)
     # benchmark prompts never enter the user's history
+    models = ModelOptions(model, draft, used, ctx=ctx, threads=threads, gpu_layers=gpu_layers,
+                          device=device, branches=branches, budget=budget, corpus=corpus,
+                          history=False, tree=bm.uses_tree(method_list),
+                          draft_threads=draft_threads, draft_gpu_layers=draft_gpu_layers)
     t_load = time.perf_counter()
-    loaded = runtime.load(model, draft, used, opts, err, budget, corpus, history=False,
-                          tree=bm.uses_tree(method_list), draft_threads=draft_threads,
-                          draft_gpu_layers=draft_gpu_layers)
+    loaded = models.load(err)
     plan = bm.Plan(chosen, method_list, max_tokens, params, draft_max,
                    threads or default_threads(), budget, out_dir, repeats)
     plan.meta = bm.describe(plan, loaded, ["specli", *sys.argv[1:]], loaded.target.n_ctx)

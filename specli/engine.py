@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .backends.base import Backend
-from .budget import Budget, CostModel, FixedBudget
+from .budget import Budget, CostModel, FixedBudget, Outcome
 from .drafters.base import Draft, Drafter
 from .errors import SpecliError
+from .lineup import Lineup, Member, Pick
 from .sampling import SamplingParams, probs_from_logits
 from .threads import release_openmp_threads
 from .tokens import common_prefix
@@ -94,6 +95,19 @@ class Stats:
     def decode_tok_s(self) -> float:
         return self.n_generated / self.decode_s if self.decode_s > 0 else 0.0
 
+    def count_round(self, draft: Draft, n_accepted: int, draft_s: float,
+                    verify_s: float) -> None:
+        """One round: a target pass over the last token and `draft`."""
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+        self.target_forwards += 1
+        self.pass_tokens += 1 + len(draft.tokens)
+        self.draft_rounds += bool(draft.tokens)
+        by = draft.source if draft.tokens else "none"
+        self.rounds_by[by] = self.rounds_by.get(by, 0) + 1
+        self.drafted += len(draft.tokens)
+        self.accepted += n_accepted
+
     def as_dict(self) -> dict[str, float | int]:
         d: dict[str, float | int] = asdict(self)
         for name in ("acceptance_rate", "mean_accepted", "prefill_tok_s", "decode_tok_s",
@@ -126,26 +140,19 @@ def verify(draft: Draft, logits: np.ndarray, params: SamplingParams, rng) -> Ver
     return verify_sampled(draft.tokens, probs_from_logits(logits, params), draft.probs, rng)
 
 
-def draft_backends(drafter: Drafter | None) -> list[Backend]:
-    """The draft models a drafter runs (none for n-gram drafters; auto: its members')."""
-    if drafter is None:
+def draft_backends(lineup: Lineup | None) -> list[Backend]:
+    """The draft models a lineup's drafters run (none for n-gram drafters)."""
+    if lineup is None:
         return []
-    members = getattr(drafter, "members", None)
-    if members is not None:
-        found = [b for m in members for b in draft_backends(m.drafter)]
-        return list({id(b): b for b in found}.values())
-    model = getattr(drafter, "model", None)
-    return [model] if model is not None else []
+    found = [m for d in lineup.drafters() if (m := getattr(d, "model", None)) is not None]
+    return list({id(b): b for b in found}.values())
 
 
-def calibrated_costs(budget: Budget) -> CostModel | None:
-    """The calibrated cost model behind a budget (auto: that of a member drafting with a
-    model, else any), or None for a fixed budget."""
-    base = getattr(budget, "base", None)
-    if isinstance(base, CostModel):
-        return base
-    members = getattr(getattr(budget, "auto", None), "members", ())
-    costs = [c for m in members if (c := calibrated_costs(m.budget)) is not None]
+def calibrated_costs(lineup: Lineup | None) -> CostModel | None:
+    """The calibrated cost model the budgets planned with (several: that of a member
+    drafting with a model, else any), or None for fixed budgets."""
+    costs = [c for m in (lineup.members if lineup else ())
+             if isinstance(c := getattr(m.budget, "base", None), CostModel)]
     return next((c for c in costs if c.draft > 0), costs[0] if costs else None)
 
 
@@ -161,12 +168,15 @@ def branch_confidence(draft: Draft, path: list[int]) -> list[float]:
 
 
 class Engine:
-    def __init__(
-        self, target: Backend, drafter: Drafter | None = None, budget: Budget | None = None
-    ) -> None:
+    def __init__(self, target: Backend, drafter: Drafter | None = None,
+                 budget: Budget | None = None, *, lineup: Lineup | None = None) -> None:
+        """A drafter and its budget (default: a fixed length, --draft-max), or a lineup of
+        several to pick from each round (auto); neither: plain decoding."""
         self.target = target
         self.drafter = drafter
-        self.budget = budget or FixedBudget()
+        if lineup is None and drafter is not None:
+            lineup = Lineup([Member(drafter.name, drafter, budget or FixedBudget())])
+        self.lineup = lineup
 
     def check_prompt(self, prompt: Sequence[int]) -> None:
         if not prompt:
@@ -185,22 +195,21 @@ class Engine:
         try:
             yield from self._rounds(prompt, cfg, res)
         finally:  # however it ended (done, error, Ctrl-C, a closed pipe)
-            pause = getattr(self.drafter, "pause", None)
-            if pause is not None:
-                pause()  # a drafter's own threads end with the generation
+            if self.lineup is not None:
+                self.lineup.pause()  # a drafter's own threads end with the generation
             release_openmp_threads()  # and so do this thread's idle OpenMP workers
 
     def _rounds(
         self, prompt: Sequence[int], cfg: GenerationConfig, res: Result
     ) -> Iterator[list[int]]:
-        t, d, st = self.target, self.drafter, res.stats
-        if d is not None:
-            self.budget.begin()
-            res.budget = self.budget.name
-            res.cost_note = self.budget.describe()
+        t, team, st = self.target, self.lineup, res.stats
+        if team is not None:
+            team.begin()
+            res.budget = team.name
+            res.cost_note = team.describe_costs()
         rng = cfg.params.rng()
         # the draft models' step clocks, as they stood when this generation began
-        clocks = [(c, c.steps, c.seconds) for m in draft_backends(d)
+        clocks = [(c, c.steps, c.seconds) for m in draft_backends(team)
                   if (c := getattr(m, "step_clock", None)) is not None]
         # A seeded sampled run must replay exactly: its budget then decides from the
         # calibrated costs and the (deterministic) acceptance history, not the clock.
@@ -211,8 +220,8 @@ class Engine:
         keep = min(common_prefix(t.tokens, prompt), len(prompt) - 1) if cfg.reuse_prefix else 0
         t.truncate(keep)
         t.eval(prompt[keep:-1])
-        if d is not None and not cfg.reuse_prefix:
-            d.reset()
+        if team is not None and not cfg.reuse_prefix:
+            team.reset()
         st.n_prompt, st.n_prefilled = len(prompt), len(prompt) - 1 - keep
         st.prefill_s = time.perf_counter() - start
 
@@ -223,28 +232,18 @@ class Engine:
                 res.stop_reason = "length" if left <= 0 else "context"
                 break
             k_cap = min(cfg.draft_max, left - 1, t.n_ctx - len(ctx))
-            k = self.budget.plan(k_cap, d.lag(ctx), left) if d is not None and k_cap > 0 else 0
+            pick = team.pick(ctx, k_cap, left) if team is not None and k_cap > 0 else None
 
             t0 = time.perf_counter()
-            draft = d.propose(ctx, k, cfg.params, rng, self.budget.keep_going) if k else Draft()
-            if draft.parents is not None:  # candidates: the budget keeps those that pay
-                draft = draft.subtree(self.budget.prune_tree(draft.parents, draft.confidence))
+            draft, beside = self._draft(pick, ctx, cfg.params, rng)
             t1 = time.perf_counter()
             accepted, next_token, judged = self._check(ctx, draft, cfg.params, rng)
             t2 = time.perf_counter()
-            if d is not None:
-                timing = (t1 - t0, t2 - t1) if timed else None
-                self.budget.observe(judged, len(accepted), timing, len(draft.tokens))
-                d.accepted(len(draft.tokens), len(accepted))
-            st.draft_s += t1 - t0
-            st.verify_s += t2 - t1
-            st.target_forwards += 1
-            st.pass_tokens += 1 + len(draft.tokens)
-            st.draft_rounds += bool(draft.tokens)
-            by = (draft.source or d.name) if draft.tokens and d is not None else "none"
-            st.rounds_by[by] = st.rounds_by.get(by, 0) + 1
-            st.drafted += len(draft.tokens)
-            st.accepted += len(accepted)
+            if team is not None:
+                team.observe(pick, Outcome(judged, len(accepted), len(draft.tokens),
+                                           (t1 - t0, t2 - t1) if timed else None,
+                                           draft.ready, beside))
+            st.count_round(draft, len(accepted), t1 - t0, t2 - t1)
 
             new = [*accepted, next_token]
             eog = next((i for i, tok in enumerate(new) if t.is_eog(tok)), None)
@@ -253,6 +252,8 @@ class Engine:
             new = new[:left]
             ctx += new
             res.tokens += new
+            if team is not None:
+                team.accepted(pick, ctx, len(draft.tokens), len(accepted))
             st.n_generated = len(res.tokens)
             if clocks:
                 st.draft_steps = sum(c.steps - n for c, n, _ in clocks)
@@ -265,10 +266,28 @@ class Engine:
                 res.stop_reason = "eos"
                 break
         st.wall_s = time.perf_counter() - start
-        if d is not None:
-            res.cost_note = self.budget.describe()  # as tracked online by the end
-            res.drafter_note = d.describe()
-            res.calibrated = calibrated_costs(self.budget)
+        if team is not None:
+            res.cost_note = team.describe_costs()  # as tracked online by the end
+            res.drafter_note = team.describe()
+            res.calibrated = calibrated_costs(team)
+
+    @staticmethod
+    def _draft(pick: Pick | None, ctx: list[int], params: SamplingParams,
+               rng: np.random.Generator) -> tuple[Draft, int]:
+        """The picked drafter's draft, trees pruned by its budget to the candidates that
+        pay, and the tokens it drafts beside the pass that verifies it (duo)."""
+        if pick is None:
+            return Draft(), 0
+        d, budget, plan = pick.member.drafter, pick.member.budget, pick.plan
+        if not plan.in_turn:
+            d.prepare_beside()
+        draft = d.propose(ctx, plan.k, params, rng, budget.keep_going)
+        if draft.parents is not None:
+            draft = draft.subtree(budget.prune_tree(draft.parents, draft.confidence))
+        draft.source = draft.source or pick.member.name
+        beside = 0 if plan.in_turn else d.start_beside(ctx, draft, plan.k, params,
+                                                      plan.background)
+        return draft, beside
 
     def _check(
         self, ctx: list[int], draft: Draft, params: SamplingParams, rng: np.random.Generator
@@ -290,6 +309,17 @@ class Engine:
             tv = verify_tree_sampled(tokens, parents, probs_from_logits(logits, params), rng)
         t.keep_path(tv.path)
         return [tokens[i] for i in tv.path], tv.next_token, branch_confidence(draft, tv.path)
+
+    def finish(self, tokens: Sequence[int], start: int = 0) -> None:
+        """A generation is over (prompt + output in `tokens`, new from `start` on):
+        drafters with a memory (hd) learn from it."""
+        if self.lineup is not None:
+            self.lineup.finish(tokens, start)
+
+    def close(self) -> None:
+        """End the drafters' threads and close their stores (the models are the caller's)."""
+        if self.lineup is not None:
+            self.lineup.close()
 
     def generate(self, prompt: Sequence[int], cfg: GenerationConfig, method: str) -> Result:
         """Run to the end; for callers that do not stream."""

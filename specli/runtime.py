@@ -25,7 +25,6 @@ from .budget import (
     parse_budget,
 )
 from .calibrate import load_or_measure
-from .drafters.auto import AutoBudget, AutoDrafter, Member
 from .drafters.cross import CrossDrafter, same_tokenizer
 from .drafters.duo import DuoDrafter
 from .drafters.hierarchy import HierarchyDrafter
@@ -33,6 +32,7 @@ from .drafters.lookup import LookupDrafter
 from .drafters.model import ModelDrafter
 from .engine import Engine, Result
 from .errors import SpecliError
+from .lineup import Lineup, Member
 from .methods import Method
 from .ngram import NgramStore, tokenizer_fingerprint
 from .pull import resolve_model
@@ -62,7 +62,8 @@ class Loaded:
     _duos: list[DuoDrafter] = field(default_factory=list, init=False, repr=False)
     # how duo's drafter was placed, when measured (for --stats): "CPU ... (measured: ...)"
     duo_placement: str = field(default="", init=False)
-    _closers: list = field(default_factory=list, init=False, repr=False)
+    _engines: list[Engine] = field(default_factory=list, init=False, repr=False)
+    _models: list[Backend] = field(default_factory=list, init=False, repr=False)  # draft/NAME
 
     def cost_model(self, console: Console | None = None, force: bool = False) -> CostModel:
         """Calibrated costs for this target/draft pair, measured once per machine setup."""
@@ -151,22 +152,27 @@ class Loaded:
         if m.same_tokenizer and self.cross:
             raise SpecliError(f"--method {m.name} needs a draft model with the target's "
                               "tokenizer; use draft")
-        return m.factory(self, budget)
+        engine = m.factory(self, budget)
+        self._engines.append(engine)  # closed with the models (its drafters' threads, stores)
+        return engine
 
     def draft_engine(self, name: str, budget: str = "auto") -> Engine:
         """An engine drafting with another draft model (path or registry name), for the
         bench's draft/NAME methods: loaded, compared and calibrated like --draft."""
         path = resolve_model(name, registry=load_registry())
         model = open_model(path, replace(self.opts, branches=1))
-        self._closers.append(model.close)
+        self._models.append(model)
         cross = not same_tokenizer(self.target, model)
         drafter = (CrossDrafter(self.target, model) if cross
                    else ModelDrafter(model, own_thread=self._own_thread(model)))
         k = _parse_budget(budget)
         if k is not None:
-            return Engine(self.target, drafter, FixedBudget(k))
-        cost, _ = load_or_measure(self.target, model, self.opts)
-        return Engine(self.target, drafter, AdaptiveBudget(cost))
+            b: Budget = FixedBudget(k)
+        else:
+            b = AdaptiveBudget(load_or_measure(self.target, model, self.opts)[0])
+        engine = Engine(self.target, drafter, b)
+        self._engines.append(engine)
+        return engine
 
     def placements(self) -> dict[str, str]:
         """Where each model runs (runtime, device, threads), for --stats and --json."""
@@ -179,8 +185,7 @@ class Loaded:
 
     def finish(self, prompt: Sequence[int], res: Result, start: int = 0) -> None:
         """Let a drafter with a memory learn from a finished (or stopped) generation."""
-        if self.engine.drafter is not None:
-            self.engine.drafter.finish([*prompt, *res.tokens], start)
+        self.engine.finish([*prompt, *res.tokens], start)
 
     def _auto_engine(self, budget: str) -> Engine:
         """hd always (free drafts: only verification costs); with a draft model also
@@ -197,21 +202,17 @@ class Loaded:
             cascade = ModelDrafter(self.draft, hd, own_thread=self._own_thread(self.draft))
             members.append(Member("draft+hd", cascade, self.make_budget("auto")))
         if self.draft is not None and not self.cross and on_accelerator(self.opts):
-            drafter, duo_budget = self._duo("auto")
-            assert isinstance(duo_budget, AdaptiveBudget)
-            members.append(Member("duo", drafter, duo_budget))
-        auto = AutoDrafter(members, learner=hd)
-        return Engine(self.target, auto, AutoBudget(auto))
+            members.append(Member("duo", *self._duo("auto")))
+        return Engine(self.target, lineup=Lineup(members, learner=hd, name="auto"))
 
     def _duo(self, budget: str) -> tuple[DuoDrafter, Budget]:
-        """A drafter one round ahead in its own thread, with a budget that knows it."""
+        """A drafter one round ahead in its own thread, with a budget that plans for it."""
         model = self.duo_model()
         k = _parse_budget(budget)
         duo_budget = FixedBudget(k) if k is not None else OverlapBudget(self.duo_cost_model())
-        drafter = DuoDrafter(model, duo_budget, branches=self.target.max_branches,
+        drafter = DuoDrafter(model, branches=self.target.max_branches,
                              own_thread=self._own_thread(model))
         self._duos.append(drafter)
-        self._closers.append(drafter.close)  # before the models: it stops the thread
         return drafter, duo_budget
 
     def _model_drafter(self) -> ModelDrafter | CrossDrafter:
@@ -233,13 +234,13 @@ class Loaded:
         history = NgramStore.open_history(fp) if self.history else None
         static = NgramStore.open_corpus(self.corpus, fp) if self.corpus else None
         b = self.target.max_branches if branches is None else branches
-        drafter = HierarchyDrafter(history, static, branches=b)
-        self._closers.append(drafter.close)
-        return drafter
+        return HierarchyDrafter(history, static, branches=b)
 
     def close(self) -> None:
-        for close in self._closers:
-            close()
+        for engine in self._engines:  # first: duo's thread stops before its model closes
+            engine.close()
+        for model in self._models:
+            model.close()
         # a duo thread that did not stop may still be inside its model: leave that one
         busy = {id(d.model) for d in self._duos if not d.stopped}
         for m in (self.target, self.draft, self._duo_model):

@@ -161,3 +161,32 @@ def sample(probs_row: np.ndarray, rng: np.random.Generator) -> int:
     if idx >= row.shape[0]:  # u * total rounded up to total: take the last non-zero bucket
         idx = int(np.flatnonzero(row > 0)[-1])
     return idx
+
+
+def draft_token(
+    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None,
+    guess: int | None = None,
+) -> tuple[int, float, np.ndarray | None]:
+    """A draft model's token after `logits`, its confidence, and (sampled) the row it is
+    distributed as (`rng`: None only when greedy).  A `guess` (the cascade's n-gram
+    guess) changes which random draws happen, never the law."""
+    if params.greedy:
+        tok = int(np.argmax(logits))
+        return tok, top_probability(logits, tok), None
+    assert rng is not None
+    q = probs_from_logits(logits, params)
+    if guess is not None and guess < q.shape[0]:
+        if rng.random() < q[guess]:
+            return guess, float(q[guess]), q
+        rest = q.copy()
+        rest[guess] = 0.0
+        if rest.sum() > 0:
+            tok = sample(rest, rng)
+            return tok, float(q[tok]), q
+    tok = sample(q, rng)
+    return tok, float(q[tok]), q
+
+
+def top_probability(logits: np.ndarray, tok: int) -> float:
+    """Softmax probability of `tok`: the drafter's confidence in a greedy guess."""
+    return float(1.0 / np.exp(logits - logits[tok]).sum())

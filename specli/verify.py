@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .sampling import sample
+from .tree import children_of
 
 
 @dataclass(frozen=True)
@@ -122,18 +123,6 @@ class TreeVerdict:
 
     path: list[int]
     next_token: int
-
-
-def children_of(parents: Sequence[int]) -> dict[int, list[int]]:
-    """Node index -> its children in draft order (-1 is the root: the last context token).
-    Parents must come before their children."""
-    kids: dict[int, list[int]] = {-1: []}
-    for i, par in enumerate(parents):
-        if not -1 <= par < i:
-            raise ValueError(f"node {i} has parent {par}: parents must precede children")
-        kids.setdefault(par, []).append(i)
-        kids.setdefault(i, [])
-    return kids
 
 
 def verify_tree_greedy(

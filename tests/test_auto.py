@@ -7,13 +7,13 @@ import numpy as np
 from test_verify import assert_design_power, assert_fits, assert_rejected
 
 from specli.budget import AdaptiveBudget, CostModel
-from specli.drafters.auto import AutoBudget, AutoDrafter, Member
 from specli.drafters.hierarchy import HierarchyDrafter
-from specli.drafters.model import ModelDrafter, _choose
+from specli.drafters.model import ModelDrafter
 from specli.engine import Engine, GenerationConfig
 from specli.fidelity import analyse, first_difference
+from specli.lineup import Lineup, Member
 from specli.runtime import encode_prompt
-from specli.sampling import SamplingParams, probs_from_logits
+from specli.sampling import SamplingParams, draft_token, probs_from_logits
 
 STEP = 0.026
 CPU = CostModel([STEP * x for x in (1, 1.66, 1.9, 2.22, 2.5, 2.76, 3.7, 4.67)], 0.6 * STEP)
@@ -65,7 +65,7 @@ def _choose_counts(logits, params, guess, n, seed):
     rng = np.random.default_rng(seed)
     counts = np.zeros(logits.shape[0], dtype=np.int64)
     for _ in range(n):
-        counts[_choose(logits, params, rng, guess)[0]] += 1
+        counts[draft_token(logits, params, rng, guess)[0]] += 1
     return counts
 
 
@@ -93,12 +93,11 @@ def test_a_guess_leaves_the_draft_model_law_unchanged():
 
 def _auto(t, d, cost_draft, cost_hd):
     hd = HierarchyDrafter(branches=1)
-    auto = AutoDrafter([
+    return Engine(t, lineup=Lineup([
         Member("hd", hd, AdaptiveBudget(cost_hd)),
         Member("draft", ModelDrafter(d), AdaptiveBudget(cost_draft)),
         Member("draft+hd", ModelDrafter(d, hd), AdaptiveBudget(cost_draft)),
-    ], learner=hd)
-    return Engine(t, auto, AutoBudget(auto))
+    ], learner=hd, name="auto"))
 
 
 def test_auto_takes_plain_steps_when_nothing_pays_and_drafts_when_it_does(tiny_models):

@@ -13,6 +13,7 @@ from specli.budget import (
     AdaptiveBudget,
     CostModel,
     FixedBudget,
+    Outcome,
     OverlapBudget,
     best_duo_round,
     best_length,
@@ -66,7 +67,7 @@ def test_a_drafter_far_behind_only_catches_up_when_the_rest_pays_for_it():
     assert best_length(gpu, p, 8, lag=700, horizon=64) == 0  # 70 steps to read: no
     assert best_length(gpu, p, 8, lag=700, horizon=20000) > 0  # amortised over a long answer
     b = AdaptiveBudget(CostModel(GPU.verify, GPU.draft, catch_up=0.1 * STEP))
-    assert b.plan(8, lag=700, left=64) == 0 and b.plan(8, lag=1, left=64) == 8
+    assert b.plan(8, lag=700, left=64).k == 0 and b.plan(8, lag=1, left=64).k == 8
 
 
 # H200 issue-14 pair: target step 5.2 ms, a pass over 5 tokens 7.4 ms (1.4 steps), the 87M
@@ -94,12 +95,13 @@ def test_duo_drafts_beside_the_target_only_where_the_hardware_lets_it():
 def test_overlap_budget_tells_the_drafter_its_mode_and_sizes_in_turn_drafts_by_confidence():
     sure = Acceptance(prior_mean=0.95)
     turn = OverlapBudget(replace(CPU_SHARED, draft=0.05 * STEP), sure, min_gain=1.0)
-    k = turn.plan(8)
-    assert k == 8 and not turn.overlap  # in turn: the confidence rule decides the length
+    plan = turn.plan(8)
+    assert plan.k == 8 and plan.in_turn  # in turn: the confidence rule decides the length
+    assert plan.background is None
     beside = OverlapBudget(GPU_TARGET, Acceptance(prior_mean=0.95), min_gain=1.0)
-    k = beside.plan(8)
-    assert 0 < k <= 8 and beside.overlap
-    assert beside.expected_rate(k) >= beside.expected_rate(0)
+    plan = beside.plan(8)
+    assert 0 < plan.k <= 8 and not plan.in_turn and plan.background is not None
+    assert beside.expected_rate(plan.k) >= beside.expected_rate(0)
 
 
 def test_the_draft_model_goes_where_its_measured_costs_promise_the_most():
@@ -138,15 +140,15 @@ def test_acceptance_estimates_are_conditional_per_position():
 
 def test_adaptive_budget_on_a_cpu_never_drafts():
     b = AdaptiveBudget(CPU)
-    assert all(b.plan(8) == 0 for _ in range(100))  # not even a probe: it cannot pay
+    assert all(b.plan(8).k == 0 for _ in range(100))  # not even a probe: it cannot pay
 
 
 def test_adaptive_budget_drafts_on_a_gpu_and_backs_off_when_rejected():
     b = AdaptiveBudget(GPU, explore_every=16)
-    assert b.plan(8) == 8
+    assert b.plan(8).k == 8
     for _ in range(60):  # everything rejected, and drafting turns 10x slower
-        b.observe([0.9] * 4, 0, (40 * GPU.draft, GPU.verify_cost(5)))
-    plans = [b.plan(8) for _ in range(32)]
+        b.observe(Outcome([0.9] * 4, 0, 4, (40 * GPU.draft, GPU.verify_cost(5))))
+    plans = [b.plan(8).k for _ in range(32)]
     assert plans.count(0) >= 28  # mostly plain steps now ...
     assert any(plans)  # ... with a probe now and then so it can recover
 
@@ -155,22 +157,22 @@ def test_failed_probes_back_off_and_a_hit_restores_them():
     b = AdaptiveBudget(GPU, Acceptance(prior_mean=0.02, prior_weight=50), explore_every=16)
     probes = []
     for i in range(600):  # the estimates say drafting cannot pay: only probes draft
-        if b.plan(8):
+        if b.plan(8).k:
             probes.append(i)
-            b.observe([0.9], 0, None)  # and every probe fails
+            b.observe(Outcome([0.9], 0, 1))  # and every probe fails
         else:
-            b.observe([], 0, None)
+            b.observe(Outcome([], 0))
     gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
     assert gaps[:4] == [32, 64, 128, 256]  # 16 idle rounds before the first, then doubling
     b._idle = 10_000  # a probe is due at once ...
-    assert b.plan(8)
-    b.observe([0.9, 0.9], 2, None)  # ... and it succeeds: probing is back to every 16
+    assert b.plan(8).k
+    b.observe(Outcome([0.9, 0.9], 2, 2))  # ... and it succeeds: probing is back to every 16
     assert b._gap == 16
 
 
 def test_fixed_budget_and_parse():
-    assert FixedBudget(4).plan(8) == 4 and FixedBudget(4).plan(2) == 2
-    assert FixedBudget().plan(6) == 6
+    assert FixedBudget(4).plan(8).k == 4 and FixedBudget(4).plan(2).k == 2
+    assert FixedBudget().plan(6).k == 6
     assert parse_budget("auto") is None and parse_budget("fixed:3") == 3
     for bad in ("fixed", "fixed:0", "fixed:x", "greedy"):
         with pytest.raises(ValueError):

@@ -222,3 +222,114 @@ def test_text_that_is_not_utf8_is_one_clean_error_however_it_comes_in(
     ok = run_bytes(["generate", t, "-m", "none", "-n", "4"], env,
                    "Résumé, naïve café\n".encode(), locale)  # real UTF-8 is fine
     assert ok.returncode == 0, ok.stderr
+
+
+# -- the plumbing generate, chat, bench and calibrate share (specli.session) -------------
+
+
+def test_model_options_are_exactly_runtime_loads_arguments(monkeypatch):
+    """One loading path: every field reaches runtime.load, and the defaults are
+    runtime.load's and LoadOptions' own (a command without an option loads as before)."""
+    import inspect
+
+    from specli import runtime
+    from specli.backends.base import LoadOptions
+    from specli.session import ModelOptions
+
+    load_defaults = {k: p.default for k, p in inspect.signature(runtime.load).parameters.items()}
+    calls = []
+    monkeypatch.setattr(runtime, "load", lambda *a, **kw: calls.append((a, kw)) or "loaded")
+    opts = ModelOptions("t.gguf", "d.gguf", "hd", ctx=512, threads=3, gpu_layers=7, device="npu",
+                        branches=2, budget="fixed:4", corpus="docs", history=False, tree=True,
+                        draft_threads=2, draft_gpu_layers=5)
+    console = object()
+    assert opts.load(console) == "loaded"
+    (args, kw), = calls
+    assert args == ("t.gguf", "d.gguf", "hd",
+                    LoadOptions(n_ctx=512, n_threads=3, n_gpu_layers=7, branches=2,
+                                device="npu"), console)
+    assert kw == {"budget": "fixed:4", "corpus": "docs", "history": False, "tree": True,
+                  "draft_threads": 2, "draft_gpu_layers": 5}
+    plain = ModelOptions()
+    for name in ("budget", "corpus", "history", "tree", "draft_threads", "draft_gpu_layers"):
+        assert getattr(plain, name) == load_defaults[name], name
+    assert plain.load_options() == LoadOptions()
+
+
+def test_generate_chat_bench_and_calibrate_load_through_model_options(monkeypatch, tmp_path):
+    """Each command builds one ModelOptions from its flags (keeping its own defaults)."""
+    from typer.testing import CliRunner
+
+    from specli.cli import app
+    from specli.errors import SpecliError
+    from specli.session import ModelOptions
+
+    seen: list[ModelOptions] = []
+
+    def stop(self, console):
+        seen.append(self)
+        raise SpecliError("stop before loading")
+
+    monkeypatch.setattr(ModelOptions, "load", stop)
+    shared = ["m.gguf", "-d", "d.gguf", "--threads", "3", "-ngl", "2", "--device", "cpu",
+              "--draft-threads", "1", "-ngld", "0"]
+    runner = CliRunner()
+    for args in (["generate", *shared, "-m", "hd", "-p", "hi", "--branches", "2",
+                  "--corpus", "c", "--no-history"],
+                 ["chat", *shared, "-m", "draft", "--budget", "fixed:2"],
+                 ["bench", *shared, "--methods", "none,hd", "--out", str(tmp_path / "b")],
+                 ["calibrate", "m.gguf", "-d", "d.gguf", "--threads", "3", "-ngl", "2",
+                  "--device", "cpu"]):
+        result = runner.invoke(app, args)
+        assert isinstance(result.exception, SpecliError), (args, result.output)
+    gen, chat, bench, cal = seen
+    for o in (gen, chat, bench, cal):
+        assert (o.model, o.draft, o.threads, o.gpu_layers, o.device) == \
+            ("m.gguf", "d.gguf", 3, 2, "cpu")
+    assert (gen.method, gen.ctx, gen.branches, gen.corpus, gen.history, gen.tree) == \
+        ("hd", 4096, 2, "c", False, None)
+    assert (gen.draft_threads, gen.draft_gpu_layers) == (1, 0)
+    assert (chat.method, chat.ctx, chat.budget, chat.history, chat.branches) == \
+        ("draft", 8192, "fixed:2", True, 3)
+    assert (bench.method, bench.ctx, bench.history, bench.tree) == ("none", 4096, False, True)
+    assert (cal.method, cal.budget, cal.branches, cal.history) == ("auto", "fixed:1", 1, True)
+
+
+def test_stream_text_writes_whole_characters_and_stops_on_ctrl_c():
+    """The streaming loop generate and chat share: pieces through `write` (never half a
+    UTF-8 character), the whole text returned, Ctrl-C ends the answer, not the caller."""
+    from types import SimpleNamespace
+
+    from specli.engine import GenerationConfig, Result
+    from specli.session import stream_text
+
+    table = {1: b"caf", 2: "é".encode()[:1], 3: "é".encode()[1:] + b"!", 4: b"\xe2"}
+
+    def loaded(interrupt: bool):
+        def stream(tokens, cfg, res):
+            yield [1, 2]
+            yield [3]
+            if interrupt:
+                raise KeyboardInterrupt
+            yield [4]  # ends mid-character: flushed as U+FFFD at the end
+
+        return SimpleNamespace(engine=SimpleNamespace(stream=stream),
+                               target=SimpleNamespace(token_bytes=table.__getitem__))
+
+    written: list[str] = []
+    res = Result(method="none")
+    text = stream_text(loaded(False), [0], GenerationConfig(), res, written.append)
+    assert written == ["caf", "é!", "", "\ufffd"] and text == "café!\ufffd"
+    assert res.stop_reason == ""
+    res = Result(method="none")
+    assert stream_text(loaded(True), [0], GenerationConfig(), res) == "café!"  # --json
+    assert res.stop_reason == "interrupted"
+
+
+def test_generate_and_chat_stream_the_same_answer(tiny_paths, env):
+    t = str(tiny_paths["target"])
+    common = ["-m", "none", "-n", "16", "--ctx", "512"]
+    g = run(["generate", t, *common, "-p", "Tell me a story"], env)
+    c = run(["chat", t, *common], env, stdin="Tell me a story\n")
+    assert g.returncode == c.returncode == 0, g.stderr + c.stderr
+    assert g.stdout.strip() and g.stdout.rstrip("\n") == c.stdout.rstrip("\n")

@@ -26,6 +26,7 @@ from specli.budget import (
     Acceptance,
     CostModel,
     FixedBudget,
+    Outcome,
     OverlapBudget,
     best_length,
     best_overlap_length,
@@ -104,9 +105,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _duo(target: Markov, draft: Markov, k: int, **kw) -> tuple[Engine, DuoDrafter]:
-    budget = FixedBudget(k)
-    drafter = DuoDrafter(draft, budget, **kw)
-    return Engine(target, drafter, budget), drafter
+    drafter = DuoDrafter(draft, **kw)
+    return Engine(target, drafter, FixedBudget(k)), drafter
 
 
 class WrongGuess(DuoDrafter):
@@ -143,7 +143,7 @@ def test_early_work_wrong_every_round_changes_nothing():
     cfg = GenerationConfig(max_tokens=40, draft_max=3)
     plain = Engine(Markov(table, "target")).generate([5], cfg, "none")
     target, draft = Markov(table, "target"), Markov(table, "draft")
-    d = WrongGuess(draft, FixedBudget(3))
+    d = WrongGuess(draft)
     try:
         res = Engine(target, d, FixedBudget(3)).generate([5], cfg, "duo")
     finally:
@@ -257,9 +257,8 @@ class BadRows(DuoDrafter):
 
 def _sample_pairs(drafter_cls: type[DuoDrafter], n: int) -> tuple[np.ndarray, int]:
     target, draft = Markov(T_SAMPLE, "target"), Markov(Q_SAMPLE, "draft")
-    budget = FixedBudget(2)
-    d = drafter_cls(draft, budget)
-    eng = Engine(target, d, budget)
+    d = drafter_cls(draft)
+    eng = Engine(target, d, FixedBudget(2))
     counts = np.zeros((V, V), dtype=np.int64)
     try:
         for s in range(n):
@@ -328,7 +327,7 @@ def test_overlap_does_not_pay_on_a_shared_cpu():
     p = [0.85] * 9
     assert best_overlap_length(CPU, p, 8, min_gain=1.05) == 0
     b = OverlapBudget(CPU)
-    assert all(b.plan(8) == 0 for _ in range(10))  # plain steps (probes aside)
+    assert all(b.plan(8).k == 0 for _ in range(10))  # plain steps (probes aside)
 
 
 def test_overlap_budget_learns_and_its_background_rule_is_frozen():
@@ -336,9 +335,9 @@ def test_overlap_budget_learns_and_its_background_rule_is_frozen():
     rule = b.background_rule()
     before = rule([0.9, 0.9])
     for _ in range(60):  # everything rejected from now on
-        b.observe([0.9, 0.9], 0, None)
+        b.observe(Outcome([0.9, 0.9], 0, 2))
     assert rule([0.9, 0.9]) == before  # the worker's copy does not move under it
-    assert b.plan(8) == 0 or b._probing
+    assert b.plan(8).k == 0 or b._probing
 
 
 # ------------------------------------------------------------------- llama.cpp, tiny models
@@ -358,7 +357,7 @@ def test_tiny_greedy_duo_equals_plain_up_to_noise(tiny_models, tree_target, k):
     prompt = encode_prompt(t, "Once upon a time, the little robot")
     cfg = GenerationConfig(max_tokens=48, draft_max=k)
     plain = Engine(t).generate(prompt, cfg, "none")
-    drafter = DuoDrafter(d, FixedBudget(k), branches=t.max_branches)
+    drafter = DuoDrafter(d, branches=t.max_branches)
     try:
         res = Engine(t, drafter, FixedBudget(k)).generate(prompt, cfg, "duo")
     finally:
@@ -379,7 +378,7 @@ def test_tiny_multi_sequence_drafts_are_verified_as_trees(tiny_models, tree_targ
     prompt = encode_prompt(t, "the water")
     cfg = GenerationConfig(max_tokens=64, draft_max=6)
     plain = Engine(t).generate(prompt, cfg, "none")
-    drafter = DuoDrafter(d, FixedBudget(6), branches=3)
+    drafter = DuoDrafter(d, branches=3)
     try:
         res = Engine(t, drafter, FixedBudget(6)).generate(prompt, cfg, "duo")
     finally:
@@ -395,7 +394,7 @@ def test_tiny_seeded_sampling_is_reproducible_and_differs_by_seed(tiny_models, t
     prompt = encode_prompt(t, "Hello")
 
     def gen(seed: int) -> list[int]:
-        drafter = DuoDrafter(d, FixedBudget(3), branches=3)
+        drafter = DuoDrafter(d, branches=3)
         params = SamplingParams(temperature=0.9, top_k=20, seed=seed)
         try:
             eng = Engine(t, drafter, FixedBudget(3))
@@ -449,8 +448,7 @@ def test_duo_is_free_when_its_budget_declines_and_drafts_in_turn_where_overlap_c
     table = _table(7, 16)
     log: list = []
     never = OverlapBudget(CostModel([0.01] * 9, 1.0, overlap_verify=1.0))  # drafts cost 100x
-    eng = Engine(Markov(table, "target", log), DuoDrafter(Markov(table, "draft", log), never),
-                 never)
+    eng = Engine(Markov(table, "target", log), DuoDrafter(Markov(table, "draft", log)), never)
     threads = set(threading.enumerate())
     res = eng.generate([2], GenerationConfig(max_tokens=30, draft_max=4), "duo")
     assert res.stats.rounds_by == {"none": 30} and res.stats.drafted == 0
@@ -461,10 +459,10 @@ def test_duo_is_free_when_its_budget_declines_and_drafts_in_turn_where_overlap_c
                        overlap_draft=0.002)
     turn = OverlapBudget(shared, Acceptance(prior_mean=0.95), min_gain=1.0)
     log.clear()
-    drafter = DuoDrafter(Markov(table, "draft", log), turn)
+    drafter = DuoDrafter(Markov(table, "draft", log))
     eng = Engine(Markov(table, "target", log), drafter, turn)
     res = eng.generate([2], GenerationConfig(max_tokens=30, draft_max=4), "duo")
-    assert res.stats.drafted > 0 and drafter.in_turn > 0 and drafter.speculated == 0
+    assert res.stats.drafted > 0 and drafter.beside_rounds == 0 and drafter.speculated == 0
     main = threading.get_ident()
     assert {tid for w, tid, *_ in log if w == "draft"} == {main}
     assert set(threading.enumerate()) == threads

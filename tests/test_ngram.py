@@ -119,7 +119,7 @@ def test_hd_asks_context_then_history_then_static(home, tmp_path):
     plain = HierarchyDrafter(history, static, passes=(1,))
     assert plain.propose([3, 1, 0, 2, 3], 1, GREEDY, RNG).tokens == [1]
     assert hd.sources == {"context": 1, "history": 2, "static": 1}
-    hd.accepted(1, 1)
+    hd.accepted([], 1, 1)
     assert hd.tokens["history"] == [3, 1] and "history 2 drafts" in hd.describe()
     hd.finish([6, 6, 2, 3, 11])
     assert history.next_counts([6, 2, 3]) == [(11, 1.0)]

@@ -212,7 +212,7 @@ def _duo_compare(target, draft, prompt, cfg, drafter_cls=None):
 
     plain = Engine(target).generate(prompt, cfg, "none")
     cls = drafter_cls or DuoDrafter
-    duo = cls(draft, FixedBudget(cfg.draft_max), branches=target.max_branches)
+    duo = cls(draft, branches=target.max_branches)
     try:
         spec = Engine(target, duo, FixedBudget(cfg.draft_max)).generate(prompt, cfg, "duo")
     finally:
@@ -258,7 +258,7 @@ def test_duo_sampling_is_reproducible_with_seed(qwen_pair):
     def run(seed: int) -> list[int]:
         params = SamplingParams(temperature=0.8, top_p=0.95, seed=seed)
         cfg = GenerationConfig(max_tokens=40, params=params, draft_max=DRAFT_MAX)
-        duo = DuoDrafter(draft, FixedBudget(DRAFT_MAX), branches=target.max_branches)
+        duo = DuoDrafter(draft, branches=target.max_branches)
         try:
             return Engine(target, duo, FixedBudget(DRAFT_MAX)).generate(prompt, cfg, "duo").tokens
         finally:

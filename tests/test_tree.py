@@ -18,9 +18,9 @@ from specli.errors import SpecliError
 from specli.fidelity import analyse, first_difference
 from specli.runtime import encode_prompt
 from specli.sampling import SamplingParams, sample
+from specli.tree import children_of
 from specli.verify import (
     TreeVerdict,
-    children_of,
     verify_greedy,
     verify_tree_greedy,
     verify_tree_sampled,

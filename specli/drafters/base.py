@@ -7,12 +7,13 @@ which is why any drafter, however wrong, keeps the output lossless.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from .. import tree
 from ..sampling import SamplingParams
 
 
@@ -27,21 +28,24 @@ class Draft:
     # None: a chain (token i follows token i - 1).  Else a tree of candidates: token i
     # follows token parents[i] (-1: the context), parents before children (no probs).
     parents: list[int] | None = None
-    source: str = ""  # which drafter made it, when one drafter holds several (auto)
+    source: str = ""  # which drafter made it, when an engine holds several (auto)
+    ready: bool = False  # drafted beside the previous pass: only verifying it costs now
 
     def subtree(self, keep: Sequence[int]) -> Draft:
         """The nodes `keep` (sorted, closed under parents) as a draft of their own: a
         chain when they form one."""
-        index = {old: new for new, old in enumerate(keep)}
         assert self.parents is not None
-        parents = [index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in keep]
-        chain = parents == list(range(-1, len(keep) - 1))
-        return Draft([self.tokens[i] for i in keep], None,
-                     [self.confidence[i] for i in keep], None if chain else parents, self.source)
+        parents = tree.subtree(self.parents, keep)
+        return Draft([self.tokens[i] for i in keep], None, [self.confidence[i] for i in keep],
+                     None if tree.is_chain(parents) else parents, self.source, self.ready)
 
 
-KeepGoing = Callable[[Sequence[float]], bool]
-"""Asked after each drafted token with the confidences so far: draft another?"""
+class KeepGoing(Protocol):
+    """Asked after each drafted token with the confidences so far: draft another?
+    `ready`: those tokens were drafted already (beside the last pass), so only verifying
+    them costs."""
+
+    def __call__(self, confidences: Sequence[float], ready: bool = False) -> bool: ...
 
 
 class Drafter(Protocol):
@@ -61,11 +65,26 @@ class Drafter(Protocol):
 
     def lag(self, context: Sequence[int]) -> int:
         """Context tokens the drafter must read before it can draft (the budget weighs
-        that cost: a draft model that sat out plain steps has to catch up)."""
+        that cost: a draft model that sat out plain steps has to catch up).  A question
+        only: nothing changes."""
         ...
 
-    def accepted(self, n_drafted: int, n_accepted: int) -> None:
-        """Feedback after verification, for drafters that learn or keep statistics."""
+    def prepare_beside(self) -> None:
+        """This round's draft will be verified with the drafter working beside the pass
+        (the budget's plan; before `propose`): a drafter that does so readies its thread."""
+        ...
+
+    def start_beside(self, context: Sequence[int], draft: Draft, k: int,
+                     params: SamplingParams, rule: KeepGoing | None) -> int:
+        """The target now verifies `draft` after `context`: a drafter that works beside
+        verification starts on the next round's draft (up to k tokens, stopped by
+        `rule`).  Returns how many tokens it drafts beside the pass (0: none)."""
+        ...
+
+    def accepted(self, context: Sequence[int], n_drafted: int, n_accepted: int) -> None:
+        """After every round: of `n_drafted` tokens this drafter drafted (0: it did not
+        draft), `n_accepted` were kept; `context` now ends with the target's own token.
+        For drafters that keep statistics, or hold work for a context that cannot come."""
         ...
 
     def reset(self) -> None:
@@ -77,21 +96,38 @@ class Drafter(Protocol):
         `start` is new): drafters with a memory learn from it."""
         ...
 
+    def pause(self) -> None:
+        """The generation ended, however it ended: a drafter's own threads end with it."""
+        ...
+
     def describe(self) -> str:
         """One line for --stats about where drafts came from ('' if nothing to say)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the drafter holds open (threads, stores); the models are the
+        runtime's."""
         ...
 
 
 class BaseDrafter:
     """No-op defaults for everything but `propose`, so a new drafter is one method: a
-    drafter with no draft model to catch up, nothing to learn and nothing to say."""
+    drafter with no draft model to catch up, nothing to learn, nothing running beside
+    the target, nothing to close and nothing to say."""
 
     name = "drafter"
 
     def lag(self, context: Sequence[int]) -> int:
         return 0
 
-    def accepted(self, n_drafted: int, n_accepted: int) -> None:
+    def prepare_beside(self) -> None:
+        pass
+
+    def start_beside(self, context: Sequence[int], draft: Draft, k: int,
+                     params: SamplingParams, rule: KeepGoing | None) -> int:
+        return 0
+
+    def accepted(self, context: Sequence[int], n_drafted: int, n_accepted: int) -> None:
         pass
 
     def reset(self) -> None:
@@ -100,5 +136,11 @@ class BaseDrafter:
     def finish(self, tokens: Sequence[int], start: int = 0) -> None:
         pass
 
+    def pause(self) -> None:
+        pass
+
     def describe(self) -> str:
         return ""
+
+    def close(self) -> None:
+        pass

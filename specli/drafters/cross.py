@@ -30,7 +30,8 @@ import numpy as np
 from ..backends.base import Backend
 from ..sampling import SamplingParams, probs_from_logits, sample
 from ..tokens import common_prefix
-from .base import Draft, KeepGoing
+from . import follower
+from .base import BaseDrafter, Draft, KeepGoing
 from .model import ModelDrafter
 
 
@@ -51,7 +52,7 @@ def decode_text(data: bytes) -> tuple[str, int]:
     return text, len(data) - len(dec.getstate()[0])
 
 
-class CrossDrafter:
+class CrossDrafter(BaseDrafter):
     name = "draft"
 
     def __init__(self, target: Backend, model: Backend, extra: int = 2) -> None:
@@ -190,7 +191,7 @@ class CrossDrafter:
         if not len(d_ids):
             return Draft()
         m = self.model
-        logits = self.inner._sync(d_ctx)
+        logits = follower.sync(m, d_ctx)
         draft, rows, drafted = Draft(source=self.name), [], []
         for i in range(k):
             restricted = np.full_like(logits, -np.inf)
@@ -215,16 +216,10 @@ class CrossDrafter:
     def lag(self, context: Sequence[int]) -> int:
         return max(len(context) - len(self._t_tokens), 0) + 1
 
-    def accepted(self, n_drafted: int, n_accepted: int) -> None:
-        pass
-
     def reset(self) -> None:
         self.inner.reset()
         self._t_tokens, self._t_ends, self._text = [], [], b""
         self._d_tokens, self._d_ends, self._n_text = [], [], 0
-
-    def finish(self, tokens: Sequence[int], start: int = 0) -> None:
-        pass
 
     def describe(self) -> str:
         return (f"cross-tokenizer drafting ({Path(self.model.path).name} has another "

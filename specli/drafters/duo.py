@@ -6,9 +6,9 @@ measured it faster) and the target verifies on the main thread; llama.cpp releas
 GIL during a forward pass, so the two really run at once.  Each round the budget says
 whether to draft beside the pass or in turn (where the two share the cores, overlapping
 only slows the pass down); in turn, with no thread of its own yet, the drafter runs on
-the caller's thread and nothing runs in the background.  Right after each
-proposal the thread starts on the draft the NEXT round needs if all goes as the drafter
-expects: this round's draft all accepted, then the target's own next token as the drafter
+the caller's thread and nothing runs in the background.  Beside: as the pass begins
+(`start_beside`) the thread starts on the draft the NEXT round needs if all goes as the
+drafter expects: this round's draft all accepted, then the target's own next token as the drafter
 guesses it, then a draft after that.  If the target agrees, that draft is ready (or
 nearly) when asked for; if not, it is dropped and the draft is made from the real
 context.  Early work never decides anything: it is only ever a draft, and verification
@@ -46,16 +46,15 @@ from typing import TypeVar
 
 import numpy as np
 
+from .. import tree
 from ..backends.base import Backend
-from ..budget import Budget, OverlapBudget
 from ..errors import SpecliError
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, draft_token
 from ..tokens import common_prefix
-from .base import Draft, KeepGoing
-from .model import _choose
+from . import follower
+from .base import BaseDrafter, Draft, KeepGoing
 from .worker import Worker
 
-StopRule = Callable[[Sequence[float]], bool]
 T = TypeVar("T")
 
 
@@ -69,33 +68,23 @@ class Drafted:
     rows: list[np.ndarray] = field(default_factory=list)  # sampled: each token's q
     parents: list[int] | None = None
 
-    def as_draft(self) -> Draft:
+    def as_draft(self, ready: bool = False) -> Draft:
         probs = np.stack(self.rows) if self.rows and self.parents is None else None
-        return Draft(list(self.tokens), probs, list(self.confidence), self.parents)
+        return Draft(list(self.tokens), probs, list(self.confidence), self.parents,
+                     ready=ready)
 
     def trimmed(self, k: int, keep_going: KeepGoing | None) -> Drafted:
-        """At most k tokens deep, and a chain cut where the stop rule says so (asked after
-        each token, as while drafting)."""
+        """A draft made beside the last pass, cut to at most k tokens deep and, a chain,
+        where the stop rule says so for tokens already drafted (asked after each one)."""
         if self.parents is not None:
-            depth: list[int] = []
-            for par in self.parents:
-                depth.append(depth[par] + 1 if par >= 0 else 0)
-            keep = [i for i, d in enumerate(depth) if d < k]
-            index = {old: new for new, old in enumerate(keep)}
-            parents = [index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in keep]
-            return Drafted([self.tokens[i] for i in keep],
-                           [self.confidence[i] for i in keep], [], parents)
+            keep = tree.shallower_than(self.parents, k)
+            return Drafted([self.tokens[i] for i in keep], [self.confidence[i] for i in keep],
+                           [], tree.subtree(self.parents, keep))
         n = min(k, len(self.tokens))
         if keep_going is not None:
-            n = next((i for i in range(1, n) if not keep_going(self.confidence[:i])), n)
+            n = next((i for i in range(1, n)
+                      if not keep_going(self.confidence[:i], ready=True)), n)
         return Drafted(self.tokens[:n], self.confidence[:n], self.rows[:n], None)
-
-
-def main_chain(parents: Sequence[int] | None, n: int) -> int:
-    """Length of the chain a draft's first sequence forms (all of it for a chain)."""
-    if parents is None:
-        return n
-    return next((i for i, par in enumerate(parents) if par != i - 1), len(parents))
 
 
 @dataclass
@@ -106,20 +95,19 @@ class _Job:
     guess: int | None = None  # speculation: the target token it bets on (set by the worker)
 
 
-class DuoDrafter:
+class DuoDrafter(BaseDrafter):
     """A same-tokenizer draft model drafting in its own thread, one round ahead."""
 
     name = "duo"
 
-    def __init__(self, model: Backend, budget: Budget | None = None, branches: int = 1,
-                 timeout_s: float = 120.0, own_thread: bool = False) -> None:
+    def __init__(self, model: Backend, branches: int = 1, timeout_s: float = 120.0,
+                 own_thread: bool = False) -> None:
         """`branches`: most sequences of a multi-sequence draft (the target's max_branches);
         `timeout_s`: longest wait for the worker, plus 0.1 s per context token it reads;
         `own_thread`: draft on the worker even in turn (when the draft model's CPU threads
         differ from the target's: see drafters.worker)."""
         self.model = model
         self.own_thread = own_thread
-        self.budget = budget
         self.branches = max(1, branches)
         self.timeout_s = timeout_s
         self.stopped = True  # no worker thread is inside the model (it may be freed)
@@ -130,7 +118,6 @@ class DuoDrafter:
         self._worker: Worker | None = None
         self._busy_s = 0.0  # drafting time of the workers that ended
         self._pending: _Job | None = None  # the speculation for the next round
-        self._top = 0  # length of the chain that speculation continues
         self._dropped: list[_Job] = []  # cancelled jobs, checked for errors once done
         self._known: list[int] = []  # what the draft model holds after the queued jobs
         self._broken: str | None = None
@@ -138,7 +125,8 @@ class DuoDrafter:
         self._rng_of: np.random.Generator | None = None
         self._root: np.random.Generator | None = None
         # for --stats
-        self.speculated = self.spec_tokens = self.hits = self.trees = self.in_turn = 0
+        self.rounds = self.speculated = self.spec_tokens = self.hits = self.trees = 0
+        self.beside_rounds = 0  # rounds the budget had it draft beside the pass
 
     # -- the drafter protocol (main thread) ---------------------------------------------
     def propose(
@@ -165,14 +153,10 @@ class DuoDrafter:
             got = got if job.guess == ctx[-1] and got.tokens else None
         elif job is not None:
             self._drop(job)
-        if isinstance(self.budget, OverlapBudget):
-            self.budget.ready = got is not None  # its tokens are paid for: only verifying costs
-        beside = getattr(self.budget, "overlap", True)  # the budget's call for this round
-        if (beside or self.own_thread) and self._worker is None:  # from now on: the worker
-            self._worker = Worker("specli-duo-drafter")
-            self.stopped = False
-        drafted: Drafted | None = None
-        if got is not None:
+        if self.own_thread and self._worker is None:  # its threads differ: never this one
+            self._start_worker()
+        self.rounds += 1
+        if got is not None:  # drafted beside the last pass: its tokens are paid for
             self.hits += 1
             drafted = got.trimmed(k, keep_going)
         else:
@@ -180,28 +164,30 @@ class DuoDrafter:
             cancel = threading.Event()
             drafted = self._call(lambda: self._grow(ctx, k, params, gen, keep_going, cancel),
                                  len(ctx), cancel)
-        draft = drafted.as_draft()
-        if draft.parents is not None:
-            self.trees += 1
-            if self.budget is not None:  # prune now: speculation continues the kept chain
-                draft = draft.subtree(self.budget.prune_tree(draft.parents, draft.confidence))
-        if beside:
-            self._speculate(ctx, draft, k, params)
-        else:
-            self.in_turn += 1
-            self._known = ctx + draft.tokens
-        return draft
+        self.trees += drafted.parents is not None
+        self._known = ctx + drafted.tokens
+        return drafted.as_draft(ready=got is not None)
+
+    def prepare_beside(self) -> None:
+        """From the generation's first round drafted beside the target on, its drafts run
+        on the worker thread (a job that hangs there ends the generation, never a hang)."""
+        if self._worker is None:
+            self._start_worker()
+
+    def start_beside(self, context: Sequence[int], draft: Draft, k: int,
+                     params: SamplingParams, rule: KeepGoing | None) -> int:
+        """Start drafting the next round beside this round's verification (the draft as
+        the engine will verify it: pruned).  Returns the tokens it drafts beside."""
+        self.beside_rounds += 1
+        return self._speculate(list(context), draft, k, params, rule)
 
     def lag(self, context: Sequence[int]) -> int:
+        return follower.behind(self._known, context)  # what the model holds once idle
+
+    def accepted(self, context: Sequence[int], n_drafted: int, n_accepted: int) -> None:
         job = self._pending
         if job is not None and not self._still_possible(job, context):
             self._drop(job)  # the target did not follow it: stop spending the cores on it
-        known = self._known
-        return len(context) - min(common_prefix(known, context), len(context) - 1)
-
-    def accepted(self, n_drafted: int, n_accepted: int) -> None:
-        if self._pending is not None and n_accepted < self._top:
-            self._drop(self._pending)  # the draft was cut short: its continuation is moot
 
     def reset(self) -> None:
         if self._pending is not None:
@@ -233,7 +219,8 @@ class DuoDrafter:
         busy = self._busy_s + (self._worker.busy_s if self._worker is not None else 0.0)
         return (f"duo: drafted beside verification in {self.speculated} rounds "
                 f"({self.spec_tokens} tokens, guesses included), {self.hits} of those drafts "
-                f"used; in turn in {self.in_turn} rounds (the budget's choice); "
+                f"used; in turn in {self.rounds - self.beside_rounds} rounds (the budget's "
+                "choice); "
                 f"{self.trees} multi-sequence drafts; drafter thread busy {busy:.2f} s")
 
     def close(self) -> None:
@@ -264,20 +251,24 @@ class DuoDrafter:
             return False
         return common_prefix(job.base, ctx) == n
 
-    def _speculate(self, ctx: list[int], draft: Draft, k: int, params: SamplingParams) -> None:
-        """Start drafting the next round beside this round's verification."""
-        top = main_chain(draft.parents, len(draft.tokens))
+    def _start_worker(self) -> None:
+        self._worker = Worker("specli-duo-drafter")
+        self.stopped = False
+
+    def _speculate(self, ctx: list[int], draft: Draft, k: int, params: SamplingParams,
+                   rule: KeepGoing | None) -> int:
+        """The next round's draft, on the worker: the target's likely token after this
+        draft's main chain, then up to k tokens after it."""
+        top = tree.main_chain(draft.parents, len(draft.tokens))
         base = ctx + draft.tokens[:top]
         if not top or len(base) + 2 >= self.model.n_ctx or self._worker is None:
-            return
+            return 0
         job = _Job(base)
         gen = self._job_rng(params)
-        rule = self.budget.background_rule() if isinstance(self.budget, OverlapBudget) else None
         job.future = self._worker.submit(lambda: self._guess_and_grow(job, k, params, gen, rule))
-        self._pending, self._top, self._known = job, top, base
+        self._pending, self._known = job, base
         self.speculated += 1
-        if isinstance(self.budget, OverlapBudget):
-            self.budget.beside = k + 1
+        return k + 1
 
     def _job_rng(self, params: SamplingParams) -> np.random.Generator | None:
         if params.greedy or self._root is None:
@@ -318,21 +309,13 @@ class DuoDrafter:
         return SpecliError(self._broken)
 
     # -- worker-thread jobs ---------------------------------------------------------------
-    def _sync(self, context: Sequence[int]) -> np.ndarray:
-        """Make the draft cache hold `context` and return the next-token logits."""
-        m = self.model
-        keep = min(common_prefix(m.tokens, context), len(context) - 1)
-        m.truncate(keep)
-        fresh = context[keep:]
-        return m.eval(fresh, [len(fresh) - 1])[0]
-
     def _guess_and_grow(self, job: _Job, k: int, params: SamplingParams,
-                        rng: np.random.Generator | None, rule: StopRule | None) -> Drafted:
+                        rng: np.random.Generator | None, rule: KeepGoing | None) -> Drafted:
         """The speculation: the target's likely next token after job.base, then a draft
         of up to k tokens after it."""
         if job.cancel.is_set():
             return Drafted()
-        guess, _, _ = _choose(self._sync(job.base), params, rng, None)  # type: ignore[arg-type]
+        guess, _, _ = draft_token(follower.sync(self.model, job.base), params, rng)
         job.guess = guess
         if self.model.is_eog(guess):
             return Drafted()
@@ -341,7 +324,7 @@ class DuoDrafter:
         return out
 
     def _grow(self, context: list[int], n: int, params: SamplingParams,
-              rng: np.random.Generator | None, stop: StopRule | None,
+              rng: np.random.Generator | None, stop: KeepGoing | None,
               cancel: threading.Event) -> Drafted:
         """Up to n tokens after `context`: a chain, or (greedy, when the first token is in
         doubt) several short sequences."""
@@ -350,11 +333,11 @@ class DuoDrafter:
         out = Drafted()
         if n <= 0 or cancel.is_set():
             return out
-        logits = self._sync(context)
+        logits = follower.sync(m, context)
         alts = _alternatives(logits, self.branches - 1) if params.greedy else []
         switched = False
         while True:
-            tok, conf, q = _choose(logits, params, rng, None)  # type: ignore[arg-type]
+            tok, conf, q = draft_token(logits, params, rng)
             out.tokens.append(tok)
             out.confidence.append(conf)
             if q is not None:
@@ -386,7 +369,7 @@ class DuoDrafter:
         for a, p in rivals:
             seq, conf = [a], [p]
             while len(seq) < chain and left > 0:
-                tok, c, _ = _choose(self._sync(context + seq), params, None, None)  # type: ignore[arg-type]
+                tok, c, _ = draft_token(follower.sync(self.model, context + seq), params, None)
                 seq.append(tok)
                 conf.append(c)
                 left -= 1

@@ -26,14 +26,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .. import tree
 from ..ngram import N_MAX, ContextIndex, NgramStore, chain_draft, confidence
 from ..sampling import SamplingParams
-from .base import Draft, KeepGoing
+from .base import BaseDrafter, Draft, KeepGoing
 
 SOURCES = ("context", "history", "static")
 
 
-class HierarchyDrafter:
+class HierarchyDrafter(BaseDrafter):
     name = "hd"
 
     def __init__(
@@ -127,10 +128,9 @@ class HierarchyDrafter:
                 break  # only the longest match of each source
         return alts
 
-    def lag(self, context: Sequence[int]) -> int:
-        return 0  # indexing the context costs ~1.5 us a token: nothing to weigh
+    # lag: 0 (BaseDrafter): indexing the context costs ~1.5 us a token, nothing to weigh
 
-    def accepted(self, n_drafted: int, n_accepted: int) -> None:
+    def accepted(self, context: Sequence[int], n_drafted: int, n_accepted: int) -> None:
         if self.last_source is not None and n_drafted:
             self.tokens[self.last_source][1] += n_accepted
         self.last_source = None
@@ -163,7 +163,7 @@ class HierarchyDrafter:
 def _as_tree(main: Draft, alts: list[Draft]) -> Draft:
     """One draft holding the main chain and the alternative chains as sibling branches."""
     tokens, conf = list(main.tokens), list(main.confidence)
-    parents = list(range(-1, len(tokens) - 1))
+    parents = tree.chain(len(tokens))
     for alt in alts:
         base = len(tokens)
         parents += [-1, *range(base, base + len(alt.tokens) - 1)]

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..sampling import SamplingParams
-from .base import Draft, KeepGoing
+from .base import BaseDrafter, Draft, KeepGoing
 
 
-class LookupDrafter:
+class LookupDrafter(BaseDrafter):
     name = "lookup"
 
     def __init__(self, n_max: int = 4, n_min: int = 1) -> None:
@@ -65,15 +65,3 @@ class LookupDrafter:
                     break
             return draft  # probs None: a deterministic draft, verified as one-hot
         return Draft()
-
-    def lag(self, context: Sequence[int]) -> int:
-        return 0  # indexing is ~free
-
-    def finish(self, tokens: Sequence[int], start: int = 0) -> None:
-        pass  # no memory across generations
-
-    def describe(self) -> str:
-        return ""
-
-    def accepted(self, n_drafted: int, n_accepted: int) -> None:
-        pass

@@ -1,8 +1,7 @@
 """A smaller model of the same tokenizer drafts for the target.
 
-Its KV cache follows the accepted text lazily: before each proposal it keeps
-the longest prefix it shares with the context, rolls the rest back, and feeds
-only the new tokens.  So rejected guesses cost one rollback, never a re-prefill.
+Its KV cache follows the accepted text lazily (drafters.follower): rejected guesses
+cost one rollback, never a re-prefill.
 
 Cascade (`draft+hd`, after Cascade Speculative Drafting's vertical cascade): n-gram
 lookup guesses the draft model's next tokens and the draft model checks a whole guess
@@ -20,16 +19,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..backends.base import Backend
-from ..sampling import SamplingParams, probs_from_logits, sample
-from ..tokens import common_prefix
-from .base import Draft, KeepGoing
+from ..sampling import SamplingParams, draft_token
+from . import follower
+from .base import BaseDrafter, Draft, KeepGoing
 from .worker import Worker
 
 if TYPE_CHECKING:
     from .hierarchy import HierarchyDrafter
 
 
-class ModelDrafter:
+class ModelDrafter(BaseDrafter):
     """Autoregressive drafting with a small model; greedy or sampled like the target.
     With a `helper`, n-gram guesses let it draft several tokens per forward pass."""
 
@@ -44,15 +43,6 @@ class ModelDrafter:
         self.own_thread = own_thread
         self._worker: Worker | None = None
         self.guessed = self.guess_hits = 0  # cascade statistics, for --stats
-
-    def _sync(self, context: Sequence[int]) -> np.ndarray:
-        """Make the cache hold `context` and return the next-token logits."""
-        m = self.model
-        keep = common_prefix(m.tokens, context)
-        keep = min(keep, len(context) - 1)  # re-feed at least one token to get logits
-        m.truncate(keep)
-        fresh = context[keep:]
-        return m.eval(fresh, [len(fresh) - 1])[0]
 
     def propose(
         self,
@@ -76,6 +66,11 @@ class ModelDrafter:
         if w is not None:
             w.close(timeout=10.0)
 
+    def close(self) -> None:
+        self.pause()
+        if self.helper is not None:
+            self.helper.close()
+
     def _propose(
         self,
         context: Sequence[int],
@@ -88,7 +83,7 @@ class ModelDrafter:
         if k <= 0:
             return Draft()
         m = self.model
-        logits = self._sync(context)  # invariant: m holds context + draft, logits follow it
+        logits = follower.sync(m, context)  # invariant: m holds context + draft, logits follow it
         draft = Draft()
         rows: list[np.ndarray] = []
         while True:
@@ -97,7 +92,8 @@ class ModelDrafter:
             ahead = m.eval(guess, range(len(guess))) if guess else ()
             self.guessed += len(guess)
             for j in range(len(guess) + 1):
-                tok, conf, q = _choose(logits, params, rng, guess[j] if j < len(guess) else None)
+                hint = guess[j] if j < len(guess) else None
+                tok, conf, q = draft_token(logits, params, rng, hint)
                 draft.tokens.append(tok)
                 draft.confidence.append(conf)
                 if q is not None:
@@ -120,7 +116,7 @@ class ModelDrafter:
         return draft
 
     def lag(self, context: Sequence[int]) -> int:
-        return len(context) - min(common_prefix(self.model.tokens, context), len(context) - 1)
+        return follower.behind(self.model.tokens, context)
 
     def finish(self, tokens: Sequence[int], start: int = 0) -> None:
         if self.helper is not None:  # the cascade's n-gram stores learn; the model does not
@@ -132,36 +128,8 @@ class ModelDrafter:
         return (f"cascade: n-gram lookup guessed {self.guessed} tokens for the draft model, "
                 f"{self.guess_hits} matched its own choice")
 
-    def accepted(self, n_drafted: int, n_accepted: int) -> None:
-        pass  # the next _sync rolls back whatever was rejected
-
     def reset(self) -> None:
         self.model.truncate(0)  # no compute: safe from this thread while its worker waits
         if self.helper is not None:
             self.helper.reset()
 
-
-def _choose(
-    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, guess: int | None
-) -> tuple[int, float, np.ndarray | None]:
-    """The draft model's token after `logits`, its confidence, and (sampled) the row it
-    is distributed as.  A guess changes which random draws happen, never the law."""
-    if params.greedy:
-        tok = int(np.argmax(logits))
-        return tok, _top_probability(logits, tok), None
-    q = probs_from_logits(logits, params)
-    if guess is not None and guess < q.shape[0]:
-        if rng.random() < q[guess]:
-            return guess, float(q[guess]), q
-        rest = q.copy()
-        rest[guess] = 0.0
-        if rest.sum() > 0:
-            tok = sample(rest, rng)
-            return tok, float(q[tok]), q
-    tok = sample(q, rng)
-    return tok, float(q[tok]), q
-
-
-def _top_probability(logits: np.ndarray, tok: int) -> float:
-    """Softmax probability of `tok`: the drafter's confidence in a greedy guess."""
-    return float(1.0 / np.exp(logits - logits[tok]).sum())
