@@ -388,7 +388,7 @@ def serve(
 
     Examples:
 
-      specli serve                       # http://127.0.0.1:8080/v1, the default pair
+      specli serve            # default pair, http://127.0.0.1:8080/v1
 
       specli serve qwen2.5-coder-1.5b-instruct --port 9000 --api-key secret
     """

@@ -5,8 +5,8 @@ Shared by `generate`, `chat` and `bench` so the three load and encode alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -155,6 +155,24 @@ class Loaded:
         engine = m.factory(self, budget)
         self._engines.append(engine)  # closed with the models (its drafters' threads, stores)
         return engine
+
+    @contextmanager
+    def one_off_engine(self) -> Iterator[Engine]:
+        """An engine of the loaded method with new budgets and no history, closed after
+        the block: what a seeded sampled request needs to replay exactly (as
+        `specli generate --seed` does in a process of its own)."""
+        saved, self.history = self.history, False
+        duos = len(self._duos)
+        try:
+            engine = self.make_engine(self.method, self.budget_spec)
+        finally:
+            self.history = saved
+        try:
+            yield engine
+        finally:
+            self._engines.remove(engine)
+            engine.close()
+            self._duos[duos:] = [d for d in self._duos[duos:] if not d.stopped]
 
     def draft_engine(self, name: str, budget: str = "auto") -> Engine:
         """An engine drafting with another draft model (path or registry name), for the

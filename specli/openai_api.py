@@ -1,0 +1,285 @@
+"""OpenAI's wire format for `specli serve`, free of the web framework: request parsing
+with OpenAI's error JSON, response and stream-chunk shapes, and stop strings.
+
+Kept apart from specli/serve.py so every rule a client can trip over is a pure
+function that can be read (and tested) without a server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import Result
+from .sampling import SamplingParams
+
+
+class ApiError(Exception):
+    """A request the server refuses: its HTTP status and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One completion request, validated: what the generation thread needs."""
+
+    kind: str  # "chat" or "completion"
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    max_tokens: int
+    params: SamplingParams
+    stop: tuple[str, ...]
+    stream: bool
+    model: str | None
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}",
+                       code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _bad(param: str, what: str, got: Any) -> ApiError:
+    return ApiError(400, f"'{param}' must be {what} (got {json.dumps(got)[:80]})",
+                    param=param, code="invalid_value")
+
+
+def _number(body: dict[str, Any], name: str, default: float) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _bad(name, "a number", v)
+    return float(v)
+
+
+def _integer(body: dict[str, Any], name: str) -> int | None:
+    v = body.get(name)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        raise _bad(name, "an integer", v)
+    return v
+
+
+def _sampling(body: dict[str, Any]) -> SamplingParams:
+    """temperature (default 1.0, as OpenAI's), top_p, top_k (an extension) and seed."""
+    temperature = _number(body, "temperature", 1.0)
+    if temperature < 0:
+        raise _bad("temperature", "a number >= 0", temperature)
+    top_p = _number(body, "top_p", 1.0)
+    if not 0 < top_p <= 1:
+        raise _bad("top_p", "a number in (0, 1]", top_p)
+    top_k = _integer(body, "top_k") or 0
+    if top_k < 0:
+        raise _bad("top_k", "an integer >= 0", top_k)
+    seed = _integer(body, "seed")
+    if seed is not None and seed < 0:
+        raise _bad("seed", "an integer >= 0", seed)
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+
+def _max_tokens(body: dict[str, Any], cap: int) -> int:
+    """max_tokens (or max_completion_tokens): at least 1; above `cap` it is lowered to
+    it (clients often send their own large default); absent: the cap."""
+    name = "max_completion_tokens" if body.get("max_tokens") is None else "max_tokens"
+    v = _integer(body, name)
+    if v is None:
+        return cap
+    if v < 1:
+        raise _bad(name, "an integer >= 1", v)
+    return min(v, cap)
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    items = [v] if isinstance(v, str) else v
+    if (not isinstance(items, list) or len(items) > 4
+            or not all(isinstance(s, str) and s for s in items)):
+        raise _bad("stop", "a non-empty string or a list of up to 4 of them", v)
+    return tuple(items)
+
+
+def _content(v: Any, i: int) -> str:
+    """A message's content: a string, null, or a list of text parts."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                   and isinstance(p.get("text"), str) for p in v):
+        return "".join(p["text"] for p in v)
+    raise _bad(f"messages[{i}].content", "a string or a list of text parts", v)
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    v = body.get("messages")
+    if not isinstance(v, list) or not v:
+        raise _bad("messages", "a non-empty list of messages", v)
+    out = []
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _bad(f"messages[{i}]", "an object with a string 'role'", m)
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": _content(m.get("content"), i)})
+    return out
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    v = body.get("prompt")
+    if isinstance(v, list) and len(v) == 1:
+        v = v[0]
+    if not isinstance(v, str) or not v.strip():
+        raise _bad("prompt", "a non-empty string", v)
+    return v
+
+
+def parse_request(body: dict[str, Any], kind: str, max_tokens_cap: int) -> GenRequest:
+    """A chat or completion request, checked field by field (400 naming the field)."""
+    n = _integer(body, "n")
+    if n not in (None, 1):
+        raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_value")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("stream", "true or false", stream)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model", "a string", model)
+    return GenRequest(
+        kind=kind,
+        prompt=_prompt(body) if kind == "completion" else None,
+        messages=_messages(body) if kind == "chat" else None,
+        max_tokens=_max_tokens(body, max_tokens_cap), params=_sampling(body),
+        stop=_stop(body), stream=stream, model=model)
+
+
+class StopScanner:
+    """Finds stop strings in streamed text: holds back a tail that could still become
+    one, so nothing past a stop string is ever sent."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.pending = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        """The text safe to send now (everything before a stop string, once found)."""
+        self.pending += text
+        if not self.stops or self.hit:
+            out, self.pending = ("" if self.hit else self.pending), ""
+            return out
+        found = [i for s in self.stops if (i := self.pending.find(s)) >= 0]
+        if found:
+            self.hit = True
+            out, self.pending = self.pending[: min(found)], ""
+            return out
+        hold = max((n for s in self.stops for n in range(1, len(s))
+                    if self.pending.endswith(s[:n])), default=0)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.hit else self.pending), ""
+        return out
+
+
+def finish_reason(stop_reason: str) -> str:
+    """OpenAI's finish_reason: "length" when a limit cut the answer, else "stop"."""
+    return "length" if stop_reason in ("length", "context") else "stop"
+
+
+def usage(n_prompt: int, res: Result) -> dict[str, int]:
+    n = len(res.tokens)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
+
+
+def specli_stats(res: Result) -> dict[str, Any]:
+    """What speculative decoding did for this answer (an extension field)."""
+    s = res.stats
+    return {"method": res.method, "stop_reason": res.stop_reason,
+            "acceptance_rate": round(s.acceptance_rate, 4),
+            "tokens_per_pass": round(s.mean_accepted, 4),
+            "target_forwards": s.target_forwards, "rounds_by": dict(s.rounds_by),
+            "prompt_tokens_reused": s.n_prompt - s.n_prefilled - 1 if s.n_prompt else 0,
+            "decode_tok_s": round(s.decode_tok_s, 2)}
+
+
+@dataclass
+class Answer:
+    """The response's identity, shared by every chunk of one streamed answer."""
+
+    kind: str
+    model: str
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        prefix = "chatcmpl-" if self.kind == "chat" else "cmpl-"
+        self.id = self.id or prefix + uuid.uuid4().hex[:24]
+        self.created = self.created or int(time.time())
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def full(self, text: str, finish: str, use: dict[str, int],
+             extra: dict[str, Any]) -> dict[str, Any]:
+        """The whole (non-streamed) answer."""
+        if self.kind == "chat":
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant",
+                                                              "content": text}}
+            head = self._head("chat.completion")
+        else:
+            choice, head = {"index": 0, "text": text}, self._head("text_completion")
+        choice |= {"finish_reason": finish, "logprobs": None}
+        return head | {"choices": [choice], "usage": use, "specli": extra}
+
+    def chunk(self, text: str | None, finish: str | None = None, *, role: bool = False,
+              use: dict[str, int] | None = None,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One streamed chunk; the last one carries finish_reason, usage and stats."""
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta}
+            head = self._head("chat.completion.chunk")
+        else:
+            choice, head = {"index": 0, "text": text or ""}, self._head("text_completion")
+        choice |= {"finish_reason": finish, "logprobs": None}
+        out = head | {"choices": [choice]}
+        if use is not None:
+            out["usage"] = use
+        if extra is not None:
+            out["specli"] = extra
+        return out
+
+
+def sse(obj: dict[str, Any]) -> str:
+    """One server-sent event."""
+    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

@@ -1,0 +1,333 @@
+"""`specli serve` as a client meets it: the real server in a subprocess, driven with the
+official openai client (and httpx for what the client hides), on tiny generated models;
+one test on the real Qwen pair checks greedy answers against `specli generate`."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import sigint_default
+from tinymodel import write_tiny_model
+
+SPECLI = str(Path(sys.executable).parent / "specli")
+FAST = ["-m", "draft", "--budget", "fixed:3", "--no-history", "--ctx", "2048",
+        "--threads", "1"]
+CHAT = [{"role": "user", "content": "Hello there, how are you?"}]
+
+
+class Server:
+    """A `specli serve` subprocess on a free loopback port (--port 0, read back)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path,
+                 timeout: float = 180) -> None:
+        self.log = log
+        self.proc = subprocess.Popen([SPECLI, "serve", *args, "--port", "0"],
+                                     stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env,
+                                     preexec_fn=sigint_default)
+        end = time.time() + timeout
+        while not (m := re.search(r"http://\S+/v1", log.read_text())):
+            assert self.proc.poll() is None, log.read_text()
+            assert time.time() < end, "the server did not start: " + log.read_text()
+            time.sleep(0.1)
+        self.url = m.group(0)
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key=kw.pop("api_key", "none"),
+                             max_retries=0, timeout=kw.pop("timeout", 60), **kw)
+
+    def post(self, path: str, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=60, **kw)
+
+    def rss_kib(self) -> int:
+        text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", text).group(1))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def menv(tmp_path_factory) -> dict[str, str]:
+    e = dict(os.environ)
+    e["SPECLI_HOME"] = str(tmp_path_factory.mktemp("home"))
+    e["HF_HUB_OFFLINE"] = "1"
+    for k in ("SPECLI_DEBUG", "SPECLI_API_KEY"):
+        e.pop(k, None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_paths, menv, tmp_path_factory):
+    """One server for most tests: tiny target + draft, --queue 2."""
+    t, d = str(tiny_paths["target"]), str(tiny_paths["draft"])
+    s = Server([t, "-d", d, *FAST, "--queue", "2", "--max-tokens-cap", "256"], menv,
+               tmp_path_factory.mktemp("log") / "serve.log")
+    yield s
+    assert s.stop() == 0, s.log.read_text()
+    assert "Traceback" not in s.log.read_text()
+
+
+def generate_json(args: list[str], env: dict[str, str]) -> dict:
+    p = subprocess.run([SPECLI, "generate", *args, "--json"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def stream_chat(client: openai.OpenAI, **kw) -> tuple[str, list]:
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+def test_chat_and_completions_equal_generate(tiny_server, tiny_paths, menv):
+    c = tiny_server.client()
+    model = c.models.list().data[0].id
+    assert model == "target.gguf"
+    r = c.chat.completions.create(model=model, messages=CHAT, max_tokens=16, temperature=0)
+    text, chunks = stream_chat(c, model=model, messages=CHAT, max_tokens=16, temperature=0)
+    t, d = str(tiny_paths["target"]), str(tiny_paths["draft"])
+    ref = generate_json([t, "-d", d, *FAST, "-p", CHAT[0]["content"], "-n", "16"], menv)
+    assert r.choices[0].message.content == text == ref["text"]
+    assert r.usage.completion_tokens == ref["n_generated"]
+    assert r.usage.prompt_tokens == ref["n_prompt"]
+    assert r.choices[0].finish_reason == ("length" if ref["stop_reason"] == "length" else "stop")
+    last = chunks[-1].model_dump()
+    assert last["usage"]["total_tokens"] == r.usage.total_tokens
+    extra = r.model_dump()["specli"]
+    assert extra["method"] == "draft" and "acceptance_rate" in extra
+    assert extra["tokens_per_pass"] >= 1 and sum(extra["rounds_by"].values()) > 0
+    assert last["specli"]["method"] == "draft"
+
+    p = c.completions.create(model=model, prompt="Once upon a time", max_tokens=12,
+                             temperature=0)
+    s = c.completions.create(model=model, prompt="Once upon a time", max_tokens=12,
+                             temperature=0, stream=True)
+    streamed = "".join(ch.choices[0].text for ch in s)
+    ref = generate_json([t, "-d", d, *FAST, "--raw", "-p", "Once upon a time", "-n", "12"],
+                        menv)
+    assert p.choices[0].text == streamed == ref["text"]
+    assert p.usage.prompt_tokens == ref["n_prompt"]
+
+
+def test_stop_strings(tiny_server):
+    c = tiny_server.client()
+    full = c.completions.create(model="target.gguf", prompt="Hello", max_tokens=24,
+                                temperature=0).choices[0].text
+    stop = full[10:13]
+    cut = full[: full.index(stop)]
+    r = c.completions.create(model="target.gguf", prompt="Hello", max_tokens=24,
+                             temperature=0, stop=[stop, "\x00never"])
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    s = c.completions.create(model="target.gguf", prompt="Hello", max_tokens=24,
+                             temperature=0, stop=stop, stream=True)
+    assert "".join(ch.choices[0].text for ch in s) == cut
+
+
+def test_seeded_sampling_replays_and_chat_reuses_prefix(tiny_server):
+    c = tiny_server.client()
+    kw = dict(model="target.gguf", messages=CHAT, max_tokens=20, temperature=0.9, seed=11)
+    a = c.chat.completions.create(**kw).choices[0].message.content
+    c.chat.completions.create(model="target.gguf", messages=CHAT, max_tokens=8)  # between
+    b = c.chat.completions.create(**kw).choices[0].message.content
+    streamed, _ = stream_chat(c, **kw)
+    assert a == b == streamed
+
+    first = c.chat.completions.create(model="target.gguf", messages=CHAT, max_tokens=8,
+                                      temperature=0)
+    turn = [*CHAT, {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "And then?"}]
+    second = c.chat.completions.create(model="target.gguf", messages=turn, max_tokens=8,
+                                       temperature=0)
+    assert second.model_dump()["specli"]["prompt_tokens_reused"] >= first.usage.prompt_tokens - 4
+
+
+def test_bad_requests_get_openai_errors(tiny_server):
+    ok = {"model": "target.gguf", "messages": CHAT, "max_tokens": 4}
+    long_prompt = "word " * 5000
+    cases = [
+        (400, {"content": b"{not json"}),
+        (400, {"content": b"[1, 2]"}),
+        (400, {"json": {**ok, "temperature": "hot"}}),
+        (400, {"json": {**ok, "max_tokens": -1}}),
+        (400, {"json": {**ok, "n": 2}}),
+        (400, {"json": {**ok, "messages": "hi"}}),
+        (400, {"json": {**ok, "stop": 5}}),
+        (400, {"json": {**ok, "messages": [{"role": "user", "content": long_prompt}]}}),
+        (404, {"json": {**ok, "model": "gpt-5"}}),
+        (413, {"content": b"{" + b" " * (2 << 20) + b"}"}),
+    ]
+    for status, kw in cases:
+        r = tiny_server.post("/chat/completions", **kw)
+        assert r.status_code == status, (kw.get("json"), r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        assert "Traceback" not in r.text
+    r = tiny_server.post("/completions", json={"prompt": long_prompt, "max_tokens": 4})
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    assert httpx.get(tiny_server.url + "/nowhere").json()["error"]["code"] == "not_found"
+    r = tiny_server.post("/chat/completions", json=ok)  # still up
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_api_key(tiny_paths, menv, tmp_path):
+    env = {**menv, "SPECLI_API_KEY": "s3cret"}
+    s = Server([str(tiny_paths["target"]), "-m", "none", "--no-history", "--ctx", "512",
+                "--threads", "1"], env, tmp_path / "log")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="wrong").models.list()
+        r = s.post("/chat/completions", json={"messages": CHAT, "max_tokens": 4})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = s.client(api_key="s3cret").chat.completions.create(
+            model="target.gguf", messages=CHAT, max_tokens=4, temperature=0)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        assert s.stop() == 0
+
+
+def test_bounded_load(tiny_server, report):
+    """16 clients x 4 requests against --queue 2: each gets 200 or 503 with Retry-After,
+    nothing hangs, and the server's memory does not grow."""
+    body = {"model": "target.gguf", "messages": CHAT, "max_tokens": 8, "temperature": 0}
+    assert tiny_server.post("/chat/completions", json=body).status_code == 200  # warm-up
+    before = tiny_server.rss_kib()
+
+    def client(i: int) -> list[tuple[int, str | None]]:
+        out = []
+        with httpx.Client(timeout=60) as h:
+            for j in range(4):
+                stream = (i + j) % 2 == 0
+                r = h.post(tiny_server.url + "/chat/completions", json={**body, "stream": stream})
+                out.append((r.status_code, r.headers.get("retry-after")))
+                assert r.status_code in (200, 503), r.text
+                if stream and r.status_code == 200:
+                    assert r.text.endswith("data: [DONE]\n\n")
+        return out
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        results = [x for f in [pool.submit(client, i) for i in range(16)]
+                   for x in f.result(timeout=120)]
+    assert len(results) == 64
+    assert any(code == 200 for code, _ in results)
+    assert all(ra and int(ra) > 0 for code, ra in results if code == 503)
+    after = tiny_server.rss_kib()
+    assert after <= before * 1.10, (before, after)
+    n_busy = sum(code == 503 for code, _ in results)
+    report("specli serve: 16 clients x 4 requests, --queue 2",
+           [f"200: {64 - n_busy}, 503: {n_busy}; RSS {before} -> {after} KiB"])
+    assert httpx.get(tiny_server.url.removesuffix("/v1") + "/health").json()["busy"] is False
+
+
+def _first_token_s(client: openai.OpenAI, max_tokens: int) -> float:
+    t0 = time.perf_counter()
+    s = client.completions.create(model="slow.gguf", prompt="Hello", max_tokens=max_tokens,
+                                  temperature=0, stream=True)
+    for ch in s:
+        if ch.choices and ch.choices[0].text:
+            break
+    took = time.perf_counter() - t0
+    s.close()
+    return took
+
+
+def test_disconnect_frees_the_model_and_sigterm_stops_cleanly(menv, tmp_path):
+    """A slower tiny model (one round ~ms): a client leaving mid-stream must not keep the
+    model busy with its remaining tokens, and SIGTERM mid-answer exits 0."""
+    slow = write_tiny_model(tmp_path / "slow.gguf", seed=4, n_embd=256, n_layer=8, n_ff=1024)
+    s = Server([str(slow), "-m", "none", "--no-history", "--ctx", "2048", "--threads", "1"],
+               menv, tmp_path / "log")
+    try:
+        c = s.client()
+        t0 = time.perf_counter()
+        full = c.completions.create(model="slow.gguf", prompt="Hello", max_tokens=1500,
+                                    temperature=0)
+        full_s = time.perf_counter() - t0
+        assert full.choices[0].finish_reason == "length"  # no early eos: a long answer
+        first = min(_first_token_s(c, 4) for _ in range(2))  # prefill + one round
+        s_left = c.completions.create(model="slow.gguf", prompt="Hello", max_tokens=1500,
+                                      temperature=0, stream=True)
+        for i, _ in enumerate(s_left):
+            if i == 3:
+                break
+        s_left.close()  # the client leaves with ~1500 tokens to go
+        took = _first_token_s(c, 4)
+        assert took < max(20 * first, 0.5) and took < full_s / 3, (took, first, full_s)
+        with pytest.raises(openai.APITimeoutError):  # a non-streamed client gives up
+            s.client(timeout=0.3).completions.create(model="slow.gguf", prompt="Hello",
+                                                     max_tokens=1500, temperature=0)
+        took = _first_token_s(c, 4)  # its job is checked on every 0.5 s
+        assert took < 0.5 + max(20 * first, 0.5) and took < full_s / 2, (took, first, full_s)
+
+        with httpx.stream("POST", s.url + "/completions", json={
+                "model": "slow.gguf", "prompt": "Hello", "max_tokens": 1500, "stream": True,
+                "temperature": 0}, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            s.proc.send_signal(signal.SIGTERM)
+            rest = "".join(lines)
+        assert s.proc.wait(timeout=30) == 0
+        assert "data: [DONE]" in rest and '"interrupted"' in rest
+        log = s.log.read_text()
+        assert "Traceback" not in log and "specli serve: stopped" in log
+    finally:
+        s.stop()
+
+
+def test_missing_serve_extra_is_one_line(tiny_paths, menv, tmp_path):
+    fake = tmp_path / "nofastapi" / "fastapi"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no fastapi here')\n")
+    env = {**menv, "PYTHONPATH": str(fake.parent)}
+    p = subprocess.run([SPECLI, "serve", str(tiny_paths["target"])], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert p.returncode == 1
+    assert p.stderr.strip().count("\n") == 0 and "pip install 'specli[serve]'" in p.stderr
+
+
+@pytest.mark.real
+def test_real_pair_greedy_equals_generate(qwen_pair, tmp_path):
+    """The Qwen pair: a served greedy answer is token for token `specli generate`'s."""
+    target, draft = qwen_pair
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("SPECLI_API_KEY", None)
+    args = [target.path, "-d", draft.path, "-m", "draft", "--budget", "fixed:4",
+            "--no-history", "--ctx", "2048"]
+    prompt = "Write a Python function that checks whether a number is prime."
+    ref = generate_json([*args, "-p", prompt, "-n", "48"], env)
+    s = Server(args, env, tmp_path / "log")
+    try:
+        c = s.client(timeout=300)
+        msgs = [{"role": "user", "content": prompt}]
+        r = c.chat.completions.create(model=Path(target.path).name, messages=msgs,
+                                      max_tokens=48, temperature=0)
+        assert r.choices[0].message.content == ref["text"]
+        assert r.usage.completion_tokens == ref["n_generated"]
+        extra = r.model_dump()["specli"]
+        assert extra["tokens_per_pass"] > 1.2, extra  # the draft model's tokens are accepted
+        turn = [*msgs, {"role": "assistant", "content": r.choices[0].message.content},
+                {"role": "user", "content": "Now in one line."}]
+        text, chunks = stream_chat(c, model=Path(target.path).name, messages=turn,
+                                   max_tokens=16, temperature=0)
+        last = chunks[-1].model_dump()
+        assert text and last["specli"]["prompt_tokens_reused"] >= r.usage.prompt_tokens - 4
+    finally:
+        assert s.stop() == 0
