@@ -6,12 +6,15 @@ to stdout as it is accepted, statistics to stderr, so pipelines stay clean.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -158,6 +161,60 @@ BudgetOpt = Annotated[
 ]
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The options every generating command shares (generate, chat, serve, bench), declared
+# once: name -> (annotation, default).  `shares_model_options` adds them to a command.
+SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "draft_max": (DraftMaxOpt, 8),
+    "budget": (BudgetOpt, "auto"),
+    "corpus": (CorpusOpt, None),
+    "branches": (BranchesOpt, 3),
+    "no_history": (NoHistoryOpt, False),
+    "threads": (ThreadsOpt, None),
+    "ctx": (CtxOpt, 4096),
+    "gpu_layers": (GpuLayersOpt, 0),
+    "device": (DeviceOpt, "auto"),
+    "draft_threads": (DraftThreadsOpt, None),
+    "draft_gpu_layers": (DraftGpuLayersOpt, None),
+}
+
+
+def shares_model_options(ctx: int = 4096, history: bool = True) -> Callable[[F], F]:
+    """Give a Typer command the shared options after its own (--ctx defaulting to `ctx`;
+    --no-history only where `history`) and call it with `shared`: their values by name.
+    Typer reads options from the signature, so the wrapper shows it the whole one."""
+    names = [n for n in SHARED_OPTIONS if history or n != "no_history"]
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=SHARED_OPTIONS[n][0],
+                               default=ctx if n == "ctx" else SHARED_OPTIONS[n][1])
+             for n in names]
+
+    def wrap(fn: F) -> F:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "shared"]
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            shared = {n: kwargs.pop(n) for n in names}
+            return fn(*args, shared=shared, **kwargs)
+
+        params = [*own, *extra]
+        command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command  # type: ignore[return-value]
+
+    return wrap
+
+
+def model_options(model: str | None, draft: str | None, method: str, shared: dict[str, Any],
+                  history: bool, tree: bool | None = None) -> ModelOptions:
+    """The shared options as the one object the loading path takes."""
+    keys = ("ctx", "threads", "gpu_layers", "device", "branches", "budget", "corpus",
+            "draft_threads", "draft_gpu_layers")
+    return ModelOptions(model, draft, method, history=history, tree=tree,
+                        **{k: shared[k] for k in keys})
+
+
 def _history(no_history: bool, params: SamplingParams) -> bool:
     """hd's history: off when asked, and for seeded sampling, whose random draws follow
     the drafts (the history grows with each run; the same seed must give the same text)."""
@@ -207,6 +264,7 @@ def _write(text: str) -> None:
 
 
 @app.command()
+@shares_model_options(ctx=4096)
 def generate(
     model: ModelArg = None,
     draft: DraftOpt = None,
@@ -226,17 +284,7 @@ def generate(
     raw: Annotated[
         bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")
     ] = False,
-    draft_max: DraftMaxOpt = 8,
-    budget: BudgetOpt = "auto",
-    corpus: CorpusOpt = None,
-    branches: BranchesOpt = 3,
-    no_history: NoHistoryOpt = False,
-    threads: ThreadsOpt = None,
-    ctx: CtxOpt = 4096,
-    gpu_layers: GpuLayersOpt = 0,
-    device: DeviceOpt = "auto",
-    draft_threads: DraftThreadsOpt = None,
-    draft_gpu_layers: DraftGpuLayersOpt = None,
+    shared: dict[str, Any] | None = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print statistics to stderr.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (text, tokens, stats) instead.")
@@ -254,17 +302,16 @@ def generate(
     """
 
     params = _params(temperature, top_k, top_p, seed)
-    models = ModelOptions(model, draft, method, ctx=ctx, threads=threads, gpu_layers=gpu_layers,
-                          device=device, branches=branches, budget=budget, corpus=corpus,
-                          history=_history(no_history, params), draft_threads=draft_threads,
-                          draft_gpu_layers=draft_gpu_layers)
+    assert shared is not None  # given by shares_model_options
+    models = model_options(model, draft, method, shared,
+                           _history(shared["no_history"], params))
     text_in = _read_prompt(prompt, file)
     if blank(text_in):
         raise SpecliError("empty prompt: give text with -p, -f FILE or on stdin")
     loaded = models.load(err)
     tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
     loaded.engine.check_prompt(tokens)
-    cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
+    cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=shared["draft_max"])
     res = Result(method=loaded.method)
     try:
         _answer(loaded, tokens, cfg, res, as_json)
@@ -302,6 +349,7 @@ def _print_stats(stats: bool, loaded: Loaded, res: Result) -> None:
 
 
 @app.command()
+@shares_model_options(ctx=8192)
 def chat(
     model: ModelArg = None,
     draft: DraftOpt = None,
@@ -314,17 +362,7 @@ def chat(
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = None,
-    draft_max: DraftMaxOpt = 8,
-    budget: BudgetOpt = "auto",
-    corpus: CorpusOpt = None,
-    branches: BranchesOpt = 3,
-    no_history: NoHistoryOpt = False,
-    threads: ThreadsOpt = None,
-    ctx: CtxOpt = 8192,
-    gpu_layers: GpuLayersOpt = 0,
-    device: DeviceOpt = "auto",
-    draft_threads: DraftThreadsOpt = None,
-    draft_gpu_layers: DraftGpuLayersOpt = None,
+    shared: dict[str, Any] | None = None,
 ) -> None:
     """Chat with a model, multi-turn, answers streamed as they are accepted.
 
@@ -335,16 +373,16 @@ def chat(
     from .chat import ChatSession
 
     params = _params(temperature, top_k, top_p, seed)
-    models = ModelOptions(model, draft, method, ctx=ctx, threads=threads, gpu_layers=gpu_layers,
-                          device=device, branches=branches, budget=budget, corpus=corpus,
-                          history=_history(no_history, params), draft_threads=draft_threads,
-                          draft_gpu_layers=draft_gpu_layers)
+    assert shared is not None  # given by shares_model_options
+    models = model_options(model, draft, method, shared,
+                           _history(shared["no_history"], params))
     loaded = models.load(err)
-    cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=draft_max)
+    cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=shared["draft_max"])
     ChatSession(loaded, cfg, system=system, write=_write, err=err).run(sys.stdin)
 
 
 @app.command()
+@shares_model_options(ctx=4096)
 def serve(
     model: ModelArg = None,
     draft: DraftOpt = None,
@@ -371,17 +409,7 @@ def serve(
         int, typer.Option("--max-tokens-cap", min=1,
                           help="Most tokens per answer (also the default max_tokens).")
     ] = 2048,
-    draft_max: DraftMaxOpt = 8,
-    budget: BudgetOpt = "auto",
-    corpus: CorpusOpt = None,
-    branches: BranchesOpt = 3,
-    no_history: NoHistoryOpt = False,
-    threads: ThreadsOpt = None,
-    ctx: CtxOpt = 4096,
-    gpu_layers: GpuLayersOpt = 0,
-    device: DeviceOpt = "auto",
-    draft_threads: DraftThreadsOpt = None,
-    draft_gpu_layers: DraftGpuLayersOpt = None,
+    shared: dict[str, Any] | None = None,
 ) -> None:
     """Serve the models over an OpenAI-compatible HTTP API (/v1/chat/completions,
     /v1/completions, /v1/models, /health), one request at a time, answers streamed.
@@ -400,10 +428,8 @@ def serve(
         raise SpecliError("specli serve needs FastAPI and uvicorn: "
                           "pip install 'specli[serve]'") from None
 
-    models = ModelOptions(model, draft, method, ctx=ctx, threads=threads, gpu_layers=gpu_layers,
-                          device=device, branches=branches, budget=budget, corpus=corpus,
-                          history=not no_history, draft_threads=draft_threads,
-                          draft_gpu_layers=draft_gpu_layers)
+    assert shared is not None  # given by shares_model_options
+    models = model_options(model, draft, method, shared, not shared["no_history"])
     sock = bind(host, port)
     loaded = models.load(err)
     name = loaded.target_name
@@ -411,7 +437,7 @@ def serve(
                         max_tokens_cap)
     err.print(f"specli serve: {settings.model_id} ({loaded.method}) on {url_of(sock)}"
               + ("" if api_key else " (no API key)"), markup=False)
-    run_server(Worker(loaded, draft_max, queue), settings, sock)
+    run_server(Worker(loaded, shared["draft_max"], queue), settings, sock)
     err.print("specli serve: stopped", markup=False)
 
 
@@ -592,6 +618,7 @@ def export_cmd(
 
 
 @app.command()
+@shares_model_options(ctx=4096, history=False)
 def bench(
     model: ModelArg = None,
     draft: DraftOpt = None,
@@ -635,16 +662,7 @@ def bench(
             "fastest run of each: tighter ratios on a noisy machine, R times the time.",
         ),
     ] = 1,
-    draft_max: DraftMaxOpt = 8,
-    budget: BudgetOpt = "auto",
-    corpus: CorpusOpt = None,
-    branches: BranchesOpt = 3,
-    threads: ThreadsOpt = None,
-    ctx: CtxOpt = 4096,
-    gpu_layers: GpuLayersOpt = 0,
-    device: DeviceOpt = "auto",
-    draft_threads: DraftThreadsOpt = None,
-    draft_gpu_layers: DraftGpuLayersOpt = None,
+    shared: dict[str, Any] | None = None,
 ) -> None:
     """Measure methods against plain decoding on the same prompts, in one process.
 
@@ -678,14 +696,12 @@ def bench(
     used = ("draft" if bases & {"draft", "draft+hd"} else "auto" if "auto" in bases
             else "duo" if "duo" in bases else "none")
     # benchmark prompts never enter the user's history
-    models = ModelOptions(model, draft, used, ctx=ctx, threads=threads, gpu_layers=gpu_layers,
-                          device=device, branches=branches, budget=budget, corpus=corpus,
-                          history=False, tree=bm.uses_tree(method_list),
-                          draft_threads=draft_threads, draft_gpu_layers=draft_gpu_layers)
+    assert shared is not None  # given by shares_model_options
+    models = model_options(model, draft, used, shared, False, bm.uses_tree(method_list))
     t_load = time.perf_counter()
     loaded = models.load(err)
-    plan = bm.Plan(chosen, method_list, max_tokens, params, draft_max,
-                   threads or default_threads(), budget, out_dir, repeats)
+    plan = bm.Plan(chosen, method_list, max_tokens, params, shared["draft_max"],
+                   shared["threads"] or default_threads(), shared["budget"], out_dir, repeats)
     plan.meta = bm.describe(plan, loaded, ["specli", *sys.argv[1:]], loaded.target.n_ctx)
     plan.meta["load_s"] = round(time.perf_counter() - t_load, 1)
     summary, interrupted = bm.run(loaded, plan, err)
