@@ -240,7 +240,7 @@ finish() {
         done
         for tag in "${TAGS[@]}"; do
             mkdir -p "$WORK/logs/bench-$tag"
-            for f in summary.md summary.json results.jsonl; do
+            for f in summary.md summary.json results.jsonl trace.jsonl.gz; do
                 [[ -f $WORK/bench-$tag/$f ]] && cp "$WORK/bench-$tag/$f" "$WORK/logs/bench-$tag/"
             done
             for f in models.json agreement.json; do
@@ -740,10 +740,13 @@ run_bench() {  # run_bench TAG DIR: one `specli bench` into $WORK/bench-TAG
     local flags=("${BASE_FLAGS[@]}" --draft "$draft" --out "$WORK/bench-$tag")
     lim=$(limit_for "$BENCH_TIMEOUT")
     say "specli bench $target ${flags[*]} (limit ${lim}s; estimate ${EST_BENCH}s)"
-    # SIGINT first: the bench then writes the summary of what finished
-    timeout -s INT -k 20 "$lim" "${SPECLI[@]}" bench "$target" "${flags[@]}" \
-        2>&1 | tee "$WORK/bench-$tag.log"
+    # SIGINT first: the bench then writes the summary of what finished.  SPECLI_TRACE: every
+    # round's pick and budget state (specli/lineup.py), to read why a budget chose what it did
+    mkdir -p "$WORK/bench-$tag"
+    SPECLI_TRACE="$WORK/bench-$tag/trace.jsonl" timeout -s INT -k 20 "$lim" \
+        "${SPECLI[@]}" bench "$target" "${flags[@]}" 2>&1 | tee "$WORK/bench-$tag.log"
     rc=${PIPESTATUS[0]}
+    [[ -f $WORK/bench-$tag/trace.jsonl ]] && gzip -f "$WORK/bench-$tag/trace.jsonl"
     [[ -f $WORK/bench-$tag/summary.json ]] ||
         { phase_end "$rc"; fail "the bench ($tag) wrote no summary"; }
     "$PYTHON" - "$WORK/bench-$tag" >"$WORK/methods-$tag.md" <<'EOF2'

@@ -276,14 +276,20 @@ class Acceptance:
         self.pos_hits = self.pos_hits or [0.0] * self.positions
         self.pos_tries = self.pos_tries or [0.0] * self.positions
 
-    def _mean(self, hits: float, tries: float) -> float:
-        a = self.prior_mean * self.prior_weight
-        return (hits + a) / (tries + self.prior_weight)
+    def _mean(self, hits: float, tries: float, prior: float) -> float:
+        return (hits + prior * self.prior_weight) / (tries + self.prior_weight)
 
     def by_position(self, k: int) -> list[float]:
-        """p_i for i = 1..k from position statistics (conditional on reaching i)."""
+        """p_i for i = 1..k from position statistics (conditional on reaching i).  A
+        position seldom reached leans on the one before it, not on the fixed prior: a
+        drafter that was only ever asked for one token (duo on a GPU, at first) would
+        otherwise keep every deeper position at the prior and never be asked for more."""
         n = min(k, self.positions)
-        out = [self._mean(self.pos_hits[i], self.pos_tries[i]) for i in range(n)]
+        out: list[float] = []
+        prior = self.prior_mean
+        for i in range(n):
+            prior = self._mean(self.pos_hits[i], self.pos_tries[i], prior)
+            out.append(prior)
         return out + [out[-1]] * (k - n) if out else []
 
     def by_confidence(self, conf: float, position: int) -> float:
@@ -358,6 +364,9 @@ class Plan:
     in_turn: bool = False
     # beside the pass: the stop rule for the next round's draft, frozen as the round starts
     background: StopRule | None = None
+    # a probe: the estimates say drafting does not pay, and this draft checks whether they
+    # are still right (a lineup gives a due probe its round: see Lineup.pick)
+    probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -370,6 +379,10 @@ class Outcome:
     timing: tuple[float, float] | None = None  # seconds drafting, verifying (None: skip)
     ready: bool = False  # the draft was made beside the previous pass (paid for then)
     beside: int = 0  # tokens the drafter drafted beside this round's pass
+    # context tokens the drafter read before drafting (its lag): after a new prompt or a
+    # run of rounds it sat out, that catching up is in the drafting time and says nothing
+    # about what a drafted token costs
+    caught_up: int = 0
 
 
 class Budget(Protocol):
@@ -454,7 +467,9 @@ class AdaptiveBudget:
     by what rounds actually cost (context growth, machine load), and from online
     acceptance estimates.  Never drafts when even near-perfect acceptance cannot beat a
     plain step; otherwise probes now and then so the estimates can recover, backing off
-    (16, 32, 64... idle rounds) while probes find nothing."""
+    (16, 32, 64... idle rounds) while probes find nothing.  A probe assumes the calibrated
+    drafting cost where the tracked one has grown: it measures that cost again, and a cost
+    inflated once (a stall, a catch-up) must not rule drafting out for good."""
 
     name = "auto"
 
@@ -473,7 +488,7 @@ class AdaptiveBudget:
         self.draft_scale = 1.0
         self._gap = explore_every  # idle rounds before a probe; doubles while probes fail
         self._probing = False
-        self._idle = 0
+        self._idle = 0  # rounds planned without a draft since this budget's last verified one
 
     def begin(self) -> None:
         self.acc.new_text()
@@ -485,22 +500,35 @@ class AdaptiveBudget:
                        catch_up=self.base.catch_up * self.draft_scale)
 
     def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> Plan:
-        return Plan(self._length(k_cap, lag, left))
-
-    def _length(self, k_cap: int, lag: int, left: int) -> int:
         cost = self.cost
         self._probing = False
         k = best_length(cost, self.acc.by_position(k_cap), k_cap, lag, left, self.min_gain)
-        if k == 0:
-            self._idle += 1
-            if self._idle >= self._gap:  # time to probe, if drafting could pay
-                k = best_length(cost, [self.optimistic_p] * k_cap, k_cap, lag, left)
-                self._idle = 0 if k == 0 else self._idle
-                self._probing = k > 0
+        if k == 0 and self._probe_due():
+            k = best_length(self.probe_cost, [self.optimistic_p] * k_cap, k_cap, lag, left)
+            self._probed(k)
+        # drafting pays: let the confidence rule decide where to stop
+        return Plan(k_cap if k else 0, probe=self._probing)
+
+    def _probe_due(self) -> bool:
+        """Called when the estimates decline a draft: whether a probe is due now.  The
+        idle count is reset by this budget's own verified draft (`_learn`), not by a plan:
+        in a lineup a plan may lose the round to another member's."""
+        self._idle += 1
+        return self._idle >= self._gap
+
+    def _probed(self, k: int) -> None:
         if k:
+            self._probing = True
+        else:  # drafting cannot pay even then: wait another gap
             self._idle = 0
-            k = k_cap  # drafting pays: let the confidence rule decide where to stop
-        return k
+
+    @property
+    def probe_cost(self) -> CostModel:
+        """The costs a probe plans with: the tracked ones, but drafting no dearer than
+        calibrated (the probe measures it again)."""
+        scale = min(self.draft_scale, 1.0)
+        return replace(self.cost, draft=self.base.draft * scale,
+                       catch_up=self.base.catch_up * scale)
 
     def describe(self) -> str:
         return describe_costs(self.cost)
@@ -527,14 +555,16 @@ class AdaptiveBudget:
         if outcome.timing is not None:
             draft_s, verify_s = outcome.timing
             self.verify_scale = ema(self.verify_scale, verify_s / self.base.verify_cost(n + 1))
-            if n and self.base.draft > 0:
+            if n and self.base.draft > 0 and _steady(outcome):
                 self.draft_scale = ema(self.draft_scale, draft_s / (n * self.base.draft))
         self._learn(outcome.confidences, outcome.n_accepted, n)
 
     def _learn(self, confidences: Sequence[float], n_accepted: int, n: int) -> None:
-        if n:
-            self.acc.update(confidences, n_accepted)
-        if self._probing and n:  # a failed probe waits twice as long for the next one
+        if not n:
+            return
+        self.acc.update(confidences, n_accepted)
+        self._idle = 0
+        if self._probing:  # a failed probe waits twice as long for the next one
             self._gap = self.explore_every if n_accepted else min(2 * self._gap, 1024)
             self._probing = False
 
@@ -556,20 +586,15 @@ class OverlapBudget(AdaptiveBudget):
         self._probing = False
         p = self.acc.by_position(k_cap + 1)
         k, overlap = best_duo_round(cost, p, k_cap, lag, left, self.min_gain)
-        if k == 0:
-            self._idle += 1
-            if self._idle >= self._gap:
-                k, overlap = best_duo_round(cost, [self.optimistic_p] * (k_cap + 1),
-                                            k_cap, lag, left)
-                self._idle = 0 if k == 0 else self._idle
-                self._probing = k > 0
-        if k:
-            self._idle = 0
+        if k == 0 and self._probe_due():
+            k, overlap = best_duo_round(self.probe_cost, [self.optimistic_p] * (k_cap + 1),
+                                        k_cap, lag, left)
+            self._probed(k)
         if not k:
             return Plan(0)
         if not overlap:
-            return Plan(k_cap, in_turn=True)
-        return Plan(k, background=self.background_rule())
+            return Plan(k_cap, in_turn=True, probe=self._probing)
+        return Plan(k, background=self.background_rule(), probe=self._probing)
 
     def expected_rate(self, k: int, lag: int = 0, left: int = 1 << 30) -> float:
         if k == 0:
@@ -599,9 +624,18 @@ class OverlapBudget(AdaptiveBudget):
             busy = outcome.beside * self.base.beside_draft()
             expected = overlapped_verify(self.base, n + 1, busy)
             self.verify_scale = ema(self.verify_scale, verify_s / expected)
-            if n and not outcome.ready and self.base.draft > 0:  # drafted in the open
+            if n and not outcome.ready and self.base.draft > 0 and _steady(outcome):
                 self.draft_scale = ema(self.draft_scale, draft_s / (n * self.base.draft))
         self._learn(outcome.confidences, outcome.n_accepted, n)
+
+
+STEADY_LAG = 2  # a drafter in step reads the last accepted token or two before drafting
+
+
+def _steady(outcome: Outcome) -> bool:
+    """Whether the round's drafting time measures drafted tokens: not when the drafter
+    first caught up on a new prompt or on rounds it sat out."""
+    return outcome.caught_up <= STEADY_LAG
 
 
 def _keep(cost: CostModel, acc: Acceptance, confidences: Sequence[float]) -> bool:

@@ -242,7 +242,7 @@ class Engine:
             if team is not None:
                 team.observe(pick, Outcome(judged, len(accepted), len(draft.tokens),
                                            (t1 - t0, t2 - t1) if timed else None,
-                                           draft.ready, beside))
+                                           draft.ready, beside, pick.lag if pick else 0))
             st.count_round(draft, len(accepted), t1 - t0, t2 - t1)
 
             new = [*accepted, next_token]

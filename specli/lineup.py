@@ -2,13 +2,20 @@
 
 One member is the usual case: a drafter and its budget.  Several is `--method auto`:
 every round each member's budget plans as if it were alone (its occasional probe
-included); among those that would draft, the one with the highest expected tokens per
-second drafts, and only its budget learns from the draft.  When none would draft, the
-round is a plain step, so auto is never asked to be slower than plain decoding.
+included), and only the budget of the member that drafts learns from the draft.  A due
+probe takes the round (of several, the one that has waited longest): a probe is how a
+member whose estimates turned against it finds out whether they still hold, and judged
+by those same estimates it would lose every round to a member whose drafts cost nothing
+(hd), so it would never find out; its budget's backoff bounds what probing costs.
+Otherwise, among the members whose estimates say drafting pays, the one with the
+highest expected tokens per second drafts.  When none would draft, the round is a plain
+step, so auto is never asked to be slower than plain decoding.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,10 +32,12 @@ class Member:
 
 @dataclass(frozen=True)
 class Pick:
-    """This round's drafter and what its budget planned."""
+    """This round's drafter, what its budget planned, and the context tokens the drafter
+    must read first (its lag)."""
 
     member: Member
     plan: Plan
+    lag: int = 0
 
 
 class Lineup:
@@ -40,21 +49,34 @@ class Lineup:
         self.members = list(members)
         self.learner = learner
         self.name = name or self.members[0].budget.name
+        self._rounds = 0
+        self._drafted_at = {id(m): 0 for m in self.members}  # round of each one's last draft
+        # SPECLI_TRACE=FILE: one JSON line per round with every budget's state, to see why
+        # a lineup drafts what it does on hardware one cannot sit at (the GPU check)
+        self._trace = os.environ.get("SPECLI_TRACE") or None
 
     def pick(self, context: Sequence[int], k_cap: int, left: int) -> Pick | None:
         """The member to draft this round and its plan, or None for a plain step."""
+        self._rounds += 1
         best: Pick | None = None
         best_rate = -1.0
+        probe: Pick | None = None
         for m in self.members:
             lag = m.drafter.lag(context)
             plan = m.budget.plan(k_cap, lag, left)
             if not plan.k:
                 continue
             if len(self.members) == 1:
-                return Pick(m, plan)
-            if (r := m.budget.expected_rate(plan.k, lag, left)) > best_rate:
-                best, best_rate = Pick(m, plan), r
-        return best
+                return Pick(m, plan, lag)
+            if plan.probe:
+                if probe is None or self._drafted_at[id(m)] < self._drafted_at[id(probe.member)]:
+                    probe = Pick(m, plan, lag)
+            elif (r := m.budget.expected_rate(plan.k, lag, left)) > best_rate:
+                best, best_rate = Pick(m, plan, lag), r
+        chosen = best or probe
+        if chosen is not None:
+            self._drafted_at[id(chosen.member)] = self._rounds
+        return chosen
 
     # -- every member at once --------------------------------------------------------
     def drafters(self) -> list[Drafter]:
@@ -77,6 +99,25 @@ class Lineup:
         budget learns what a pass costs now."""
         for m in [pick.member] if pick is not None else self.members:
             m.budget.observe(outcome)
+        if self._trace:
+            self._write_trace(pick, outcome)
+
+    def _write_trace(self, pick: Pick | None, outcome: Outcome) -> None:
+        def state(b: object) -> dict:
+            acc = getattr(b, "acc", None)
+            return {"draft_scale": getattr(b, "draft_scale", None),
+                    "verify_scale": getattr(b, "verify_scale", None),
+                    "p": [round(x, 3) for x in acc.by_position(4)] if acc else None,
+                    "idle": getattr(b, "_idle", None), "gap": getattr(b, "_gap", None)}
+
+        line = {"round": self._rounds, "pick": pick.member.name if pick else None,
+                "k": pick.plan.k if pick else 0, "probe": bool(pick and pick.plan.probe),
+                "lag": pick.lag if pick else 0, "verified": outcome.n_verified,
+                "accepted": outcome.n_accepted, "ready": outcome.ready,
+                "seconds": outcome.timing,
+                "budgets": {m.name: state(m.budget) for m in self.members}}
+        with open(self._trace, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def accepted(self, pick: Pick | None, context: Sequence[int], n_drafted: int,
                  n_accepted: int) -> None:

@@ -133,9 +133,52 @@ def test_acceptance_estimates_are_conditional_per_position():
         acc.update([0.99, 0.99, 0.1, 0.1], n_accepted=2)  # third token always rejected
     p = acc.by_position(4)
     assert p[0] > 0.9 and p[1] > 0.9 and p[2] < 0.1
-    assert p[3] == pytest.approx(0.5)  # never judged: the prior
+    assert p[3] == pytest.approx(p[2])  # never judged: leans on the position before it
     assert acc.by_confidence(0.99, 0) > 0.9
     assert acc.by_confidence(0.1, 2) < 0.1
+
+
+def test_positions_never_reached_lean_on_the_one_before_not_on_the_prior():
+    """Issue 14: duo on the H200 drafted one token a round for whole generations.  Deeper
+    positions, never drafted, kept the 0.6 prior while the first one learnt 0.8, so the
+    budget never asked for more.  A position seldom reached now leans on the one before."""
+    acc = Acceptance()  # prior 0.6
+    for _ in range(40):
+        acc.update([0.99], n_accepted=1)  # one-token drafts, always accepted
+    p = acc.by_position(6)
+    assert p[0] > 0.9 and all(x > 0.85 for x in p)
+    for _ in range(40):
+        acc.update([0.99, 0.99], n_accepted=1)  # now the second token is always rejected
+    p = acc.by_position(6)
+    assert p[1] < 0.2 and all(x < 0.2 for x in p[2:])  # and what lies beyond it with it
+
+
+def test_a_drafting_cost_inflated_once_does_not_rule_out_probes_for_good():
+    """Issue 14: a budget whose tracked drafting cost grew until even 95% acceptance could
+    not pay never drafted again, so the cost was never measured again.  A probe plans with
+    the calibrated cost where the tracked one is higher."""
+    b = AdaptiveBudget(GPU_TARGET, explore_every=16)
+    for _ in range(40):  # rejected drafts that took 10x their calibrated time
+        b.observe(Outcome([0.9] * 4, 0, 4, (40 * GPU_TARGET.draft, GPU_TARGET.verify_cost(5))))
+    assert b.draft_scale > 8  # a drafted token now costs more than a target step
+    assert best_length(b.cost, [0.95] * 8, 8) == 0  # so not even a probe would pay on it
+    plans = [b.plan(8) for _ in range(64)]
+    probes = [p for p in plans if p.k]
+    assert probes and all(p.probe for p in probes)
+
+
+def test_catching_up_is_not_counted_as_drafting_cost():
+    """A drafter that sat out rounds (or starts a new prompt) reads the context it missed
+    before drafting; that time says nothing about what a drafted token costs."""
+    slow = (30 * GPU_TARGET.draft, GPU_TARGET.verify_cost(3))
+    b = AdaptiveBudget(GPU_TARGET)
+    b.observe(Outcome([0.9, 0.9], 2, 2, slow, caught_up=300))
+    assert b.draft_scale == 1.0
+    b.observe(Outcome([0.9, 0.9], 2, 2, slow, caught_up=1))
+    assert b.draft_scale > 1.0
+    o = OverlapBudget(GPU_TARGET)
+    o.observe(Outcome([0.9, 0.9], 2, 2, slow, caught_up=300))
+    assert o.draft_scale == 1.0
 
 
 def test_adaptive_budget_on_a_cpu_never_drafts():
@@ -148,7 +191,10 @@ def test_adaptive_budget_drafts_on_a_gpu_and_backs_off_when_rejected():
     assert b.plan(8).k == 8
     for _ in range(60):  # everything rejected, and drafting turns 10x slower
         b.observe(Outcome([0.9] * 4, 0, 4, (40 * GPU.draft, GPU.verify_cost(5))))
-    plans = [b.plan(8).k for _ in range(32)]
+    plans = []
+    for _ in range(32):
+        plans.append(k := b.plan(8).k)
+        b.observe(Outcome([0.9] * k, 0, k) if k else Outcome([], 0))  # rejected again
     assert plans.count(0) >= 28  # mostly plain steps now ...
     assert any(plans)  # ... with a probe now and then so it can recover
 
