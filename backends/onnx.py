@@ -157,11 +157,11 @@ class ONNXModel:
         self._tok, self._tok_cfg, gen_cfg, cfg = self._load_tokenizer(folder)
 
         choice = choose_providers(opts.device, ort.get_available_providers(), openvino_devices(ort))
-        if choice.device == "npu":
+        if choice.device == "npu":  # open_model sends --device npu to StaticModel
             raise SpecliError(
                 "--device npu: OpenVINO's NPU plugin compiles static shapes only, and this "
-                "decoder's KV cache grows with every token (dynamic shapes); specli does not "
-                "export fixed-window NPU models yet: use --device gpu or cpu")
+                "decoder's KV cache grows with every token (dynamic shapes); open it with "
+                "specli's static-shape backend (specli.backends.openvino_static)")
         so = ort.SessionOptions()
         threads = opts.n_threads or _default_threads()
         so.intra_op_num_threads = threads
@@ -236,6 +236,13 @@ class ONNXModel:
         self.n_ctx = min(opts.n_ctx, int(n_train))
         self.n_batch = _CHUNK if self._has_logit_rows else _CHUNK_ALL_LOGITS
 
+        self._init_vocabulary(gen_cfg)
+        self._past: list[np.ndarray] = []
+        self.truncate(0)
+
+    def _init_vocabulary(self, gen_cfg: dict[str, Any]) -> None:
+        """BOS, end-of-generation ids and token pieces from the export's tokenizer files
+        (shared with the static-shape OpenVINO backend, which runs the same exports)."""
         self.bos = self._special_id(self._tok_cfg.get("bos_token"))
         if self.bos is None and isinstance(gen_cfg.get("bos_token_id"), int):
             self.bos = gen_cfg["bos_token_id"]
@@ -250,8 +257,6 @@ class ONNXModel:
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
         self.tokens: list[int] = []
         self.step_clock = StepClock()
-        self._past: list[np.ndarray] = []
-        self.truncate(0)
 
     # -- loading ---------------------------------------------------------------------
     @staticmethod

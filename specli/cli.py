@@ -125,10 +125,11 @@ DraftGpuLayersOpt = Annotated[
     ),
 ]
 DraftMaxOpt = Annotated[
-    int,
+    int | None,
     typer.Option(
         "--draft-max", "-k", min=1, max=64,
-        help="Most tokens drafted per round (the budget chooses 0..this each round).",
+        help="Most tokens drafted per round (the budget chooses 0..this each round). "
+        "Default: 8, or a static target's --window if smaller (it can verify no more).",
     ),
 ]
 CorpusOpt = Annotated[
@@ -162,11 +163,12 @@ BudgetOpt = Annotated[
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_DRAFT_MAX = 8
 
 # The options every generating command shares (generate, chat, serve, bench), declared
 # once: name -> (annotation, default).  `shares_model_options` adds them to a command.
 SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "draft_max": (DraftMaxOpt, 8),
+    "draft_max": (DraftMaxOpt, None),
     "budget": (BudgetOpt, "auto"),
     "corpus": (CorpusOpt, None),
     "branches": (BranchesOpt, 3),
@@ -204,6 +206,21 @@ def shares_model_options(ctx: int = 4096, history: bool = True) -> Callable[[F],
         return command  # type: ignore[return-value]
 
     return wrap
+
+
+def fit_draft_max(shared: dict[str, Any], loaded: Loaded) -> int:
+    """--draft-max for the loaded target: a static-shape target (an NPU export) verifies
+    at most its window K drafted tokens per pass, so the default shrinks to K and a
+    larger -k typed by the user is refused, naming both fixes."""
+    window = getattr(loaded.target, "window", None)
+    if shared["draft_max"] is None:
+        return DEFAULT_DRAFT_MAX if window is None else min(DEFAULT_DRAFT_MAX, window)
+    k = int(shared["draft_max"])
+    if window is not None and k > window:
+        raise SpecliError(f"--draft-max {k} exceeds the static window {window} of "
+                          f"{Path(loaded.target.path).name} (a pass holds {window}+1 tokens): "
+                          f"pass -k {window} or less, or re-export with --static --window {k}")
+    return k
 
 
 def model_options(model: str | None, draft: str | None, method: str, shared: dict[str, Any],
@@ -311,7 +328,8 @@ def generate(
     loaded = models.load(err)
     tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
     loaded.engine.check_prompt(tokens)
-    cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=shared["draft_max"])
+    cfg = GenerationConfig(max_tokens=max_tokens, params=params,
+                           draft_max=fit_draft_max(shared, loaded))
     res = Result(method=loaded.method)
     try:
         _answer(loaded, tokens, cfg, res, as_json)
@@ -377,7 +395,8 @@ def chat(
     models = model_options(model, draft, method, shared,
                            _history(shared["no_history"], params))
     loaded = models.load(err)
-    cfg = GenerationConfig(max_tokens=max_tokens, params=params, draft_max=shared["draft_max"])
+    cfg = GenerationConfig(max_tokens=max_tokens, params=params,
+                           draft_max=fit_draft_max(shared, loaded))
     ChatSession(loaded, cfg, system=system, write=_write, err=err).run(sys.stdin)
 
 
@@ -437,7 +456,7 @@ def serve(
                         max_tokens_cap)
     err.print(f"specli serve: {settings.model_id} ({loaded.method}) on {url_of(sock)}"
               + ("" if api_key else " (no API key)"), markup=False)
-    run_server(Worker(loaded, shared["draft_max"], queue), settings, sock)
+    run_server(Worker(loaded, fit_draft_max(shared, loaded), queue), settings, sock)
     err.print("specli serve: stopped", markup=False)
 
 
@@ -505,12 +524,15 @@ def models() -> None:
 def devices(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """What this machine can run models on: llama.cpp (GGUF) and onnxruntime (ONNX).
+    """What this machine can run models on: llama.cpp (GGUF), onnxruntime (ONNX) and
+    OpenVINO (static-shape ONNX: whether an Intel NPU is present).
 
     llama.cpp offloads layers to a GPU (-ngl) only when llama-cpp-python was built with
     a GPU backend (e.g. CMAKE_ARGS="-DGGML_CUDA=on"). onnxruntime's devices come from
     its execution providers: CUDA (onnxruntime-gpu), DirectML, OpenVINO's CPU, GPU and
-    NPU plugins (onnxruntime-openvino); --device picks one for ONNX models.
+    NPU plugins (onnxruntime-openvino); --device picks one for ONNX models. An NPU runs
+    static shapes only: specli runs them through OpenVINO's runtime (pip install
+    'specli[npu]'), which this lists with its devices.
     """
     from .devices import probe
 
@@ -532,7 +554,20 @@ def devices(
         if report.openvino_devices:
             lines.append("  OpenVINO devices: " + ", ".join(report.openvino_devices))
         for device, provider in report.device_map.items():
+            if device == "npu" and report.static:
+                continue  # the NPU runs static shapes: reported below
             lines.append(f"  --device {device}: {provider}")
+    if report.openvino_version is None:
+        lines.append("OpenVINO runtime: not installed (static shapes for Intel NPUs: "
+                     "pip install 'specli[npu]')")
+    else:
+        npu = any(d.split(".")[0] == "NPU" for d in report.openvino_runtime_devices)
+        lines.append(f"OpenVINO {report.openvino_version} (static shapes: --device npu, "
+                     "`specli export --static`): devices "
+                     + (", ".join(report.openvino_runtime_devices) or "none")
+                     + ("; NPU present" if npu else "; no NPU"))
+        for device, where in report.static.items():
+            lines.append(f"  --device {device} (static): {where}")
     _write("\n".join(lines) + "\n")
 
 
@@ -572,6 +607,26 @@ def export_cmd(
         typer.Option("--reuse", help="Keep an existing export of the same source and --quant "
                      "(for scripts: export only once)."),
     ] = False,
+    static: Annotated[
+        bool,
+        typer.Option("--static", help="For Intel NPUs: fixed shapes, run through OpenVINO "
+                     "(pip install 'specli[npu]'). The KV cache becomes a buffer of --ctx "
+                     "slots (chosen when you run it), every verify pass takes --window + 1 "
+                     "tokens and a prompt is read in chunks of --prefill, so one compiled "
+                     "shape serves every round. Runs on the NPU (--device npu or auto) or, "
+                     "the same graphs, on OpenVINO's CPU plugin (--device cpu). Name: "
+                     "SOURCE-onnx-QUANT-static."),
+    ] = False,
+    window: Annotated[
+        int,
+        typer.Option("--window", min=1, max=64,
+                     help="--static: most tokens a round may draft (K; a pass is always K+1 "
+                     "tokens, and costs the same for 1 or K+1). --draft-max may not exceed it."),
+    ] = 8,
+    prefill: Annotated[
+        int,
+        typer.Option("--prefill", min=2, help="--static: prompt tokens per prefill call."),
+    ] = 64,
 ) -> None:
     """Export a model to an ONNX decoder with past key values, for onnxruntime.
 
@@ -587,13 +642,18 @@ def export_cmd(
       specli export model.gguf -o model-onnx --quant none
 
       specli export ./hf-model-folder --name mymodel
+
+      specli export qwen2.5-coder-1.5b-instruct --static --window 8   # Intel NPU
     """
     import time
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .backends.openvino_static import StaticSpec
     from .export.exporter import export_model
 
+    if not static and (window, prefill) != (8, 64):
+        raise SpecliError("--window and --prefill shape static exports: add --static")
     bars = Progress(TextColumn("{task.description}"), BarColumn(),
                     TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=err)
     tasks: dict[str, int] = {}
@@ -605,8 +665,9 @@ def export_cmd(
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     with bars:
+        spec = StaticSpec(window, prefill) if static else None
         entry = export_model(source, out, quant=quant, name=name, exporter=exporter, force=force,
-                             reuse=reuse, progress=progress)
+                             reuse=reuse, progress=progress, static=spec)
     size = sum(f.stat().st_size for f in Path(entry.path).iterdir() if f.is_file())
     made = "exported" if entry.created >= started else "kept the existing export"
     err.print(f"{made} {entry.name} ({entry.quant}, {size / 2**30:.2f} GiB) in {entry.path}",
@@ -700,7 +761,7 @@ def bench(
     models = model_options(model, draft, used, shared, False, bm.uses_tree(method_list))
     t_load = time.perf_counter()
     loaded = models.load(err)
-    plan = bm.Plan(chosen, method_list, max_tokens, params, shared["draft_max"],
+    plan = bm.Plan(chosen, method_list, max_tokens, params, fit_draft_max(shared, loaded),
                    shared["threads"] or default_threads(), shared["budget"], out_dir, repeats)
     plan.meta = bm.describe(plan, loaded, ["specli", *sys.argv[1:]], loaded.target.n_ctx)
     plan.meta["load_s"] = round(time.perf_counter() - t_load, 1)

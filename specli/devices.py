@@ -3,7 +3,9 @@
 Two runtimes, asked separately: llama.cpp (GGUF) offloads to a GPU only when the
 installed llama-cpp-python was built with a GPU backend; onnxruntime (ONNX) runs on
 whatever execution providers its wheel carries (CPU always; CUDA, DirectML or
-OpenVINO's CPU/GPU/NPU plugins when installed).
+OpenVINO's CPU/GPU/NPU plugins when installed).  OpenVINO's own runtime (the `openvino`
+package) runs static-shape exports: `--device npu`, and `specli export --static` graphs
+on its CPU plugin (backends/openvino_static.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class DeviceReport:
     onnx_providers: list[str] = field(default_factory=list)
     openvino_devices: list[str] = field(default_factory=list)
     device_map: dict[str, str] = field(default_factory=dict)  # --device value -> provider
+    openvino_version: str | None = None  # the openvino runtime (static shapes); None: absent
+    openvino_runtime_devices: list[str] = field(default_factory=list)
+    static: dict[str, str] = field(default_factory=dict)  # --device value -> static path
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -38,6 +43,12 @@ class DeviceReport:
                 "providers": self.onnx_providers,
                 "openvino_devices": self.openvino_devices,
                 "device": self.device_map,
+            },
+            "openvino": None if self.openvino_version is None else {
+                "version": self.openvino_version,
+                "devices": self.openvino_runtime_devices,
+                "npu": "NPU" in {d.split(".")[0] for d in self.openvino_runtime_devices},
+                "static": self.static,
             },
         }
 
@@ -56,6 +67,7 @@ def probe() -> DeviceReport:
         llama_gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
         llama_system=(info.decode() if isinstance(info, bytes) else str(info)).strip(),
     )
+    _probe_openvino(report)
     try:
         import onnxruntime as ort
     except ImportError:
@@ -71,3 +83,22 @@ def probe() -> DeviceReport:
         except SpecliError as e:
             report.device_map[device] = f"unavailable: {e}"
     return report
+
+
+def _probe_openvino(report: DeviceReport) -> None:
+    """Whether OpenVINO's runtime is there, which devices it sees (an NPU?), and what
+    static-shape decoding would run on for each --device."""
+    try:
+        import openvino
+    except ImportError:
+        return
+    from .backends.openvino_static import openvino_devices, pick_device
+
+    report.openvino_version = openvino.__version__.split("-")[0]
+    report.openvino_runtime_devices = openvino_devices()
+    for device in ("npu", "cpu", "gpu"):
+        try:
+            where = pick_device(device, report.openvino_runtime_devices)
+            report.static[device] = f"OpenVINO {where} plugin, static shapes"
+        except SpecliError as e:
+            report.static[device] = f"unavailable: {e}"

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..backends.openvino_static import StaticSpec, read_static, write_static
 from ..errors import SpecliError
 from . import catalog
 
@@ -60,25 +61,31 @@ def export_model(
     force: bool = False,
     reuse: bool = False,
     progress: Progress | None = None,
+    static: StaticSpec | None = None,
 ) -> catalog.Export:
     """`reuse`: an existing export of the same source, quantisation and exporter is
-    kept as it is (scripts and `make test` call export every time)."""
+    kept as it is (scripts and `make test` call export every time).  `static`: also
+    write static.json (window, prefill chunk), so the export runs with fixed shapes
+    through OpenVINO (an Intel NPU, or its CPU plugin); see backends/openvino_static.py."""
     if quant not in catalog.QUANTS:
         raise SpecliError(f"unknown --quant {quant!r}; choose from {', '.join(catalog.QUANTS)}")
     if exporter not in EXPORTERS:
         raise SpecliError(f"unknown --exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
+    if static is not None:
+        static.check()
     kind, path, label = classify(source)
     if kind == "hf" and exporter == "specli":
         raise SpecliError("specli's own exporter reads GGUF files; a Hugging Face folder "
                           "exports through optimum (--exporter optimum)")
     use = exporter if exporter != "auto" else ("specli" if kind == "gguf" else "optimum")
-    name = name or default_name(label, quant)
+    name = name or default_name(label, quant) + ("-static" if static else "")
     dest = (out or catalog.exports_dir() / name).expanduser().absolute()
     if dest.exists() and any(dest.iterdir()):
         made = catalog.read_meta(dest)
         exporter_name = "specli-gguf" if use == "specli" else "optimum"
         if reuse and made is not None and (made.source, made.quant, made.exporter) == (
-                str(path), quant, exporter_name) and made.present:
+                str(path), quant, exporter_name) and made.present and (
+                read_static(dest) == static):
             catalog.register(catalog.Export(**{**made.__dict__, "name": name}))
             return catalog.find(name) or made
         if not force:
@@ -100,6 +107,8 @@ def export_model(
             from . import hf_optimum
 
             hf_optimum.export(kind, path, tmp, quant, note)
+        if static is not None:
+            write_static(tmp, static)
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
