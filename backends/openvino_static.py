@@ -127,9 +127,12 @@ def pick_device(device: str, available: Sequence[str]) -> str:
 
 def _compile_config(device: str, threads: int) -> dict[str, Any]:
     if device == "CPU":
-        # ACCURACY: fp32 compute, no on-the-fly activation quantisation, so the static path
-        # computes what the dynamic one does (up to onnxruntime's own int8 activations)
-        return {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 32,
+        # fp32 compute and no on-the-fly activation quantisation: with it (group size 32, the
+        # plugin's default for int8 weights) a token's logits moved by up to 0.38 with the
+        # other tokens of its window (1.5B int8, measured), so a verify pass would not give
+        # the token its plain-step logits and speculation would not be lossless.  Without
+        # it the window rows equal one-token calls within 3e-5 (float summation order).
+        return {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
                 "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                 "NUM_STREAMS": 1, **json.loads(os.environ.get("SPECLI_OV_CPU", "{}"))}
     from ..registry import specli_home
