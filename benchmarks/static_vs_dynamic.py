@@ -3,8 +3,11 @@
 Runs the same `specli export` int8 folder both ways, in one process, on this machine:
 plain greedy decode speed on a few Spec-Bench prompts, and the verify-cost curve (time of
 one target pass over n = 1..2(K+1) tokens at a short context; expected flat up to K+1 on
-the static path, two calls beyond).  Writes summary.json into
-benchmarks/results/2026-11-28-cpu2-static/.  Not a test: numbers of one noisy machine.
+the static path, two calls beyond).  Then the first static target drafted for by the
+0.5B export (dynamic onnxruntime) under the budget calibrated on the static target: on
+a flat curve it should draft up to K, and its text must equal static plain decoding's.
+Writes summary.json into benchmarks/results/2026-11-28-cpu2-static/.  Not a test: the
+numbers of one noisy machine.
 
     .venv/bin/python benchmarks/static_vs_dynamic.py [EXPORT_NAME] [--tokens 64]
 """
@@ -20,6 +23,9 @@ from pathlib import Path
 from specli.backends.base import LoadOptions
 from specli.backends.onnx import ONNXModel
 from specli.backends.openvino_static import StaticModel, StaticSpec
+from specli.budget import AdaptiveBudget
+from specli.calibrate import measure
+from specli.drafters.model import ModelDrafter
 from specli.engine import Engine, GenerationConfig
 from specli.export import catalog
 from specli.prompts import load_prompts, pick
@@ -51,6 +57,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--categories", default="coding,math,writing")
+    ap.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct-onnx-int8")
     a = ap.parse_args()
     entry = catalog.find(a.export)
     path = entry.path if entry else a.export
@@ -72,6 +79,25 @@ def main() -> None:
             res = Engine(m).generate(prompt, cfg, "none")
             rows[name]["decode_tok_s"].append(round(res.stats.decode_tok_s, 2))
             rows[name]["texts"].append(res.tokens)
+    static_name = f"static ctx {a.ctx[0]} (OpenVINO CPU)"
+    static = models[static_name]
+    d_entry = catalog.find(a.draft)
+    draft = ONNXModel(d_entry.path if d_entry else a.draft, LoadOptions(n_ctx=max(a.ctx),
+                                                                        n_threads=2))
+    cost = measure(static, draft, k_max=a.window + 1)
+    spec_engine = Engine(static, ModelDrafter(draft), AdaptiveBudget(cost))
+    spec = {"decode_tok_s": [], "mean_accepted": [], "identical_to_static_plain": []}
+    for p, plain in zip(prompts, rows[static_name]["texts"], strict=True):
+        res = spec_engine.generate(encode_prompt(static, p.text), cfg, "draft")
+        spec["decode_tok_s"].append(round(res.stats.decode_tok_s, 2))
+        spec["mean_accepted"].append(round(res.stats.mean_accepted, 2))
+        spec["identical_to_static_plain"].append(res.tokens == plain)
+    spec["speedup_vs_static_plain"] = round(
+        statistics.geometric_mean(spec["decode_tok_s"])
+        / statistics.geometric_mean(rows[static_name]["decode_tok_s"]), 2)
+    spec["calibrated_verify_ms_by_n"] = [round(1000 * v, 1) for v in cost.verify]
+    spec["calibrated_draft_ms"] = round(1000 * cost.draft, 1)
+    draft.close()
     ref = rows["dynamic (onnxruntime CPU)"]["texts"]
     base = encode_prompt(models["dynamic (onnxruntime CPU)"], prompts[0].text)[:40]
     summary = {"export": path, "tokens": a.tokens, "window": a.window, "threads": 2,
@@ -87,6 +113,7 @@ def main() -> None:
             "verify_ms_by_n": curve(m, base, 2 * (a.window + 1)),
         }
         m.close()
+    summary[f"{static_name} + draft {a.draft} (budget)"] = spec
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
