@@ -2,14 +2,14 @@
 
 One member is the usual case: a drafter and its budget.  Several is `--method auto`:
 every round each member's budget plans as if it were alone (its occasional probe
-included), and only the budget of the member that drafts learns from the draft.  A due
-probe takes the round (of several, the one that has waited longest): a probe is how a
+included), and only the budget of the member that drafts learns from the draft.  Among
+the members whose estimates say drafting pays, the one with the highest expected tokens
+per second drafts.  When none expects to pay, a due probe takes the round (of several,
+the one that has waited longest) and keeps its claim until it gets one: a probe is how a
 member whose estimates turned against it finds out whether they still hold, and judged
 by those same estimates it would lose every round to a member whose drafts cost nothing
-(hd), so it would never find out; its budget's backoff bounds what probing costs.
-Otherwise, among the members whose estimates say drafting pays, the one with the
-highest expected tokens per second drafts.  When none would draft, the round is a plain
-step, so auto is never asked to be slower than plain decoding.
+(hd), so it would never find out.  When none would draft, the round is a plain step, so
+auto is never asked to be slower than plain decoding.
 """
 
 from __future__ import annotations
