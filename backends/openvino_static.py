@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import SpecliError
 from .base import LoadOptions
-from .onnx import ONNXModel, _default_threads, _one_line
+from .onnx import DEVICES, ONNXModel, _default_threads, _one_line
 
 STATIC_FILE = "static.json"  # written by `specli export --static` into the export folder
 DEFAULT_WINDOW = 8  # K: matches --draft-max's default, so the budget may draft up to it
@@ -115,7 +115,7 @@ def pick_device(device: str, available: Sequence[str]) -> str:
     if device == "auto":
         return "NPU" if "NPU" in names else "CPU"
     if device not in _OV_DEVICE:
-        raise SpecliError(f"unknown --device {device!r}; choose from auto, cpu, gpu, npu")
+        raise SpecliError(f"unknown --device {device!r}; choose from {', '.join(DEVICES)}")
     want = _OV_DEVICE[device]
     if want not in names:
         fix = (" (install Intel's NPU driver; on an AI PC, update it), or run the same "

@@ -561,11 +561,10 @@ def devices(
         lines.append("OpenVINO runtime: not installed (static shapes for Intel NPUs: "
                      "pip install 'specli[npu]')")
     else:
-        npu = any(d.split(".")[0] == "NPU" for d in report.openvino_runtime_devices)
         lines.append(f"OpenVINO {report.openvino_version} (static shapes: --device npu, "
                      "`specli export --static`): devices "
                      + (", ".join(report.openvino_runtime_devices) or "none")
-                     + ("; NPU present" if npu else "; no NPU"))
+                     + ("; NPU present" if report.npu else "; no NPU"))
         for device, where in report.static.items():
             lines.append(f"  --device {device} (static): {where}")
     _write("\n".join(lines) + "\n")

@@ -32,6 +32,11 @@ class DeviceReport:
     openvino_runtime_devices: list[str] = field(default_factory=list)
     static: dict[str, str] = field(default_factory=dict)  # --device value -> static path
 
+    @property
+    def npu(self) -> bool:
+        """Whether OpenVINO's runtime sees an Intel NPU."""
+        return "NPU" in {d.split(".")[0] for d in self.openvino_runtime_devices}
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "cpu_cores": self.cpu_cores,
@@ -47,7 +52,7 @@ class DeviceReport:
             "openvino": None if self.openvino_version is None else {
                 "version": self.openvino_version,
                 "devices": self.openvino_runtime_devices,
-                "npu": "NPU" in {d.split(".")[0] for d in self.openvino_runtime_devices},
+                "npu": self.npu,
                 "static": self.static,
             },
         }
