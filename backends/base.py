@@ -45,10 +45,16 @@ class StepClock:
 
     steps: int = 0
     seconds: float = 0.0
+    # evals over several tokens (a prompt, a catch-up): each a new shape for a runtime
+    # that replays a captured graph only while the shape repeats (llama.cpp on CUDA)
+    batches: int = 0
 
-    def add(self, seconds: float) -> None:
-        self.steps += 1
-        self.seconds += seconds
+    def add(self, n_tokens: int, seconds: float) -> None:
+        if n_tokens == 1:
+            self.steps += 1
+            self.seconds += seconds
+        elif n_tokens > 1:
+            self.batches += 1
 
 
 class Backend(Protocol):
@@ -62,6 +68,10 @@ class Backend(Protocol):
     bos: int | None  # the BOS token id, if the vocabulary has one
     placement: str  # where it runs, for --stats and --json ("llama.cpp CPU, 2 threads")
     step_clock: StepClock  # one-token evals, timed (see StepClock)
+    # A drafter this many tokens behind (or fewer) catches up one token at a time, each
+    # eval shaped like a drafting step: set by calibration where that measured faster
+    # than one batch (specli.calibrate.measure_catch_up); 0: always in one batch.
+    catch_up_stepwise: int
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
         """Text to token ids; `special` parses control tokens such as <|im_end|>."""

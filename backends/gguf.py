@@ -184,6 +184,7 @@ class GGUFModel:
         self._tree: tuple[int, list[int], list[list[int]], int] | None = None
         self.tokens: list[int] = []
         self.step_clock = StepClock()
+        self.catch_up_stepwise = 0
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
 
     # -- tokenizer -----------------------------------------------------------------
@@ -275,8 +276,7 @@ class GGUFModel:
                 raise SpecliError(f"llama_decode failed (code {rc}): {_last_error()}")
             self.tokens.extend(chunk)
             rows += [self._logits(j).copy() for j in out_idx]
-        if len(tokens) == 1:
-            self.step_clock.add(time.perf_counter() - t0)
+        self.step_clock.add(len(tokens), time.perf_counter() - t0)
         if not rows:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         return rows[0][None, :] if len(rows) == 1 else np.stack(rows)

@@ -257,6 +257,7 @@ class ONNXModel:
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
         self.tokens: list[int] = []
         self.step_clock = StepClock()
+        self.catch_up_stepwise = 0
 
     # -- loading ---------------------------------------------------------------------
     @staticmethod
@@ -377,8 +378,7 @@ class ONNXModel:
             chunk = list(tokens[start : start + self.n_batch])
             local = [i - start for i in want if start <= i < start + len(chunk)]
             rows.append(self._run(chunk, local))
-        if len(tokens) == 1:
-            self.step_clock.add(time.perf_counter() - t0)
+        self.step_clock.add(len(tokens), time.perf_counter() - t0)
         if not rows:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         return np.concatenate(rows).astype(np.float32, copy=False)

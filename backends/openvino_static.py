@@ -287,8 +287,7 @@ class StaticModel(ONNXModel):
             if local:
                 rows.append(np.array(out[local], dtype=np.float32))
             start += size
-        if len(tokens) == 1:
-            self.step_clock.add(time.perf_counter() - t0)
+        self.step_clock.add(len(tokens), time.perf_counter() - t0)
         if not rows:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         return np.concatenate(rows)

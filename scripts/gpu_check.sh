@@ -240,7 +240,7 @@ finish() {
         done
         for tag in "${TAGS[@]}"; do
             mkdir -p "$WORK/logs/bench-$tag"
-            for f in summary.md summary.json results.jsonl trace.jsonl.gz; do
+            for f in summary.md summary.json results.jsonl trace.jsonl.gz trace_report.md; do
                 [[ -f $WORK/bench-$tag/$f ]] && cp "$WORK/bench-$tag/$f" "$WORK/logs/bench-$tag/"
             done
             for f in models.json agreement.json; do
@@ -249,6 +249,9 @@ finish() {
             [[ -f $WORK/bench-$tag.log ]] &&
                 tail -n 3000 "$WORK/bench-$tag.log" >"$WORK/logs/bench-$tag/bench_log_tail.txt"
         done
+        # every calibration: verify curve, drafter step, how a short catch-up is read
+        # (round_batched / round_stepwise, issue 14's CUDA graph check), overlap
+        [[ -d $SPECLI_HOME/calibration ]] && cp -r "$SPECLI_HOME/calibration" "$WORK/logs/"
         [[ -f $WORK/build.log ]] && { head -n 150 "$WORK/build.log"; echo "[...]"
             tail -n 300 "$WORK/build.log"; } >"$WORK/logs/build_log.txt"
         tar -C "$WORK/logs" -czf "$OUT/logs.tar.gz" .
@@ -747,6 +750,10 @@ run_bench() {  # run_bench TAG DIR: one `specli bench` into $WORK/bench-TAG
         "${SPECLI[@]}" bench "$target" "${flags[@]}" 2>&1 | tee "$WORK/bench-$tag.log"
     rc=${PIPESTATUS[0]}
     [[ -f $WORK/bench-$tag/trace.jsonl ]] && gzip -f "$WORK/bench-$tag/trace.jsonl"
+    # target passes by size, same shape as the pass before or not; drafting by lag
+    [[ -f $WORK/bench-$tag/trace.jsonl.gz ]] &&
+        timeout 60 "$PYTHON" "$REPO/scripts/trace_report.py" "$WORK/bench-$tag/trace.jsonl.gz" \
+            >"$WORK/bench-$tag/trace_report.md" 2>&1 && cat "$WORK/bench-$tag/trace_report.md"
     [[ -f $WORK/bench-$tag/summary.json ]] ||
         { phase_end "$rc"; fail "the bench ($tag) wrote no summary"; }
     "$PYTHON" - "$WORK/bench-$tag" >"$WORK/methods-$tag.md" <<'EOF2'

@@ -46,6 +46,12 @@ class CostModel:
     # and a token drafted meanwhile costs `overlap_draft` seconds (0: not measured, `draft`).
     overlap_verify: float = 1.0
     overlap_draft: float = 0.0
+    # A lag of up to this many tokens is read token by token, as drafting steps (where
+    # calibration measured that faster than one batch: see calibrate.measure_catch_up),
+    # and the two measured rounds: a catch-up of two then three steps, each way.
+    catch_up_stepwise: int = 0
+    round_batched: float = 0.0
+    round_stepwise: float = 0.0
 
     def beside_draft(self) -> float:
         """Seconds per token the drafter takes while a target pass runs beside it."""
@@ -62,6 +68,10 @@ class CostModel:
 
     def round_cost(self, k: int) -> float:
         return k * self.draft + self.verify_cost(k + 1)
+
+    def catch_up_cost(self, lag: int) -> float:
+        """Seconds for a drafter `lag` tokens behind to read them."""
+        return lag * (self.draft if lag <= self.catch_up_stepwise else self.catch_up)
 
 
 def expected_tokens(p: Sequence[float]) -> float:
@@ -86,7 +96,7 @@ def best_length(
 ) -> int:
     """The draft length in 0..k_max with the highest expected tokens per second.
 
-    A drafter `lag` tokens behind must first read them (lag * catch_up seconds); that
+    A drafter `lag` tokens behind must first read them (`catch_up_cost`); that
     is paid once and then serves the rest of the generation, so each round is charged
     its share: the fraction of the `horizon` (tokens left) the round produces.  A draft
     must beat a plain step's rate by the factor `min_gain`."""
@@ -95,7 +105,7 @@ def best_length(
     for k in range(1, min(k_max, len(p)) + 1):
         survive *= p[k - 1]
         tokens += survive  # expected_tokens(p[:k])
-        setup = lag * cost.catch_up * min(1.0, tokens / max(horizon, 1.0))
+        setup = cost.catch_up_cost(lag) * min(1.0, tokens / max(horizon, 1.0))
         r = tokens / (cost.round_cost(k) + setup)  # amortised_rate(cost, p[:k], lag, horizon)
         if r > best_rate:
             best_k, best_rate = k, r
@@ -106,7 +116,7 @@ def amortised_rate(cost: CostModel, p: Sequence[float], lag: int = 0,
                    horizon: float = 1e9) -> float:
     """`rate` with the drafter's catch-up charged by the round's share of the horizon."""
     share = min(1.0, expected_tokens(p) / max(horizon, 1.0))
-    return rate(cost, p, lag * cost.catch_up * share)
+    return rate(cost, p, cost.catch_up_cost(lag) * share)
 
 
 def best_tree(cost: CostModel, parents: Sequence[int], p: Sequence[float],
@@ -181,7 +191,7 @@ def overlap_rate(cost: CostModel, p: Sequence[float], p_guess: float, lag: int =
     hit = math.prod(p) * p_guess
     late = max(0.0, busy - verify) * (cost.draft / beside if beside > 0 else 0.0)
     share = min(1.0, expected_tokens(p) / max(horizon, 1.0))
-    catch_up = lag * cost.catch_up * share
+    catch_up = cost.catch_up_cost(lag) * share
     return expected_tokens(p) / (verify + hit * late + (1.0 - hit) * k * cost.draft + catch_up)
 
 
@@ -203,7 +213,7 @@ def best_overlap_length(
         verify = overlapped_verify(cost, k + 1, busy)
         hit = survive * p[k]
         late = max(0.0, busy - verify) * late_share
-        catch_up = lag * cost.catch_up * min(1.0, tokens / max(horizon, 1.0))
+        catch_up = cost.catch_up_cost(lag) * min(1.0, tokens / max(horizon, 1.0))
         r = tokens / (verify + hit * late + (1.0 - hit) * k * cost.draft + catch_up)
         if r > best_rate:
             best_k, best_rate = k, r
@@ -344,6 +354,11 @@ def describe_costs(c: CostModel) -> str:
     if c.overlap_verify != 1.0 or c.overlap_draft > 0:
         text += (f"; side by side, a pass {c.overlap_verify:.2f}x slower and a drafted token "
                  f"{c.beside_draft() / v1:.2f}x")
+    if c.round_batched > 0 and c.round_stepwise > 0:
+        way = "token by token" if c.catch_up_stepwise else "in one batch"
+        text += (f"; a short catch-up is read {way} (a round reading two tokens then "
+                 f"drafting three: {1000 * c.round_batched:.2f} ms batched, "
+                 f"{1000 * c.round_stepwise:.2f} ms token by token)")
     return text
 
 

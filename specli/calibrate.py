@@ -78,8 +78,9 @@ def _timed(fn) -> float:
 def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
             overlap: bool = False) -> CostModel:
     """Median time of a target pass over n = 1..k_max tokens (logits for all of them,
-    as verification asks) and of one drafted token, at a short context; with `overlap`,
-    also both side by side (`measure_overlap`)."""
+    as verification asks) and of one drafted token, at a short context; with a draft,
+    also which way it reads a short catch-up faster (`measure_catch_up`); with
+    `overlap`, also both side by side (`measure_overlap`)."""
     k_max = max(1, min(k_max, target.n_ctx // 2))  # a tiny --ctx still calibrates
     ctx = target.tokenize(CONTEXT, add_bos=target.add_bos)[: max(1, target.n_ctx - k_max - 1)]
     filler = (ctx * (k_max // max(len(ctx), 1) + 2))[: k_max + 1]
@@ -120,9 +121,50 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
         ) / len(batch)
         draft.truncate(0)
     cost = CostModel(verify=verify, draft=draft_cost, catch_up=catch_up)
+    if draft is not None:
+        cost.round_batched, cost.round_stepwise = measure_catch_up(draft)
+        faster = cost.round_stepwise < STEPWISE_GAIN * cost.round_batched
+        cost.catch_up_stepwise = STEPWISE_LAG if faster else 0
     if overlap and draft is not None:
         cost.overlap_verify, cost.overlap_draft = measure_overlap(target, draft)
     return cost
+
+
+STEPWISE_LAG = 3  # the longest catch-up read token by token where that measured faster
+STEPWISE_GAIN = 0.9  # ... by at least 10%: on a CPU a batch of two costs under two steps
+
+
+def measure_catch_up(draft: Backend) -> tuple[float, float]:
+    """Median seconds of a drafting round that first reads two tokens (as after a fully
+    accepted draft: its last token and the target's) then drafts three: with the two
+    read in one batch, and read as two steps.  Each way in a block of rounds of its
+    own, so that a runtime keeping a graph per shape (llama.cpp's CUDA backend) shows
+    its steady state both ways: changing shape between batch and steps, or never."""
+    room = max(8, draft.n_ctx - 16)
+    base = draft.tokenize(CONTEXT, add_bos=draft.add_bos)[: max(1, room - 8)]
+    fresh = (base * 5)[:5]
+    draft.truncate(0)
+    draft.eval(base)
+
+    def one_round(stepwise: bool) -> float:
+        t0 = time.perf_counter()
+        if stepwise:
+            draft.eval(fresh[:1], [0])
+            draft.eval(fresh[1:2], [0])
+        else:
+            draft.eval(fresh[:2], [1])
+        for tok in fresh[2:]:
+            draft.eval([tok], [0])
+        seconds = time.perf_counter() - t0
+        draft.truncate(len(base))
+        return seconds
+
+    rounds = {}
+    for stepwise in (False, True):
+        times = [one_round(stepwise) for _ in range(REPEATS + 2)]
+        rounds[stepwise] = statistics.median(times[2:])  # two to settle into the shape
+    draft.truncate(0)
+    return rounds[False], rounds[True]
 
 
 OVERLAP_SIZES = (1, 2, 4, 8)  # verify passes timed beside the drafter (and without)
@@ -244,10 +286,11 @@ def is_stale(cached_step: float, step_now: float, ratio: float = STALE_RATIO) ->
 def cost_from_json(data: dict) -> CostModel:
     """A cached cost model, field by field (TypeError or ValueError when it is not one;
     fields an older file lacks take their defaults)."""
-    names = {f.name for f in fields(CostModel)}
-    cost = CostModel(**{k: v for k, v in data.items() if k in names})
+    kinds = {f.name: int if isinstance(f.default, int) else float
+             for f in fields(CostModel) if f.name != "verify"}
+    cost = CostModel(**{k: v for k, v in data.items() if k in kinds or k == "verify"})
     return replace(cost, verify=[float(v) for v in cost.verify],
-                   **{n: float(getattr(cost, n)) for n in names - {"verify"}})
+                   **{n: kind(getattr(cost, n)) for n, kind in kinds.items()})
 
 
 def calibration_path(key: str) -> Path:
@@ -258,9 +301,10 @@ def load_or_measure(
     target: Backend, draft: Backend | None, opts: LoadOptions, *, force: bool = False,
     draft_opts: LoadOptions | None = None, overlap: bool = False,
 ) -> tuple[CostModel, bool]:
-    """The cached cost model, or a fresh measurement (saved atomically).  `draft_opts`:
-    where the draft runs when it differs from `opts`; `overlap`: also measure the pair
-    side by side (duo).  Returns (model, measured_now)."""
+    """The cached cost model, or a fresh measurement (saved atomically), applied to the
+    draft model (`catch_up_stepwise`).  `draft_opts`: where the draft runs when it
+    differs from `opts`; `overlap`: also measure the pair side by side (duo).  Returns
+    (model, measured_now)."""
     try:
         return _load_or_measure(target, draft, opts, force, draft_opts, overlap)
     finally:  # the models ran on this thread: hand its OpenMP workers back meanwhile
@@ -274,10 +318,13 @@ def _load_or_measure(
     path = calibration_path(cache_key(target, draft, opts, draft_opts, overlap))
     if not force and path.exists():
         try:
-            cost = cost_from_json(json.loads(path.read_text("utf-8")))
+            data = json.loads(path.read_text("utf-8"))
+            cost = cost_from_json(data)
             cached = cost.verify[0]
-            if cached < MIN_CHECKED_STEP_S or not is_stale(cached, plain_step(target)):
-                return cost, False
+            older = draft is not None and "round_batched" not in data  # before catch-ups
+            if not older and (cached < MIN_CHECKED_STEP_S
+                              or not is_stale(cached, plain_step(target))):
+                return _applied(cost, draft), False
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             pass  # unreadable cache: measure again
     cost = measure(target, draft, overlap=overlap)
@@ -291,5 +338,12 @@ def _load_or_measure(
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=1), "utf-8")
     os.replace(tmp, path)
-    return cost, True
+    return _applied(cost, draft), True
+
+
+def _applied(cost: CostModel, draft: Backend | None) -> CostModel:
+    """The draft model reads short catch-ups the way measured faster where it runs."""
+    if draft is not None:
+        draft.catch_up_stepwise = cost.catch_up_stepwise
+    return cost
 

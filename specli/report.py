@@ -59,6 +59,9 @@ def cost_lines(res: Result) -> list[str]:
         if cal is not None and cal.draft > 0:
             step += (f" (calibrated alone: {1000 * cal.draft:.2f} ms, "
                      f"{s.ms_per_draft_step / (1000 * cal.draft):.2f}x)")
+        way = ("short ones token by token" if cal is not None and cal.catch_up_stepwise
+               else "in one batch")
+        step += f"; {s.draft_batches} evals over several tokens (prompt, catch-ups {way})"
         lines.append(step)
     return lines
 
@@ -98,6 +101,7 @@ def result_json(
             "pass_size": s.pass_size,
             "draft_steps": s.draft_steps,
             "ms_per_draft_step": s.ms_per_draft_step,
+            "draft_batches": s.draft_batches,
         },
         "calibrated": calibrated_json(res),
     }
@@ -109,4 +113,5 @@ def calibrated_json(res: Result) -> dict | None:
     if cal is None:
         return None
     return {"ms_per_pass": [round(1000 * v, 4) for v in cal.verify],
-            "ms_per_draft_step": round(1000 * cal.draft, 4)}
+            "ms_per_draft_step": round(1000 * cal.draft, 4),
+            "catch_up_stepwise": cal.catch_up_stepwise}

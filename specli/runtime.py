@@ -354,10 +354,15 @@ def load(
     loaded = Loaded(target, dm, used, model, draft, opts, budget, corpus, history, duo,
                     duo_told=draft_gpu_layers is not None)
     loaded.cross = dm is not None and not same_tokenizer(target, dm)
-    if used == "duo" and _parse_budget(budget) is None:
+    # Calibrated here, with a spinner, on first use: for a budget to plan with, and for
+    # a draft model on a GPU even at a fixed length (how it best reads a short catch-up
+    # is measured there: calibrate.measure_catch_up).
+    measure = _parse_budget(budget) is None or (
+        dm is not None and on_accelerator(duo if used == "duo" else draft_opts))
+    if used == "duo" and measure:
         loaded.duo_cost_model(console)
-    elif used != "none" and _parse_budget(budget) is None:
-        loaded.cost_model(console)  # measured here, with a spinner, on first use
+    elif used != "none" and measure:
+        loaded.cost_model(console)
     loaded.engine = loaded.make_engine(used, budget)
     return loaded
 

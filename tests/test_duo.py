@@ -52,6 +52,7 @@ class Markov:
     path = "fake.gguf"
     bos = None
     add_bos = False
+    catch_up_stepwise = 0
 
     def __init__(self, table: np.ndarray, who: str, log: list | None = None,
                  step_s: float = 0.0, n_ctx: int = 512) -> None:

@@ -114,3 +114,31 @@ def test_specli_trace_writes_each_round_with_every_budget_state(tmp_path, monkey
     assert lines[1]["probe"] and lines[1]["lag"] == 0 and lines[1]["seconds"] == [0.001, 0.005]
     assert set(lines[2]["budgets"]) == {"hd", "duo"}
     assert lines[2]["budgets"]["duo"]["p"][0] < 0.05 and lines[2]["budgets"]["duo"]["gap"] == 4
+
+
+def test_trace_report_sets_passes_by_shape_change_and_drafting_by_lag():
+    """scripts/trace_report.py: how the GPU check's traces show what a change of pass
+    shape and a catch-up cost inside the pipeline."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "scripts" / "trace_report.py"
+    spec = importlib.util.spec_from_file_location("trace_report", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    budgets = {"duo": {"draft_scale": 1.0}}
+    lines = [{"round": r, "pick": pick, "verified": k, "lag": lag, "ready": False,
+              "seconds": s, "budgets": budgets}
+             for r, pick, k, lag, s in [(1, None, 0, 0, [0.0, 0.005]),
+                                        (2, "duo", 3, 2, [0.003, 0.007]),
+                                        (3, "duo", 3, 1, [0.0015, 0.006]),
+                                        (4, None, 0, 0, [0.0, 0.006])]]
+    fixed = {"draft": {"draft_scale": None}}  # another method, its rounds interleaved
+    lines[2:2] = [{**lines[0], "budgets": fixed}, {**lines[0], "round": 2, "budgets": fixed}]
+    out = mod.report(lines)
+    assert out[:3] == ["## draft (fixed)", out[1], "   1 tokens: 5.00 (1) / n/a"]
+    assert "## duo" in out
+    assert "   4 tokens: 6.00 (1) / 7.00 (1)" in out
+    assert "   1 tokens: n/a / 6.00 (1)" in out  # round 1 has no pass before it
+    assert "drafting ms per drafted token (rounds): lag 0-1: 0.50 (1), lag 2: 1.00 (1)" in out
