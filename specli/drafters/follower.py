@@ -6,10 +6,11 @@ rollback, never a re-prefill, and a drafter that sat out plain steps catches up 
 batch (what `behind` tells the budget).
 
 Except a short catch-up where the model's `catch_up_stepwise` says so: there each token
-is read as a step of its own.  A batch of two is cheap on a CPU, but llama.cpp's CUDA
-backend replays a captured graph only while a context's evals keep one shape, and a
-batch between drafting steps costs the next steps their graph too (ggml-org/llama.cpp
-issue 28652); calibration measures which way is faster for the model where it runs.
+is read as a step of its own.  On a CPU a batch never costs more than its tokens as
+steps, but llama.cpp's CUDA backend replays a captured graph only while a context's
+evals keep one shape, and a batch between drafting steps costs the next steps their
+graph too (ggml-org/llama.cpp issue 28652); calibration measures which way is faster
+for the model where it runs.
 """
 
 from __future__ import annotations
