@@ -52,6 +52,9 @@ class CostModel:
     catch_up_stepwise: int = 0
     round_batched: float = 0.0
     round_stepwise: float = 0.0
+    # measured, not yet planned with: what the two plain steps after a verify pass cost
+    # beyond two steady ones (a runtime keeping one graph per shape pays it; a CPU not)
+    shape_change: float = 0.0
 
     def beside_draft(self) -> float:
         """Seconds per token the drafter takes while a target pass runs beside it."""
@@ -359,6 +362,9 @@ def describe_costs(c: CostModel) -> str:
         text += (f"; a short catch-up is read {way} (a round reading two tokens then "
                  f"drafting three: {1000 * c.round_batched:.2f} ms batched, "
                  f"{1000 * c.round_stepwise:.2f} ms token by token)")
+    if c.shape_change > 0.1 * v1:  # below that: a CPU's noise
+        text += (f"; the two plain steps after a verify pass take {1000 * c.shape_change:.2f} "
+                 "ms more than two steady ones")
     return text
 
 

@@ -80,7 +80,8 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
     """Median time of a target pass over n = 1..k_max tokens (logits for all of them,
     as verification asks) and of one drafted token, at a short context; with a draft,
     also which way it reads a short catch-up faster (`measure_catch_up`); with
-    `overlap`, also both side by side (`measure_overlap`)."""
+    `overlap`, also both side by side (`measure_overlap`); and what a change of pass
+    shape costs the plain steps after it (`measure_shape_change`)."""
     k_max = max(1, min(k_max, target.n_ctx // 2))  # a tiny --ctx still calibrates
     ctx = target.tokenize(CONTEXT, add_bos=target.add_bos)[: max(1, target.n_ctx - k_max - 1)]
     filler = (ctx * (k_max // max(len(ctx), 1) + 2))[: k_max + 1]
@@ -101,6 +102,7 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
     # is clipped to the cheapest measurement of any longer pass
     for i in range(k_max - 2, -1, -1):
         verify[i] = min(verify[i], verify[i + 1])
+    shape_change = measure_shape_change(target, filler, base, min(4, k_max - 1))
     target.truncate(0)
     draft_cost = catch_up = 0.0
     if draft is not None:
@@ -120,7 +122,8 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
             _timed(lambda: (draft.truncate(0), draft.eval(batch))) for _ in range(REPEATS)
         ) / len(batch)
         draft.truncate(0)
-    cost = CostModel(verify=verify, draft=draft_cost, catch_up=catch_up)
+    cost = CostModel(verify=verify, draft=draft_cost, catch_up=catch_up,
+                     shape_change=shape_change)
     if draft is not None:
         cost.round_batched, cost.round_stepwise = measure_catch_up(draft)
         faster = cost.round_stepwise < STEPWISE_GAIN * cost.round_batched
@@ -128,6 +131,28 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
     if overlap and draft is not None:
         cost.overlap_verify, cost.overlap_draft = measure_overlap(target, draft)
     return cost
+
+
+def measure_shape_change(target: Backend, filler: list[int], base: int, n: int) -> float:
+    """Extra seconds two plain steps take right after a pass over n tokens, beside two
+    after plain steps (a block of rounds each way).  For --stats and the GPU check: about
+    0 on a CPU; llama.cpp on CUDA runs the first step without its captured graph and
+    captures it again in the second, and verification passes change shape often."""
+    if n < 2:
+        return 0.0
+
+    def two_steps(after: int) -> float:
+        target.eval(filler[:after], range(after))
+        t0 = time.perf_counter()
+        target.eval(filler[after:after + 1], [0])
+        target.eval(filler[after + 1:after + 2], [0])
+        seconds = time.perf_counter() - t0
+        target.truncate(base)
+        return seconds
+
+    steady = [two_steps(1) for _ in range(REPEATS + 1)][1:]  # the first settles the shape
+    changed = [two_steps(n) for _ in range(REPEATS + 1)][1:]
+    return max(0.0, statistics.median(changed) - statistics.median(steady))
 
 
 STEPWISE_LAG = 3  # the longest catch-up read token by token where that measured faster

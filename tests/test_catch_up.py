@@ -87,6 +87,18 @@ def test_calibration_reads_short_catch_ups_stepwise_where_shapes_cost(tiny_model
     assert cost.catch_up_cost(STEPWISE_LAG + 1) == (STEPWISE_LAG + 1) * cost.catch_up
 
 
+def test_calibration_measures_what_a_change_of_pass_shape_costs_the_target(tiny_models):
+    """Verify passes change shape often: where that costs the plain steps after them
+    their graph, calibration shows it (--stats), for the GPU check to read."""
+    from specli.budget import describe_costs
+
+    t = GraphPerShape(tiny_models["target"])
+    cost = measure(t, None, k_max=5)  # type: ignore[arg-type]
+    # after a pass over 4 tokens: one step uncaptured, one capturing; steady: replays
+    assert cost.shape_change > 1.5 * PENALTY_S
+    assert "the two plain steps after a verify pass take" in describe_costs(cost)
+
+
 def test_a_catch_up_is_one_batch_unless_the_model_says_stepwise(tiny_models):
     m = GraphPerShape(tiny_models["same"])
     ctx = encode_prompt(m, "Once upon a time, the little robot")  # type: ignore[arg-type]
