@@ -59,9 +59,9 @@ def cost_lines(res: Result) -> list[str]:
         if cal is not None and cal.draft > 0:
             step += (f" (calibrated alone: {1000 * cal.draft:.2f} ms, "
                      f"{s.ms_per_draft_step / (1000 * cal.draft):.2f}x)")
-        way = ("short ones token by token" if cal is not None and cal.catch_up_stepwise
-               else "in one batch")
-        step += f"; {s.draft_batches} evals over several tokens (prompt, catch-ups {way})"
+        way = "" if cal is None else (" (short ones token by token)" if cal.catch_up_stepwise
+                                      else " (in one batch)")
+        step += f"; {s.draft_batches} evals over several tokens (prompt, catch-ups{way})"
         lines.append(step)
     return lines
 
