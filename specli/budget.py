@@ -33,6 +33,10 @@ from .tree import depths
 CONF_EDGES = (0.3, 0.5, 0.7, 0.85, 0.95)  # drafter confidence bins: [0,.3) [.3,.5) ... [.95,1]
 
 
+STEPWISE_LAG = 3  # the longest catch-up read token by token where that measured faster
+STEPWISE_GAIN = 0.9  # ... by at least 10%, so noise never flips it (2-core CPU: a tie)
+
+
 @dataclass
 class CostModel:
     """Seconds per target forward of n tokens (`verify[n-1]`, n = 1..len) and per
@@ -46,10 +50,8 @@ class CostModel:
     # and a token drafted meanwhile costs `overlap_draft` seconds (0: not measured, `draft`).
     overlap_verify: float = 1.0
     overlap_draft: float = 0.0
-    # A lag of up to this many tokens is read token by token, as drafting steps (where
-    # calibration measured that faster than one batch: see calibrate.measure_catch_up),
-    # and the two measured rounds: a catch-up of two then three steps, each way.
-    catch_up_stepwise: int = 0
+    # A drafting round that first reads two tokens then drafts three, timed with the two
+    # read in one batch and token by token (calibrate.measure_catch_up; 0: not measured)
     round_batched: float = 0.0
     round_stepwise: float = 0.0
     # measured, not yet planned with: what the two plain steps after a verify pass cost
@@ -71,6 +73,14 @@ class CostModel:
 
     def round_cost(self, k: int) -> float:
         return k * self.draft + self.verify_cost(k + 1)
+
+    @property
+    def catch_up_stepwise(self) -> int:
+        """The longest lag the drafter reads token by token, as drafting steps: where
+        that measured clearly faster than one batch (a runtime that keeps a graph per
+        shape: llama.cpp on CUDA); 0: every catch-up in one batch."""
+        faster = self.round_stepwise < STEPWISE_GAIN * self.round_batched
+        return STEPWISE_LAG if faster else 0
 
     def catch_up_cost(self, lag: int) -> float:
         """Seconds for a drafter `lag` tokens behind to read them."""

@@ -126,8 +126,6 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
                      shape_change=shape_change)
     if draft is not None:
         cost.round_batched, cost.round_stepwise = measure_catch_up(draft)
-        faster = cost.round_stepwise < STEPWISE_GAIN * cost.round_batched
-        cost.catch_up_stepwise = STEPWISE_LAG if faster else 0
     if overlap and draft is not None:
         cost.overlap_verify, cost.overlap_draft = measure_overlap(target, draft)
     return cost
@@ -153,10 +151,6 @@ def measure_shape_change(target: Backend, filler: list[int], base: int, n: int) 
     steady = [two_steps(1) for _ in range(REPEATS + 1)][1:]  # the first settles the shape
     changed = [two_steps(n) for _ in range(REPEATS + 1)][1:]
     return max(0.0, statistics.median(changed) - statistics.median(steady))
-
-
-STEPWISE_LAG = 3  # the longest catch-up read token by token where that measured faster
-STEPWISE_GAIN = 0.9  # ... by at least 10%, so noise never flips it (2-core CPU: a tie)
 
 
 def measure_catch_up(draft: Backend) -> tuple[float, float]:
@@ -311,11 +305,10 @@ def is_stale(cached_step: float, step_now: float, ratio: float = STALE_RATIO) ->
 def cost_from_json(data: dict) -> CostModel:
     """A cached cost model, field by field (TypeError or ValueError when it is not one;
     fields an older file lacks take their defaults)."""
-    kinds = {f.name: int if isinstance(f.default, int) else float
-             for f in fields(CostModel) if f.name != "verify"}
-    cost = CostModel(**{k: v for k, v in data.items() if k in kinds or k == "verify"})
+    names = {f.name for f in fields(CostModel)}
+    cost = CostModel(**{k: v for k, v in data.items() if k in names})
     return replace(cost, verify=[float(v) for v in cost.verify],
-                   **{n: kind(getattr(cost, n)) for n, kind in kinds.items()})
+                   **{n: float(getattr(cost, n)) for n in names - {"verify"}})
 
 
 def calibration_path(key: str) -> Path:

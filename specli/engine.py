@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -210,7 +210,7 @@ class Engine:
             res.cost_note = team.describe_costs()
         rng = cfg.params.rng()
         # the draft models' step clocks, as they stood when this generation began
-        clocks = [(c, c.steps, c.seconds, c.batches) for m in draft_backends(team)
+        clocks = [(c, replace(c)) for m in draft_backends(team)
                   if (c := getattr(m, "step_clock", None)) is not None]
         # A seeded sampled run must replay exactly: its budget then decides from the
         # calibrated costs and the (deterministic) acceptance history, not the clock.
@@ -257,9 +257,9 @@ class Engine:
                 team.accepted(pick, ctx, len(draft.tokens), len(accepted))
             st.n_generated = len(res.tokens)
             if clocks:
-                st.draft_steps = sum(c.steps - n for c, n, _, _ in clocks)
-                st.draft_step_s = sum(c.seconds - x for c, _, x, _ in clocks)
-                st.draft_batches = sum(c.batches - b for c, _, _, b in clocks)
+                st.draft_steps = sum(c.steps - was.steps for c, was in clocks)
+                st.draft_step_s = sum(c.seconds - was.seconds for c, was in clocks)
+                st.draft_batches = sum(c.batches - was.batches for c, was in clocks)
             st.decode_s = time.perf_counter() - start - st.prefill_s
             st.wall_s = st.prefill_s + st.decode_s
             if new:

@@ -22,9 +22,8 @@ from dataclasses import replace
 import pytest
 
 from specli.backends.base import LoadOptions
-from specli.budget import CostModel, FixedBudget, Plan
+from specli.budget import STEPWISE_LAG, CostModel, FixedBudget, Plan
 from specli.calibrate import (
-    STEPWISE_LAG,
     cache_key,
     calibration_path,
     load_or_measure,
@@ -156,7 +155,7 @@ def test_calibration_sets_the_draft_models_way_and_measures_older_caches_again(
     assert isinstance(again.catch_up_stepwise, int)
     path = calibration_path(cache_key(t, d, opts))  # type: ignore[arg-type]
     record = json.loads(path.read_text("utf-8"))
-    for name in ("catch_up_stepwise", "round_batched", "round_stepwise"):
+    for name in ("round_batched", "round_stepwise"):
         del record[name]  # a file written before catch-ups were measured
     path.write_text(json.dumps(record), "utf-8")
     _, measured = load_or_measure(t, d, opts)  # type: ignore[arg-type]
@@ -166,8 +165,8 @@ def test_calibration_sets_the_draft_models_way_and_measures_older_caches_again(
 def test_describe_costs_says_how_a_catch_up_is_read():
     from specli.budget import describe_costs
 
-    cost = CostModel([0.005, 0.006], 0.0006, 0.0003, catch_up_stepwise=3,
-                     round_batched=0.0045, round_stepwise=0.003)
+    cost = CostModel([0.005, 0.006], 0.0006, 0.0003, round_batched=0.0045,
+                     round_stepwise=0.003)
     text = describe_costs(cost)
     assert "a short catch-up is read token by token" in text
     assert "4.50 ms batched, 3.00 ms token by token" in text
