@@ -18,6 +18,7 @@ import os
 import re
 import sqlite3
 import struct
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -264,6 +265,23 @@ def _rows_for(
     return out
 
 
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """Put the file in WAL mode, waiting out another process doing the same.
+
+    On a new file the switch needs an exclusive lock and SQLite answers "database is
+    locked" at once instead of calling the busy handler, so two specli processes
+    started together would have one fail; this retries for up to BUSY_TIMEOUT_MS."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class NgramStore:
     """An SQLite table n-gram -> next-token counts: the user's history (read-write) or a
     static corpus (read-only).  One file per tokenizer, checked by fingerprint on open.
@@ -335,7 +353,7 @@ class NgramStore:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            _switch_to_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL: safe against process crashes
             conn.execute("BEGIN IMMEDIATE")  # two processes may create the file at once
             for sql in (*_SCHEMA, _AGE_INDEX):
