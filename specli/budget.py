@@ -54,8 +54,11 @@ class CostModel:
     # read in one batch and token by token (calibrate.measure_catch_up; 0: not measured)
     round_batched: float = 0.0
     round_stepwise: float = 0.0
-    # measured, not yet planned with: what the two plain steps after a verify pass cost
-    # beyond two steady ones (a runtime keeping one graph per shape pays it; a CPU not)
+    # what the two plain steps after a verify pass cost beyond two steady ones (a runtime
+    # keeping one graph per shape pays it; a CPU not).  Measured, not planned with: in a
+    # simulation of an H200-like pair (5.35 ms step, 1-2 ms of it), charging it to the
+    # first draft after a plain step moved the rate by -1% to 0 at every acceptance
+    # (drafting runs last long; most switches back are probes), so --stats only says it.
     shape_change: float = 0.0
 
     def beside_draft(self) -> float:
