@@ -258,7 +258,7 @@ s.add([11, 12, 13, 14])
 s._conn = Tell(s._conn)
 big = np.random.default_rng(0).integers(1000, 60000, size=15000).tolist() + [7, 7, 7, 7]
 while True:
-    s.add(big)  # one long transaction each (about 0.5 s)
+    s.add(big)  # one long transaction each (about 0.5 s on a 2-core machine)
     print("committed", flush=True)
 """
 
@@ -268,9 +268,12 @@ def test_kill_9_mid_write_keeps_every_committed_entry(home):
     p = subprocess.Popen([sys.executable, "-c", _CRASHER.format(fp=FP)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        said = [p.stdout.readline().strip() for _ in range(3)]
+        said, at = [], []
+        for _ in range(3):
+            said.append(p.stdout.readline().strip())
+            at.append(time.perf_counter())
         assert said == ["writing", "committed", "writing"], p.stderr.read()
-        time.sleep(0.05)  # inside the second big transaction (it takes 0.3 s or more)
+        time.sleep((at[1] - at[0]) / 4)  # inside the second big transaction, on any machine
     finally:
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=30)
