@@ -275,3 +275,19 @@ def test_a_cached_calibration_that_disagrees_with_now_is_measured_again(
     assert measured, "a 50 ms cached step against a sub-ms step now was kept"
     assert again.verify[0] < 0.01
     assert json.loads(path.read_text("utf-8"))["verify"][0] < 0.01  # the cache was replaced
+
+
+def test_charging_a_shape_change_to_the_first_draft_gains_nothing_in_simulation():
+    """scripts/sim_shape_change.py backs the README's reason the budget does not plan
+    with `shape_change`: on a simulated H200-like pair the charge never gains."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "scripts" / "sim_shape_change.py"
+    spec = importlib.util.spec_from_file_location("sim_shape_change", path)
+    assert spec is not None and spec.loader is not None
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    for p in (0.35, 0.4, 0.6):
+        without, charged = sim.speedups(p, 0.002)
+        assert charged <= without, p
