@@ -287,20 +287,30 @@ def choose_placement(costs: dict[str, CostModel], k_max: int = 8) -> tuple[str, 
 class Acceptance:
     """Online acceptance estimates: per draft position, and per bin of the drafter's
     confidence (its probability for the token it proposed).  Beta-smoothed counts,
-    decayed so the estimates follow the text as it changes."""
+    decayed so the estimates follow the text as it changes.
+
+    Per position, a long memory too (`slow_decay`), which `relax` lifts the short one
+    toward while the budget sits out: the short memory learns only from drafts, and a
+    budget stops drafting just when it dipped, so without that it would stay at its dip."""
 
     prior_mean: float = 0.6
     prior_weight: float = 2.0
     decay: float = 0.95
+    slow_decay: float = 0.995
+    relax_rate: float = 0.05  # per idle round (0: estimates stay where drafting left them)
     positions: int = 64
     pos_hits: list[float] = field(default_factory=list)
     pos_tries: list[float] = field(default_factory=list)
+    slow_hits: list[float] = field(default_factory=list)
+    slow_tries: list[float] = field(default_factory=list)
     conf_hits: list[float] = field(default_factory=lambda: [0.0] * (len(CONF_EDGES) + 1))
     conf_tries: list[float] = field(default_factory=lambda: [0.0] * (len(CONF_EDGES) + 1))
 
     def __post_init__(self) -> None:
-        self.pos_hits = self.pos_hits or [0.0] * self.positions
-        self.pos_tries = self.pos_tries or [0.0] * self.positions
+        for name in ("pos_hits", "pos_tries", "slow_hits", "slow_tries"):
+            setattr(self, name, getattr(self, name) or [0.0] * self.positions)
+        # positions ever judged: the long memory's loops stop there (a round's work)
+        self._seen = sum(1 for t in self.slow_tries if t > 0)
 
     def _mean(self, hits: float, tries: float, prior: float) -> float:
         return (hits + prior * self.prior_weight) / (tries + self.prior_weight)
@@ -334,10 +344,16 @@ class Acceptance:
         rejected, later ones never judged."""
         self._decay()
         judged = min(len(confidences), n_accepted + 1)
+        self._seen = max(self._seen, min(judged, self.positions))
+        for i in range(self._seen):
+            self.slow_hits[i] *= self.slow_decay
+            self.slow_tries[i] *= self.slow_decay
         for i in range(min(judged, self.positions)):
             hit = 1.0 if i < n_accepted else 0.0
             self.pos_tries[i] += 1
             self.pos_hits[i] += hit
+            self.slow_tries[i] += 1
+            self.slow_hits[i] += hit
             b = conf_bin(confidences[i])
             self.conf_tries[b] += 1
             self.conf_hits[b] += hit
@@ -347,6 +363,17 @@ class Acceptance:
         for arr in (self.pos_hits, self.pos_tries, self.conf_hits, self.conf_tries):
             for i in range(len(arr)):
                 arr[i] *= f
+
+    def relax(self) -> None:
+        """A round without a draft: each position's estimate below its long-memory mean
+        moves `relax_rate` of the way up to it (same weight).  A dip that was noise heals
+        in a few dozen idle rounds; a real change, which the long memory saw too, keeps it
+        down.  Never down: the bias this undoes (stopping at a dip) only ever lowers."""
+        for i in range(self._seen):
+            if self.slow_tries[i] > 0 and self.pos_tries[i] > 0:
+                target = self.slow_hits[i] / self.slow_tries[i] * self.pos_tries[i]
+                if target > self.pos_hits[i]:
+                    self.pos_hits[i] += self.relax_rate * (target - self.pos_hits[i])
 
     def new_text(self, keep: float = 0.5) -> None:
         """A new generation: what the last text taught counts for `keep` as much, so a
@@ -500,8 +527,9 @@ class AdaptiveBudget:
     """Chooses each round's draft length from a calibrated cost model, rescaled online
     by what rounds actually cost (context growth, machine load), and from online
     acceptance estimates.  Never drafts when even near-perfect acceptance cannot beat a
-    plain step; otherwise probes now and then so the estimates can recover, backing off
-    (16, 32, 64... idle rounds) while probes find nothing.  A probe assumes the calibrated
+    plain step; otherwise, while it sits out, its estimates relax toward their long
+    memory (`Acceptance.relax`) and it probes now and then so they can recover, backing
+    off (16, 32, 64... idle rounds) while probes find nothing.  A probe assumes the calibrated
     drafting cost where the tracked one has grown: it measures that cost again, and a cost
     inflated once (a stall, a catch-up) must not rule drafting out for good."""
 
@@ -537,6 +565,8 @@ class AdaptiveBudget:
         cost = self.cost
         self._probing = False
         k = best_length(cost, self.acc.by_position(k_cap), k_cap, lag, left, self.min_gain)
+        if k == 0:
+            self.acc.relax()
         if k == 0 and self._probe_due():
             k = best_length(self.probe_cost, [self.optimistic_p] * k_cap, k_cap, lag, left)
             self._probed(k)
@@ -620,6 +650,8 @@ class OverlapBudget(AdaptiveBudget):
         self._probing = False
         p = self.acc.by_position(k_cap + 1)
         k, overlap = best_duo_round(cost, p, k_cap, lag, left, self.min_gain)
+        if k == 0:
+            self.acc.relax()
         if k == 0 and self._probe_due():
             k, overlap = best_duo_round(self.probe_cost, [self.optimistic_p] * (k_cap + 1),
                                         k_cap, lag, left)
