@@ -309,8 +309,6 @@ class Acceptance:
     def __post_init__(self) -> None:
         for name in ("pos_hits", "pos_tries", "slow_hits", "slow_tries"):
             setattr(self, name, getattr(self, name) or [0.0] * self.positions)
-        # positions ever judged: the long memory's loops stop there (a round's work)
-        self._seen = sum(1 for t in self.slow_tries if t > 0)
 
     def _mean(self, hits: float, tries: float, prior: float) -> float:
         return (hits + prior * self.prior_weight) / (tries + self.prior_weight)
@@ -343,11 +341,8 @@ class Acceptance:
         """Draft tokens 0..n_accepted-1 were accepted, token n_accepted (if drafted)
         rejected, later ones never judged."""
         self._decay()
+        _scale((self.slow_hits, self.slow_tries), self.slow_decay)
         judged = min(len(confidences), n_accepted + 1)
-        self._seen = max(self._seen, min(judged, self.positions))
-        for i in range(self._seen):
-            self.slow_hits[i] *= self.slow_decay
-            self.slow_tries[i] *= self.slow_decay
         for i in range(min(judged, self.positions)):
             hit = 1.0 if i < n_accepted else 0.0
             self.pos_tries[i] += 1
@@ -359,17 +354,15 @@ class Acceptance:
             self.conf_hits[b] += hit
 
     def _decay(self, factor: float | None = None) -> None:
-        f = self.decay if factor is None else factor
-        for arr in (self.pos_hits, self.pos_tries, self.conf_hits, self.conf_tries):
-            for i in range(len(arr)):
-                arr[i] *= f
+        _scale((self.pos_hits, self.pos_tries, self.conf_hits, self.conf_tries),
+               self.decay if factor is None else factor)
 
     def relax(self) -> None:
         """A round without a draft: each position's estimate below its long-memory mean
         moves `relax_rate` of the way up to it (same weight).  A dip that was noise heals
         in a few dozen idle rounds; a real change, which the long memory saw too, keeps it
         down.  Never down: the bias this undoes (stopping at a dip) only ever lowers."""
-        for i in range(self._seen):
+        for i in range(self.positions):
             if self.slow_tries[i] > 0 and self.pos_tries[i] > 0:
                 target = self.slow_hits[i] / self.slow_tries[i] * self.pos_tries[i]
                 if target > self.pos_hits[i]:
@@ -379,6 +372,12 @@ class Acceptance:
         """A new generation: what the last text taught counts for `keep` as much, so a
         prompt that drafts well does not make the next one, which may not, pay for it."""
         self._decay(keep)
+
+
+def _scale(arrays: Sequence[list[float]], factor: float) -> None:
+    for arr in arrays:
+        for i in range(len(arr)):
+            arr[i] *= factor
 
 
 def conf_bin(conf: float) -> int:
