@@ -50,23 +50,31 @@ TEXTS = {
 }
 
 
+def draft_and_judge(budget, p: float, left: int,
+                    rng: np.random.Generator) -> tuple[list[float], int]:
+    """One round's draft under the budget's plan and stop rule (the drafter's confidence:
+    p), judged token by token with probability p: (confidences drafted, tokens accepted).
+    The caller times the round and hands the budget its Outcome."""
+    plan = budget.plan(8, 0, left)
+    confs: list[float] = []
+    while len(confs) < plan.k:
+        confs.append(p)
+        if not budget.keep_going(confs):
+            break
+    acc = 0
+    while acc < len(confs) and rng.random() < p:
+        acc += 1
+    return confs, acc
+
+
 def simulate(cost: CostModel, p_at: Callable[[int], float], budget, n: int = 2000,
              seed: int = 0) -> float:
     """Tokens per simulated second over n tokens."""
     rng = np.random.default_rng(seed)
     clock, made = 0.0, 0
     while made < n:
-        p = p_at(made)
-        plan = budget.plan(8, 0, n - made)
-        confs: list[float] = []
-        while len(confs) < plan.k:
-            confs.append(p)
-            if not budget.keep_going(confs):
-                break
+        confs, acc = draft_and_judge(budget, p_at(made), n - made, rng)
         k = len(confs)
-        acc = 0
-        while acc < k and rng.random() < p:
-            acc += 1
         draft_s, verify_s = k * cost.draft, cost.verify_cost(k + 1)
         clock += draft_s + verify_s
         budget.observe(Outcome(confs[: acc + 1], acc, k, (draft_s, verify_s)))

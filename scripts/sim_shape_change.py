@@ -14,33 +14,36 @@ not a measurement; every draft token is accepted with the same probability p.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
-from specli.budget import AdaptiveBudget, CostModel, Outcome, Plan, best_length
+from specli.budget import AdaptiveBudget, CostModel, Outcome, Plan
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sim_acceptance import draft_and_judge  # noqa: E402  (a sibling script)
 
 MS = 1e-3
 PAIR = CostModel([MS * (5.35 + 0.5 * i) for i in range(9)], 0.7 * MS)
 
 
 class ChargingBudget(AdaptiveBudget):
-    """AdaptiveBudget.plan, with the shape change added to a draft round's cost where
-    the last pass was a plain step (a catch-up of one token costing exactly that, read
-    in full: horizon 1)."""
+    """AdaptiveBudget, with the shape change added to a draft round's cost where the
+    last pass was a plain step: planned as a one-token catch-up costing exactly that,
+    read in full (horizon 1).  Probes stay uncharged (they plan with the calibrated
+    catch-up cost, 0 here)."""
 
     after_plain = False
 
+    @property
+    def cost(self) -> CostModel:
+        cost = super().cost
+        return replace(cost, catch_up=cost.shape_change) if self.after_plain else cost
+
     def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> Plan:
-        if not self.after_plain:
-            return super().plan(k_cap, lag, left)
-        cost = replace(self.cost, catch_up=self.cost.shape_change)
-        self._probing = False
-        k = best_length(cost, self.acc.by_position(k_cap), k_cap, 1, 1, self.min_gain)
-        if k == 0 and self._probe_due():  # probes as AdaptiveBudget's, uncharged
-            k = best_length(self.probe_cost, [self.optimistic_p] * k_cap, k_cap, lag, left)
-            self._probed(k)
-        return Plan(k_cap if k else 0, probe=self._probing)
+        return super().plan(k_cap, 1, 1) if self.after_plain else super().plan(k_cap, lag, left)
 
 
 def simulate(cost: CostModel, p: float, n_tokens: int, charge: bool, seed: int) -> float:
@@ -52,16 +55,8 @@ def simulate(cost: CostModel, p: float, n_tokens: int, charge: bool, seed: int) 
     while made < n_tokens:
         if charge:
             b.after_plain = after_plain
-        plan = b.plan(8, 0, n_tokens - made)
-        confs: list[float] = []
-        while len(confs) < plan.k:  # the drafter's confidence: p itself
-            confs.append(p)
-            if not b.keep_going(confs):
-                break
+        confs, acc = draft_and_judge(b, p, n_tokens - made, rng)
         k = len(confs)
-        acc = 0
-        while acc < k and rng.random() < p:
-            acc += 1
         draft_s, verify_s = k * cost.draft, cost.verify_cost(k + 1)
         if k:
             penalty = [0.6 * cost.shape_change, 0.4 * cost.shape_change]
