@@ -136,6 +136,7 @@ def costs_fields(res: Result, fallback: CostModel | None = None) -> dict:
         "ms_per_draft_step": s.ms_per_draft_step or None,
         "draft_steps": s.draft_steps,
         "draft_batches": s.draft_batches if s.draft_steps else None,
+        "ms_per_round_other": s.ms_per_round_other or None,
         "calibrated_ms_per_pass": calibrated_pass_ms(s, cal) if cal is not None else None,
         "calibrated_ms_per_draft_step": 1000 * cal.draft if cal is not None and cal.draft
         else None,
@@ -300,7 +301,7 @@ def _cell(rows: list[dict], ref: dict[int, dict], runs: list[dict]) -> dict:
 
 COST_KEYS = ("ms_per_pass", "pass_size", "calibrated_ms_per_pass", "ms_per_draft_step",
              "calibrated_ms_per_draft_step", "calibrated_ms_per_draft_step_beside",
-             "draft_batches")
+             "draft_batches", "ms_per_round_other")
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -357,12 +358,14 @@ def render_markdown(summary: dict, meta: dict) -> str:
         "",
         "Costs inside the pipeline beside the calibrated standalone costs (ms, mean over "
         "prompts; a target pass of the run's mean size; evals of the draft model over "
-        "several tokens, its prompt and catch-ups, per prompt):",
+        "several tokens, its prompt and catch-ups, per prompt; the rest of a round, outside "
+        "drafting and target passes: budgets, bookkeeping, the bench's own reading):",
         "",
     ]
     lines += _md_table(
         ["method", "target pass", "calibrated", "tokens per pass", "draft-model step",
-         "calibrated", "step ratio", "calibrated beside a pass", "draft batches"],
+         "calibrated", "step ratio", "calibrated beside a pass", "draft batches",
+         "rest of a round"],
         (_cost_cells(m, row["overall"]) for m, row in summary["table"].items()))
     return "\n".join(lines) + "\n"
 
@@ -384,7 +387,7 @@ def _cost_cells(method: str, o: dict) -> list[str]:
             _fmt(o.get("pass_size"), ".2f"), _fmt(step, ".2f"), _fmt(cal, ".2f"),
             f"{step / cal:.2f}x" if step and cal else "n/a",
             _fmt(o.get("calibrated_ms_per_draft_step_beside"), ".2f"),
-            _fmt(o.get("draft_batches"), ".1f")]
+            _fmt(o.get("draft_batches"), ".1f"), _fmt(o.get("ms_per_round_other"), ".3f")]
 
 
 def plot_speedup(summary: dict, path: Path) -> bool:

@@ -118,11 +118,19 @@ def best_length(
     must beat a plain step's rate by the factor `min_gain`."""
     best_k, best_rate = 0, rate(cost, []) * min_gain
     survive, tokens = 1.0, 1.0  # carried from one length to the next (asked every round)
-    for k in range(1, min(k_max, len(p)) + 1):
+    catch_up, horizon = cost.catch_up_cost(lag), max(horizon, 1.0)
+    k_top = min(k_max, len(p))
+    for k in range(1, k_top + 1):
+        spent = cost.round_cost(k)
+        # no longer draft can beat the best so far: each adds at most `survive` tokens
+        # and costs no less than this one (calibration keeps pass costs nondecreasing),
+        # so stopping here picks what trying every length picks; a round the estimates
+        # decline stops after a length or two
+        if (tokens + survive * (k_top - k + 1)) / spent <= best_rate:
+            break
         survive *= p[k - 1]
         tokens += survive  # expected_tokens(p[:k])
-        setup = cost.catch_up_cost(lag) * min(1.0, tokens / max(horizon, 1.0))
-        r = tokens / (cost.round_cost(k) + setup)  # amortised_rate(cost, p[:k], lag, horizon)
+        r = tokens / (spent + catch_up * min(1.0, tokens / horizon))  # amortised_rate
         if r > best_rate:
             best_k, best_rate = k, r
     return best_k
@@ -550,15 +558,24 @@ class AdaptiveBudget:
         self._gap = explore_every  # idle rounds before a probe; doubles while probes fail
         self._probing = False
         self._idle = 0  # rounds planned without a draft since this budget's last verified one
+        self._scaled: tuple[tuple, CostModel] | None = None  # `cost` and what it was built of
 
     def begin(self) -> None:
         self.acc.new_text()
 
     @property
     def cost(self) -> CostModel:
-        return replace(self.base, verify=[v * self.verify_scale for v in self.base.verify],
-                       draft=self.base.draft * self.draft_scale,
-                       catch_up=self.base.catch_up * self.draft_scale)
+        """The calibrated costs rescaled by what rounds cost now.  Asked several times a
+        round (the plan, the stop rule after each drafted token, a tree's pruning), so
+        built once per change of scale, not per question: on a GPU a plain step lasts a
+        few milliseconds and every microsecond of a round the budget declines is lost."""
+        key = (id(self.base), self.verify_scale, self.draft_scale)
+        if self._scaled is None or self._scaled[0] != key:
+            cost = replace(self.base, verify=[v * self.verify_scale for v in self.base.verify],
+                           draft=self.base.draft * self.draft_scale,
+                           catch_up=self.base.catch_up * self.draft_scale)
+            self._scaled = (key, cost)
+        return self._scaled[1]
 
     def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> Plan:
         cost = self.cost

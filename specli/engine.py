@@ -89,6 +89,14 @@ class Stats:
         return 1000 * self.draft_step_s / self.draft_steps if self.draft_steps else 0.0
 
     @property
+    def ms_per_round_other(self) -> float:
+        """Milliseconds per round outside drafting and target passes: the loop's own work
+        (budgets planning, bookkeeping) and the caller's between chunks.  On a GPU a plain
+        step takes a few milliseconds, so this is what a round the budget declines adds."""
+        other = self.decode_s - self.draft_s - self.verify_s
+        return 1000 * other / self.target_forwards if self.target_forwards else 0.0
+
+    @property
     def prefill_tok_s(self) -> float:
         return self.n_prefilled / self.prefill_s if self.prefill_s > 0 else 0.0
 
@@ -112,7 +120,7 @@ class Stats:
     def as_dict(self) -> dict[str, float | int]:
         d: dict[str, float | int] = asdict(self)
         for name in ("acceptance_rate", "mean_accepted", "prefill_tok_s", "decode_tok_s",
-                     "ms_per_pass", "pass_size", "ms_per_draft_step"):
+                     "ms_per_pass", "pass_size", "ms_per_draft_step", "ms_per_round_other"):
             d[name] = getattr(self, name)
         return d
 

@@ -103,11 +103,11 @@ class ContextIndex:
     def update(self, context: Sequence[int]) -> None:
         """Index every n-gram of `context` that has a token after it; start over when
         `context` does not extend what was indexed."""
+        ctx = context if isinstance(context, list) else list(context)
         m = len(self._seen)
-        if len(context) < m or list(context[:m]) != self._seen:
+        if len(ctx) < m or ctx[:m] != self._seen:
             self.reset()
             m = 0
-        ctx = list(context)
         table = self._table
         for end in range(max(m, 1), len(ctx)):
             tok = ctx[end]
@@ -122,7 +122,7 @@ class ContextIndex:
                 e[0] += 1
                 if c >= e[2]:  # newest wins a tie
                     e[1], e[2] = tok, c
-        self._seen = ctx
+        self._seen += ctx[m:]  # a copy: the caller's list grows on
 
     def lookup(self, key: Sequence[int]) -> tuple[int, float, float] | None:
         e = self._table.get(tuple(key))

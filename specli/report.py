@@ -53,6 +53,7 @@ def cost_lines(res: Result) -> list[str]:
     if cal is not None:
         pass_line += (f" (calibrated alone, {max(1, round(s.pass_size))} tokens: "
                       f"{calibrated_pass_ms(s, cal):.2f} ms)")
+    pass_line += f"; the rest of a round (budgets, bookkeeping) {s.ms_per_round_other:.3f} ms"
     lines = [pass_line]
     if s.draft_steps:
         step = f"draft model steps: {s.draft_steps} at {s.ms_per_draft_step:.2f} ms each"
@@ -102,6 +103,7 @@ def result_json(
             "draft_steps": s.draft_steps,
             "ms_per_draft_step": s.ms_per_draft_step,
             "draft_batches": s.draft_batches,
+            "ms_per_round_other": s.ms_per_round_other,
         },
         "calibrated": calibrated_json(res),
     }

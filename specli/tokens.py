@@ -10,9 +10,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest shared prefix: how much of a KV cache can be kept.
     Called every round on contexts of thousands of tokens, so it compares slices
     (C speed) and bisects, instead of stepping token by token in Python."""
-    a, b = list(a), list(b)
+    a = a if isinstance(a, list) else list(a)  # lists (the usual case) are not copied
+    b = b if isinstance(b, list) else list(b)
     lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo] holds; the answer is <= hi
-    if a[:hi] == b[:hi]:
+    if (a if len(a) == hi else a[:hi]) == (b if len(b) == hi else b[:hi]):
         return hi
     while hi - lo > 1:
         mid = (lo + hi) // 2

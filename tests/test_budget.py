@@ -15,6 +15,7 @@ from specli.budget import (
     FixedBudget,
     Outcome,
     OverlapBudget,
+    amortised_rate,
     best_duo_round,
     best_length,
     choose_placement,
@@ -165,6 +166,41 @@ def test_a_drafting_cost_inflated_once_does_not_rule_out_probes_for_good():
     plans = [b.plan(8) for _ in range(64)]
     probes = [p for p in plans if p.k]
     assert probes and all(p.probe for p in probes)
+
+
+def test_best_length_stops_early_but_picks_what_trying_every_length_picks():
+    """best_length stops once no longer draft can win (a bound: every length costs at
+    least the one before); the pick must be the one trying every length gives."""
+    import random
+
+    rnd = random.Random(14)
+    for _ in range(3000):
+        step = rnd.uniform(1e-3, 30e-3)
+        verify = [step]
+        for _ in range(rnd.randint(0, 16)):
+            verify.append(verify[-1] + step * rnd.choice([0.0, rnd.uniform(0, 1.2)]))
+        cost = CostModel(verify, step * rnd.choice([0.0, rnd.uniform(0, 2)]),
+                         catch_up=step * rnd.uniform(0, 0.5))
+        p = [rnd.choice([0.0, 1.0, rnd.random()]) for _ in range(rnd.randint(0, 12))]
+        k_max, lag = rnd.randint(0, 12), rnd.choice([0, 1, 5, 200])
+        horizon, gain = rnd.choice([1, 20, 1e9]), rnd.choice([1.0, 1.05, 1.3])
+        best_k, best_rate = 0, amortised_rate(cost, []) * gain
+        for k in range(1, min(k_max, len(p)) + 1):
+            if (r := amortised_rate(cost, p[:k], lag, horizon)) > best_rate:
+                best_k, best_rate = k, r
+        assert best_length(cost, p, k_max, lag, horizon, gain) == best_k, (cost, p, k_max)
+
+
+def test_the_tracked_costs_follow_every_change_of_scale():
+    """`cost` is built once per change of scale (it is asked several times a round): it
+    must never answer with the costs of an earlier scale."""
+    b = AdaptiveBudget(GPU_TARGET)
+    first = b.cost
+    assert b.cost is first  # asked again, nothing changed: the same model
+    b.observe(Outcome([0.9] * 2, 2, 2, (4 * GPU_TARGET.draft, 2 * GPU_TARGET.verify_cost(3))))
+    assert b.cost.verify[0] == pytest.approx(GPU_TARGET.verify[0] * b.verify_scale)
+    assert b.cost.draft == pytest.approx(GPU_TARGET.draft * b.draft_scale)
+    assert b.verify_scale > 1.0 and b.draft_scale > 1.0 and b.cost is not first
 
 
 def test_catching_up_is_not_counted_as_drafting_cost():

@@ -216,3 +216,7 @@ def test_stats_time_the_draft_model_steps_and_set_them_beside_the_calibration(ti
     assert f"draft model steps: {s.draft_steps} at {s.ms_per_draft_step:.2f} ms each" in text
     assert "(calibrated alone: 1.00 ms," in text
     assert "target passes:" in text and "calibrated alone," in text
+    # the rest of the wall time, per round: what a round costs beyond its model work
+    rest = 1000 * (s.decode_s - s.draft_s - s.verify_s) / s.target_forwards
+    assert s.ms_per_round_other == pytest.approx(rest) and 0 < rest < 1000 * s.decode_s
+    assert f"the rest of a round (budgets, bookkeeping) {rest:.3f} ms" in text

@@ -126,6 +126,23 @@ def test_hd_asks_context_then_history_then_static(home, tmp_path):
     hd.close()
 
 
+def test_hd_asks_a_store_each_key_once_per_draft(home):
+    """The second pass (a one-token match) must not ask the store again for the keys the
+    first pass asked: each is a SQLite query in a round that usually finds nothing, and
+    on a GPU a round lasts a few milliseconds."""
+    history = store(home, [1, 2, 3, 4, 5])
+    asked: list[tuple[int, ...]] = []
+    real = history.lookup
+    history.lookup = lambda key: asked.append(tuple(key)) or real(key)  # type: ignore[method-assign]
+    hd = HierarchyDrafter(history)
+    assert hd.propose([9, 8, 7, 6], 3, GREEDY, RNG).tokens == []  # nothing anywhere
+    assert sorted(asked) == sorted({(9, 8, 7, 6), (8, 7, 6), (7, 6), (6,)})
+    asked.clear()
+    assert hd.propose([9, 8, 7, 6, 2, 3], 2, GREEDY, RNG).tokens == [4, 5]  # still drafts
+    assert len(asked) == len(set(asked))
+    hd.close()
+
+
 # -- the store on disk ---------------------------------------------------------------
 
 

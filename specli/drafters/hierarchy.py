@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .. import tree
-from ..ngram import N_MAX, ContextIndex, NgramStore, chain_draft, confidence
+from ..ngram import N_MAX, ContextIndex, Lookup, NgramStore, chain_draft, confidence
 from ..sampling import SamplingParams
 from .base import BaseDrafter, Draft, KeepGoing
 
@@ -75,9 +75,11 @@ class HierarchyDrafter(BaseDrafter):
         if k <= 0 or not context:
             return Draft()
         self.context.update(context)
+        order = [(name, source, source.lookup if name == "context" else _remembered(source.lookup))
+                 for name, source in self._order()]
         for min_match in self.passes:
-            for name, source in self._order():
-                draft = source.draft(context, k, keep_going, min_match=min_match)
+            for name, source, lookup in order:
+                draft = chain_draft(lookup, context, k, keep_going, source.n_max, min_match)
                 if draft.tokens:
                     self.last_source = name
                     self.sources[name] += 1
@@ -158,6 +160,21 @@ class HierarchyDrafter(BaseDrafter):
         for store in (self.history, self.static):
             if store is not None:
                 store.close()
+
+
+def _remembered(lookup: Lookup) -> Lookup:
+    """A store's look-up, answering a key it was asked before from memory: a later pass
+    asks the earlier one's keys again (one SQLite query each, most rounds finding
+    nothing), and a round the target may verify in a few milliseconds cannot spare them."""
+    answers: dict[tuple[int, ...], tuple[int, float, float] | None] = {}
+
+    def ask(key: Sequence[int]) -> tuple[int, float, float] | None:
+        k = tuple(key)
+        if k not in answers:
+            answers[k] = lookup(key)
+        return answers[k]
+
+    return ask
 
 
 def _as_tree(main: Draft, alts: list[Draft]) -> Draft:
