@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -63,13 +65,37 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 
 @contextlib.contextmanager
 def _loading() -> Iterator[None]:
+    """A load: its log kept quiet, and Ctrl-C (or SIGTERM) held until it returns.  A
+    signal during a load runs its Python handler inside llama.cpp's log callback, where
+    ctypes prints the KeyboardInterrupt and drops it: the load, and the whole answer,
+    went on and the run ended 0.  Held, it stops the run once the load is back."""
     with _LOG_LOCK:
         _log_state["loading"] += 1
+    held: list[int] = []
+    saved = _hold_signals(held)
     try:
         yield
     finally:
         with _LOG_LOCK:
             _log_state["loading"] -= 1
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if held:
+            raise KeyboardInterrupt
+
+
+def _hold_signals(held: list[int]) -> dict[int, Any]:
+    """Note SIGINT and SIGTERM in `held` instead of acting on them; returns the handlers
+    to put back.  Only the main thread may set handlers; ignored signals stay ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    saved = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler not in (signal.SIG_IGN, None):
+            saved[sig] = handler
+            signal.signal(sig, lambda signum, frame: held.append(signum))
+    return saved
 
 
 _backend_ready = False
@@ -117,9 +143,10 @@ def default_threads() -> int:
 
 def placement(n_gpu_layers: int, threads: int) -> str:
     """Where llama.cpp runs a model, in words (a build without GPU support ignores -ngl)."""
+    some = f"{threads} thread{'s' * (threads != 1)}"
     if n_gpu_layers > 0 and llama_cpp.llama_supports_gpu_offload():
-        return f"llama.cpp GPU ({n_gpu_layers} layers offloaded), {threads} CPU threads"
-    return f"llama.cpp CPU, {threads} threads"
+        return f"llama.cpp GPU ({n_gpu_layers} layers offloaded), {some} on the CPU"
+    return f"llama.cpp CPU, {some}"
 
 
 class GGUFModel:

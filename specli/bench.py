@@ -331,8 +331,8 @@ def summarize(rows: list[dict]) -> dict:
     return {"methods": methods, "categories": cats, "table": table}
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
+def _fmt(x: float | None, spec: str, unit: str = "") -> str:
+    return "n/a" if x is None else format(x, spec) + unit
 
 
 def render_markdown(summary: dict, meta: dict) -> str:
@@ -347,7 +347,7 @@ def render_markdown(summary: dict, meta: dict) -> str:
         "",
     ]
     lines += _md_table(["method", *cols], (
-        [m, *(f"{_fmt(row[c]['speedup'], '.2f')}x / {_fmt(row[c]['mean_accepted'], '.2f')}"
+        [m, *(f"{_fmt(row[c]['speedup'], '.2f', 'x')} / {_fmt(row[c]['mean_accepted'], '.2f')}"
               for c in cols)] for m, row in summary["table"].items()))
     lines.append("")
     lines += _md_table(
@@ -377,7 +377,7 @@ def _md_table(head: list[str], rows: Iterable[list[str]]) -> list[str]:
 
 def _overall_cells(method: str, o: dict) -> list[str]:
     ident = "n/a" if o["identity_rate"] is None else f"{100 * o['identity_rate']:.0f}%"
-    return [method, ident, f"{_fmt(o['e2e_speedup'], '.2f')}x", _fmt(o["decode_tok_s"], ".1f"),
+    return [method, ident, _fmt(o["e2e_speedup"], ".2f", "x"), _fmt(o["decode_tok_s"], ".1f"),
             str(o["prompts"]), str(o["runs"])]
 
 

@@ -49,7 +49,25 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # ":100:" stays text
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"specli {version('specli')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                           help="Print specli's version and exit.")
+    ] = False,
+) -> None:
+    """The options before a command."""
 
 ModelArg = Annotated[
     str | None,
@@ -270,6 +288,14 @@ class _PipeClosed(Exception):
     """stdout's reader went away (`| head`): stop generating, exit quietly."""
 
 
+class _StdoutConsole(Console):
+    """rich on stdout, whose closed pipe exits quietly like generate's (rich's own
+    answer is exit 1)."""
+
+    def on_broken_pipe(self) -> None:
+        raise _PipeClosed
+
+
 def _write(text: str) -> None:
     if not text:
         return
@@ -345,17 +371,17 @@ def generate(
 
 def _answer(loaded: Loaded, tokens: list[int], cfg: GenerationConfig, res: Result,
             as_json: bool) -> None:
-    """generate's output: the text as it streams and its line ended, or one JSON object.
-    Ctrl-C, during that last write too, leaves `res` marked "interrupted"."""
+    """generate's output: the text as it streams and its line ended, or one JSON object
+    (after Ctrl-C too: what was generated, with stop_reason "interrupted", for a script
+    that timed the run out).  Ctrl-C, during that last write too, leaves `res` marked
+    "interrupted"."""
     try:
         text = stream_text(loaded, tokens, cfg, res, None if as_json else _write)
-        if res.stop_reason == "interrupted":
-            return
         if as_json:
             obj = result_json(res, text, loaded.target_name, loaded.draft_name,
                               loaded.placements())
             _write(json.dumps(obj, ensure_ascii=False) + "\n")
-        else:
+        elif res.stop_reason != "interrupted":
             _write("" if text.endswith("\n") else "\n")
     except KeyboardInterrupt:
         res.stop_reason = "interrupted"
@@ -519,7 +545,7 @@ def models() -> None:
 
     # piped output keeps whole paths instead of fitting a table to 80 columns
     width = None if sys.stdout.isatty() else 200
-    render_models(load_registry(), Console(highlight=False, width=width))
+    render_models(load_registry(), _StdoutConsole(highlight=False, width=width))
 
 
 @app.command()
@@ -751,10 +777,14 @@ def bench(
     if repeats < 1:
         raise SpecliError(f"--repeats must be at least 1 (got {repeats})")
     params = _params(temperature, 0, 1.0, None)
+    if categories is not None and not bm.parse_list(categories):
+        raise SpecliError("--categories is empty: give a comma list (e.g. coding,math) or "
+                          "leave it out for all of them")
     chosen = pick(load_prompts(prompts), bm.parse_list(categories), limit)
     out_dir = out or Path(f"specli-bench-{time.strftime('%Y%m%d-%H%M%S')}")
     # what to load: the draft model as draft and draft+hd want it, else as auto or duo do
-    bases = {method_table.parse(m, peers=True).base for m in method_list}
+    specs = [method_table.parse(m, peers=True) for m in method_list]
+    bases = {s.base for s in specs if s.model is None}  # draft/MODEL brings its own model
     used = ("draft" if bases & {"draft", "draft+hd"} else "auto" if "auto" in bases
             else "duo" if "duo" in bases else "none")
     # benchmark prompts never enter the user's history
@@ -857,12 +887,16 @@ def main() -> None:
     except SpecliError as e:
         err.print(f"specli: error: {e}", markup=False)
         sys.exit(1)
-    except _PipeClosed:
+    except (_PipeClosed, BrokenPipeError):
         _silence_stdout()
         sys.exit(0)
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         sys.exit(130)
+    except OSError as e:  # a path that cannot be used (a file where a folder must go...)
+        where = f"{e.filename}: " if e.filename else ""
+        err.print(f"specli: error: {where}{e.strerror or e}", markup=False)
+        sys.exit(1)
     except Exception as e:
         if os.environ.get("SPECLI_DEBUG"):
             raise

@@ -240,7 +240,9 @@ class Engine:
             if left <= 0 or len(ctx) >= t.n_ctx:
                 res.stop_reason = "length" if left <= 0 else "context"
                 break
-            k_cap = min(cfg.draft_max, left - 1, t.n_ctx - len(ctx))
+            # the round's tokens (accepted drafts and the target's own) end within the
+            # context, so a generation stops at the same length whatever was drafted
+            k_cap = min(cfg.draft_max, left - 1, t.n_ctx - len(ctx) - 1)
             pick = team.pick(ctx, k_cap, left) if team is not None and k_cap > 0 else None
 
             t0 = time.perf_counter()

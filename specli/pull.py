@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -551,11 +552,27 @@ def _run_pip(
         reader.join(timeout=5)
     finally:
         if proc.poll() is None:  # interrupted: do not leave pip running
-            proc.kill()
-            proc.wait()
+            _stop(proc)
         if bar is not None and task is not None:
             bar.remove_task(task)
     return rc, list(err)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """Stop pip the way that lets it remove its temporary downloads (tens of MB in
+    /tmp): a Ctrl-C at the terminal reached it too, so first a moment to finish that;
+    else (SIGTERM, a signal to specli alone) a Ctrl-C of its own; a kill only if it
+    has not stopped within `grace_s`."""
+    for sig in (None, signal.SIGINT):
+        if sig is not None:
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=0.5 if sig is None else grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    proc.wait()
 
 
 # --------------------------------------------------------------------------- helpers

@@ -307,7 +307,8 @@ def choose_models(model: str | None, draft: str | None, method: str) -> tuple[st
     if not wants_draft:
         draft = None
     elif m.needs_draft and draft is None:
-        raise SpecliError(f"--method {method} needs a draft model: pass --draft PATH_OR_NAME")
+        raise SpecliError(f"the {method} method needs a draft model: pass --draft "
+                          "PATH_OR_NAME")
     return model, draft
 
 

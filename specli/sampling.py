@@ -45,6 +45,10 @@ class SamplingParams:
         p = self.top_p
         if not isinstance(p, (int, float)) or not (0.0 < p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], 1 meaning off (got {p!r})")
+        s = self.seed
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, np.integer))
+                              or s < 0):
+            raise ValueError(f"seed must be an integer >= 0 (got {s!r})")
 
     def rng(self) -> np.random.Generator:
         """A fresh generator from ``seed`` (None gives OS entropy)."""
@@ -71,9 +75,13 @@ def probs_from_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         out[np.arange(n), np.argmax(x2, axis=1)] = 1.0
         return out[0] if squeeze else out
 
-    scaled = np.divide(x2, float(params.temperature), dtype=np.float64)
-    if not np.all(np.isfinite(scaled.max(axis=1))):
+    top = x2.max(axis=1, keepdims=True)
+    if not np.all(np.isfinite(top)):
         raise ValueError("logits: every row needs a finite maximum (no NaN or +inf)")
+    # shifted to a maximum of 0 before the division: a tiny temperature (1e-300) sends
+    # the others to -inf (probability 0, as greedy would) instead of overflowing
+    with np.errstate(over="ignore"):
+        scaled = np.divide(np.subtract(x2, top, dtype=np.float64), float(params.temperature))
 
     if 0 < params.top_k < vocab:
         # Sparse path: only k entries survive, so exponentiate and sort just those.

@@ -36,7 +36,10 @@ class TextStream:
         return self._decoder.decode(b"".join(self._token_bytes(t) for t in tokens))
 
     def flush(self) -> str:
-        return self._decoder.decode(b"", final=True)
+        """The end of the text: bytes of a character the last token left unfinished (a
+        length limit can cut one) are dropped, not shown as U+FFFD."""
+        self._decoder.reset()
+        return ""
 
 
 def detokenize(token_bytes: Callable[[int], bytes], tokens: Iterable[int]) -> str:

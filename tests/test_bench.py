@@ -68,6 +68,10 @@ def test_summary_arithmetic_by_hand():
     assert "| method | a | b | overall |" in md
     assert "| draft | 1.00x / 2.50 | 2.00x / 2.00 | 1.41x / 2.25 |" in md
     assert "| draft | 75% | 1.41x |" in md and "| peer-pld | n/a |" in md
+    # a category no run of a method finished (Ctrl-C): "n/a", never "n/ax"
+    cut = bm.summarize([r for r in ROWS if not (r["method"] == "draft" and r["category"] == "b")])
+    md = bm.render_markdown(cut, {})
+    assert "| draft | 1.00x / 2.50 | n/a / n/a |" in md and "n/ax" not in md
 
 
 def test_repeats_keep_the_fastest_run_and_judge_every_run():
@@ -184,6 +188,20 @@ def test_bench_compares_drafters_with_other_tokenizers(tiny_paths, env, prompts_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["table"][f"draft/{other}"]["overall"]["runs"] == 8
     assert summary["meta"]["repeats"] == 2
+
+
+def test_bench_draft_model_method_needs_no_draft_flag(tiny_paths, env, prompts_file,
+                                                     tmp_path):
+    """draft/MODEL names its own draft model: no -d needed (it used to ask for one)."""
+    out = tmp_path / "out"
+    args = bench_args(tiny_paths, prompts_file, out, "--methods",
+                      f"none,draft/{tiny_paths['draft']}@fixed:2", "--categories", "beta")
+    at = args.index("--draft")
+    del args[at:at + 2]
+    p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert any(r["drafted"] > 0 for r in rows if r["method"].startswith("draft/"))
 
 
 def test_bench_sampled_has_no_identity(tiny_paths, env, prompts_file, tmp_path):

@@ -191,6 +191,14 @@ def test_best_length_stops_early_but_picks_what_trying_every_length_picks():
         assert best_length(cost, p, k_max, lag, horizon, gain) == best_k, (cost, p, k_max)
 
 
+def test_costs_in_words_say_nothing_of_drafting_without_a_draft_model():
+    from specli.budget import describe_costs
+
+    assert "drafted token" not in describe_costs(CostModel([0.010, 0.012], 0.0))
+    text = describe_costs(CostModel([0.010, 0.012], 0.002, catch_up=0.0005))
+    assert "a drafted token 0.20x, catching up 0.050x a token" in text
+
+
 def test_the_tracked_costs_follow_every_change_of_scale():
     """`cost` is built once per change of scale (it is asked several times a round): it
     must never answer with the costs of an earlier scale."""

@@ -97,6 +97,12 @@ def test_seeded_sampling_is_reproducible(tiny_paths, env):
         (["generate", "{target}", "-m", "draft", "-p", "x"], ["needs a draft model"]),
         (["generate", "{target}", "-m", "fast", "-p", "x"], ["unknown method"]),
         (["pull", "qwen-nonexistent"], ["unknown model"]),
+        (["generate", "/nope/:100:.gguf", "-p", "x"], [":100:.gguf"]),  # not an emoji
+        (["generate", "{target}", "-p", "x", "-t", "0.5", "--seed", "-1"], ["seed", ">= 0"]),
+        (["chat", "{target}", "-t", "0.5", "--seed", "-1"], ["seed", ">= 0"]),
+        (["bench", "{target}", "--methods", "none", "--limit", "1", "-n", "4", "-o",
+          "{notgguf}"], ["fake.gguf", "exists"]),  # a file where results go
+        (["bench", "{target}", "--methods", "none", "--categories", ""], ["--categories"]),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tiny_paths, env, tmp_path, args, needles):
@@ -105,6 +111,13 @@ def test_bad_input_is_one_line_and_nonzero(tiny_paths, env, tmp_path, args, need
     fill = {"target": tiny_paths["target"], "other": tiny_paths["other"], "notgguf": notgguf}
     p = run([a.format(**fill) for a in args], env)
     assert_one_line_error(p, *needles)
+
+
+def test_version(env):
+    from importlib.metadata import version
+
+    p = run(["--version"], env)
+    assert p.returncode == 0 and p.stdout == f"specli {version('specli')}\n", p.stderr
 
 
 def test_empty_stdin_is_an_error(tiny_paths, env):
@@ -124,11 +137,10 @@ def test_unreadable_model_is_an_error(tiny_paths, env, tmp_path):
         assert_one_line_error(run(["generate", str(f), "-p", "x"], env), "not readable")
 
 
-def test_closed_pipe_exits_quietly(tiny_paths, env):
-    cmd = (
-        f"set -o pipefail; '{SPECLI}' generate '{tiny_paths['target']}' -m none -n 400 "
-        "-p 'Once upon a time' | head -c 10"
-    )
+@pytest.mark.parametrize("args", ["generate '{target}' -m none -n 400 -p 'Once upon a time'",
+                                  "models"])  # rich's own answer to a closed pipe: exit 1
+def test_closed_pipe_exits_quietly(tiny_paths, env, args):
+    cmd = f"set -o pipefail; '{SPECLI}' {args.format(**tiny_paths)} | head -c 10"
     p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
@@ -311,7 +323,7 @@ def test_stream_text_writes_whole_characters_and_stops_on_ctrl_c():
             yield [3]
             if interrupt:
                 raise KeyboardInterrupt
-            yield [4]  # ends mid-character: flushed as U+FFFD at the end
+            yield [4]  # ends mid-character (a length limit): that half is dropped
 
         return SimpleNamespace(engine=SimpleNamespace(stream=stream),
                                target=SimpleNamespace(token_bytes=table.__getitem__))
@@ -319,11 +331,35 @@ def test_stream_text_writes_whole_characters_and_stops_on_ctrl_c():
     written: list[str] = []
     res = Result(method="none")
     text = stream_text(loaded(False), [0], GenerationConfig(), res, written.append)
-    assert written == ["caf", "é!", "", "\ufffd"] and text == "café!\ufffd"
+    assert written == ["caf", "é!", "", ""] and text == "café!"
     assert res.stop_reason == ""
     res = Result(method="none")
     assert stream_text(loaded(True), [0], GenerationConfig(), res) == "café!"  # --json
     assert res.stop_reason == "interrupted"
+
+
+def test_generate_json_after_ctrl_c_still_prints_what_was_generated(capsys):
+    """--json and Ctrl-C (a script's timeout): one JSON object with the text so far and
+    stop_reason "interrupted", not nothing at all."""
+    from types import SimpleNamespace
+
+    from specli.cli import _answer
+    from specli.engine import GenerationConfig, Result
+
+    def stream(tokens, cfg, res):
+        res.tokens += [1, 2]
+        yield [1, 2]
+        raise KeyboardInterrupt
+
+    table = {1: b"hello", 2: b" world"}
+    loaded = SimpleNamespace(engine=SimpleNamespace(stream=stream),
+                             target=SimpleNamespace(token_bytes=table.__getitem__),
+                             target_name="t.gguf", draft_name=None, placements=lambda: {})
+    res = Result(method="none")
+    _answer(loaded, [0], GenerationConfig(), res, as_json=True)  # type: ignore[arg-type]
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["text"] == "hello world" and obj["tokens"] == [1, 2]
+    assert obj["stop_reason"] == res.stop_reason == "interrupted"
 
 
 def test_generate_and_chat_stream_the_same_answer(tiny_paths, env):

@@ -117,7 +117,12 @@ def test_max_tokens_and_context_limit(tiny_paths):
         assert (len(res.tokens), res.stop_reason) == (5, "length")
         res = eng.generate(prompt, GenerationConfig(max_tokens=1000, draft_max=6), "draft")
         assert res.stop_reason == "context"
-        assert len(prompt) + len(res.tokens) <= 48 + 1
+        # the context's edge cuts every method at one length (a draft accepted there used
+        # to add a token past it that plain decoding never writes)
+        plain = Engine(small).generate(prompt, GenerationConfig(max_tokens=1000), "none")
+        assert plain.stop_reason == "context"
+        assert len(prompt) + len(res.tokens) == len(prompt) + len(plain.tokens) == 48
+        assert res.tokens == plain.tokens
         with pytest.raises(SpecliError, match="context holds"):
             eng.check_prompt(list(range(48)))
         with pytest.raises(SpecliError, match="empty prompt"):
@@ -171,6 +176,9 @@ def test_text_stream_never_splits_a_character():
     assert out == ["h", "éllo ", ""]  # the half of ✓ is held back
     assert stream.push([4]) + stream.flush() == "✓"
     assert detokenize(pieces.__getitem__, [1, 2, 3, 4]) == "héllo ✓"
+    # cut after the first byte of ✓ (a length limit): the half character is dropped
+    assert detokenize(pieces.__getitem__, [1, 2, 3]) == "héllo "
+    assert detokenize(pieces.__getitem__, [1, 3, 2]) == "h\ufffd\ufffdllo "  # invalid: shown
 
 
 def test_chat_template_is_applied(tiny_models):
@@ -220,3 +228,27 @@ def test_stats_time_the_draft_model_steps_and_set_them_beside_the_calibration(ti
     rest = 1000 * (s.decode_s - s.draft_s - s.verify_s) / s.target_forwards
     assert s.ms_per_round_other == pytest.approx(rest) and 0 < rest < 1000 * s.decode_s
     assert f"the rest of a round (budgets, bookkeeping) {rest:.3f} ms" in text
+
+
+def test_ctrl_c_while_llama_cpp_logs_a_load_stops_the_load(tiny_paths, monkeypatch, capfd):
+    """Ctrl-C during a load runs its handler inside llama.cpp's log callback, where
+    ctypes used to print the KeyboardInterrupt and drop it: the load went on and the
+    whole answer was written, exit 0.  It must stop the run once the load is back."""
+    import os
+    import signal
+
+    from specli.backends import gguf
+
+    class Interrupting(list):  # the log tail: Ctrl-C arrives as llama.cpp logs a line
+        def append(self, line):
+            if not self:
+                os.kill(os.getpid(), signal.SIGINT)
+            super().append(line)
+
+    monkeypatch.setattr(gguf, "_LOG_TAIL", Interrupting())
+    with pytest.raises(KeyboardInterrupt):
+        GGUFModel(tiny_paths["target"], LoadOptions(n_ctx=64, n_threads=1))
+    assert "Exception ignored" not in capfd.readouterr().err  # nothing printed and dropped
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    monkeypatch.undo()
+    GGUFModel(tiny_paths["target"], LoadOptions(n_ctx=64, n_threads=1)).close()  # loads again
