@@ -81,6 +81,30 @@ class ChatSession:
         if interactive:
             self.err.print("bye", markup=False)
 
+    def _fit(self) -> list[int]:
+        """The conversation's tokens, its oldest turns dropped (the system message kept)
+        while it leaves the answer less room than it may take (-n, at most a quarter of
+        the context): a long chat goes on instead of refusing every turn once full."""
+        target = self.loaded.target
+        room = min(self.cfg.max_tokens, target.n_ctx // 4)
+        first = 1 if self.system else 0  # the oldest turn after the system message
+        dropped = 0
+        while True:
+            tokens = encode_messages(target, self.messages)
+            if len(tokens) + room <= target.n_ctx or len(self.messages) - first <= 1:
+                break
+            del self.messages[first]  # a user's message and the answer to it
+            if len(self.messages) - first > 1 and self.messages[first]["role"] == "assistant":
+                del self.messages[first]
+            dropped += 1
+        self.loaded.engine.check_prompt(tokens)  # the newest message alone may not fit
+        if dropped:
+            self.learned = len(tokens)  # hd then learns the answer (the rest it has seen)
+            turns = "turn" if dropped == 1 else f"{dropped} turns"
+            self.err.print(f"(the oldest {turns} left the conversation to fit --ctx "
+                           f"{target.n_ctx}; /reset starts afresh)", markup=False)
+        return tokens
+
     def command(self, cmd: str) -> bool:
         """Run a slash command; True means leave."""
         if cmd in ("/exit", "/quit", "/bye"):
@@ -102,11 +126,10 @@ class ChatSession:
         loaded = self.loaded
         self.messages.append({"role": "user", "content": user_text})
         try:
-            tokens = encode_messages(loaded.target, self.messages)
-            loaded.engine.check_prompt(tokens)
+            tokens = self._fit()
         except SpecliError as e:
             self.messages.pop()
-            self.err.print(f"specli: {e} (try /reset)", markup=False)
+            self.err.print(f"specli: {e}", markup=False)
             return
         res = Result(method=loaded.method)
         text = stream_text(loaded, tokens, self.cfg, res, self.write)  # Ctrl-C: stops it

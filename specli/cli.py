@@ -412,7 +412,8 @@ def chat(
 
     Commands: /stats (last answer's statistics), /reset (forget the conversation),
     /exit. Ctrl-C stops the current answer and keeps the session; Ctrl-D exits.
-    When stdin is not a terminal, each line is one user turn (scriptable).
+    When stdin is not a terminal, each line is one user turn (scriptable). A chat
+    that fills --ctx goes on: its oldest turns leave (the system message stays).
     """
     from .chat import ChatSession
 

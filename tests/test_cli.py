@@ -147,6 +147,18 @@ def test_closed_pipe_exits_quietly(tiny_paths, env, args):
     assert len(p.stdout.encode()) <= 10
 
 
+def test_a_long_chat_drops_its_oldest_turns_instead_of_refusing(tiny_paths, env):
+    """Once the conversation fills --ctx, every turn used to be refused ("context holds")
+    while the script went on, exit 0.  The oldest turns now leave instead."""
+    script = "".join(f"Tell me something about the number {i}, please.\n" for i in range(8))
+    p = run(["chat", str(tiny_paths["target"]), "-m", "none", "-n", "16", "--ctx", "128"],
+            env, stdin=script)
+    assert p.returncode == 0, p.stderr
+    assert "context holds" not in p.stderr
+    assert "left the conversation to fit --ctx 128" in p.stderr
+    assert p.stdout.count("\n") >= 8  # every turn answered (an answer may hold more)
+
+
 def test_chat_is_scriptable(tiny_paths, env):
     t, d = str(tiny_paths["target"]), str(tiny_paths["draft"])
     script = "Hello!\n/stats\nTell me more.\n/reset\n/bogus\nAgain\n/exit\nnever read\n"
