@@ -461,7 +461,8 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
             budget = spec.budget or plan.budget
             engine = (loaded.draft_engine(spec.model, budget) if spec.model
                       else loaded.make_engine(spec.base, budget))
-            runners[m] = specli_runner(engine, m, plan.params, plan.draft_max,
+            k = parse_budget(budget)  # METHOD@fixed:K drafts K a round, beyond -k too
+            runners[m] = specli_runner(engine, m, plan.params, max(plan.draft_max, k or 0),
                                        _standalone(loaded, spec, budget))
     warm = encode_prompt(loaded.target, WARMUP_TEXT)
     for r in runners.values():  # first-call costs (page faults, buffers) are not counted

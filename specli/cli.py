@@ -22,6 +22,7 @@ from rich.console import Console
 from . import methods as method_table  # the methods' table (runtime registers them)
 from . import runtime
 from .backends.base import LoadOptions
+from .budget import parse_budget
 from .engine import GenerationConfig, Result
 from .errors import SpecliError
 from .report import result_json, stats_lines
@@ -50,6 +51,8 @@ app = typer.Typer(
 )
 
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # ":100:" stays text
+DEFAULT_DRAFT_MAX = 8
+MAX_DRAFT_MAX = 64  # the most tokens one round drafts (-k, --budget fixed:K)
 
 
 def _print_version(value: bool) -> None:
@@ -145,7 +148,7 @@ DraftGpuLayersOpt = Annotated[
 DraftMaxOpt = Annotated[
     int | None,
     typer.Option(
-        "--draft-max", "-k", min=1, max=64,
+        "--draft-max", "-k", min=1, max=MAX_DRAFT_MAX,
         help="Most tokens drafted per round (the budget chooses 0..this each round). "
         "Default: 8, or a static target's --window if smaller (it can verify no more).",
     ),
@@ -175,13 +178,13 @@ BudgetOpt = Annotated[
     typer.Option(
         "--budget",
         help="auto: each round drafts as much as the measured costs and acceptance say pays "
-        "(possibly nothing: never slower than plain decoding by design); fixed:K: always K.",
+        "(possibly nothing: never slower than plain decoding by design); fixed:K: always K "
+        "(-k then defaults to K if that is more than 8).",
     ),
 ]
 
 
 F = TypeVar("F", bound=Callable[..., Any])
-DEFAULT_DRAFT_MAX = 8
 
 # The options every generating command shares (generate, chat, serve, bench), declared
 # once: name -> (annotation, default).  `shares_model_options` adds them to a command.
@@ -231,9 +234,18 @@ def fit_draft_max(shared: dict[str, Any], loaded: Loaded) -> int:
     at most its window K drafted tokens per pass, so the default shrinks to K and a
     larger -k typed by the user is refused, naming both fixes."""
     window = getattr(loaded.target, "window", None)
+    fixed = parse_budget(shared["budget"])  # valid: the load checked it
     if shared["draft_max"] is None:
-        return DEFAULT_DRAFT_MAX if window is None else min(DEFAULT_DRAFT_MAX, window)
+        # --budget fixed:K drafts K tokens a round, also beyond the default -k
+        k = max(DEFAULT_DRAFT_MAX, fixed or 0)
+        if k > MAX_DRAFT_MAX:
+            raise SpecliError(f"--budget fixed:{k} drafts more than {MAX_DRAFT_MAX} tokens "
+                              "a round, the most a round takes")
+        return k if window is None else min(k, window)
     k = int(shared["draft_max"])
+    if fixed is not None and fixed > k:
+        raise SpecliError(f"--budget fixed:{fixed} drafts more than --draft-max {k} allows: "
+                          f"raise -k or lower K")
     if window is not None and k > window:
         raise SpecliError(f"--draft-max {k} exceeds the static window {window} of "
                           f"{Path(loaded.target.path).name} (a pass holds {window}+1 tokens): "

@@ -103,6 +103,10 @@ def test_seeded_sampling_is_reproducible(tiny_paths, env):
         (["bench", "{target}", "--methods", "none", "--limit", "1", "-n", "4", "-o",
           "{notgguf}"], ["fake.gguf", "exists"]),  # a file where results go
         (["bench", "{target}", "--methods", "none", "--categories", ""], ["--categories"]),
+        (["generate", "{target}", "-m", "hd", "--budget", "fixed:12", "-k", "4", "-p", "x"],
+         ["fixed:12", "--draft-max 4"]),
+        (["generate", "{target}", "-m", "hd", "--budget", "fixed:65", "-p", "x"],
+         ["fixed:65", "64"]),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tiny_paths, env, tmp_path, args, needles):
@@ -111,6 +115,16 @@ def test_bad_input_is_one_line_and_nonzero(tiny_paths, env, tmp_path, args, need
     fill = {"target": tiny_paths["target"], "other": tiny_paths["other"], "notgguf": notgguf}
     p = run([a.format(**fill) for a in args], env)
     assert_one_line_error(p, *needles)
+
+
+def test_a_fixed_budget_beyond_the_default_draft_max_drafts_that_many(tiny_paths, env):
+    """--budget fixed:12 used to draft 8 a round (-k's default) while --stats said 12."""
+    t, d = str(tiny_paths["target"]), str(tiny_paths["draft"])
+    p = run(["generate", t, "-d", d, "-m", "draft", "--budget", "fixed:12", "-n", "40",
+             "-p", "Once upon a time", "--json"], env)
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)["stats"]
+    assert max(s["drafted"] / max(1, s["draft_rounds"]), s["pass_size"] - 1) > 8
 
 
 def test_version(env):
