@@ -74,7 +74,8 @@ def _options(
 
 ModelArg = Annotated[
     str | None,
-    typer.Argument(help="Target model: GGUF path or registry name. Default: the default pair."),
+    typer.Argument(help="Target model: GGUF path or registry name. Default: the default "
+                   "pair (downloaded on first use, about 1.6 GB; see specli models)."),
 ]
 TemperatureOpt = Annotated[
     float, typer.Option("--temperature", "-t", help="0 = greedy (deterministic).")

@@ -337,6 +337,11 @@ def load(
     draft_path = resolve_model(draft, registry=reg, console=console) if draft else None
     with _status(console, f"loading {Path(target_path).name}"):
         target = open_model(target_path, opts)
+    if console is not None and target.name == "llama.cpp" and opts.n_gpu_layers > 0 \
+            and not on_accelerator(opts):
+        console.print("note: this llama-cpp-python build has no GPU support, so -ngl is "
+                      "ignored and everything runs on the CPU (`specli devices` says more)",
+                      markup=False)
     draft_opts = replace(opts, branches=1, n_threads=draft_threads or opts.n_threads)
     if draft_gpu_layers is not None:
         draft_opts = replace(draft_opts, n_gpu_layers=draft_gpu_layers)

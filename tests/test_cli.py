@@ -127,6 +127,16 @@ def test_a_fixed_budget_beyond_the_default_draft_max_drafts_that_many(tiny_paths
     assert max(s["drafted"] / max(1, s["draft_rounds"]), s["pass_size"] - 1) > 8
 
 
+def test_gpu_layers_on_a_build_without_gpu_support_say_so(tiny_paths, env):
+    import llama_cpp
+
+    p = run(["generate", str(tiny_paths["target"]), "-m", "none", "-ngl", "5", "-n", "2",
+             "-p", "Hi"], env)
+    assert p.returncode == 0, p.stderr
+    noted = "no GPU support, so -ngl is ignored" in p.stderr
+    assert noted != bool(llama_cpp.llama_supports_gpu_offload())
+
+
 def test_version(env):
     from importlib.metadata import version
 
