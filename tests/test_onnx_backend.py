@@ -231,6 +231,11 @@ def test_cli_export_register_generate_mixed_pair(tiny_paths, env, tmp_path):
     assert p.returncode == 0 and "tiny-onnx" in p.stdout
     p = _cli(["export", str(tiny_paths["target"]), "--name", "tiny-onnx"], env)
     assert p.returncode != 0 and "--force" in p.stderr and "Traceback" not in p.stderr
+    # the name taken elsewhere: refused, not silently moved (the old export orphaned)
+    p = _cli(["export", str(tiny_paths["target"]), "--quant", "none", "--name", "tiny-onnx",
+              "-o", str(tmp_path / "elsewhere")], env)
+    assert p.returncode != 0 and "already stands for" in p.stderr, p.stderr
+    assert not (tmp_path / "elsewhere").exists()
     args = ["generate", "tiny-onnx", "--draft", str(tiny_paths["draft"]), "--method", "draft",
             "-p", "hello world", "-n", "16", "--json", "--budget", "fixed:3"]
     p = _cli(args, env)

@@ -80,6 +80,10 @@ def export_model(
     use = exporter if exporter != "auto" else ("specli" if kind == "gguf" else "optimum")
     name = name or default_name(label, quant) + ("-static" if static else "")
     dest = (out or catalog.exports_dir() / name).expanduser().absolute()
+    known = catalog.find(name)
+    if known is not None and Path(known.path) != dest and known.present and not force:
+        raise SpecliError(f"the name {name!r} already stands for the export in {known.path}; "
+                          "pass --name NEW, or --force to give it to this one")
     if dest.exists() and any(dest.iterdir()):
         made = catalog.read_meta(dest)
         exporter_name = "specli-gguf" if use == "specli" else "optimum"
