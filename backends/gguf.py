@@ -203,7 +203,6 @@ class GGUFModel:
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self._row_type = ctypes.c_float * self.n_vocab
         bos = llama_cpp.llama_vocab_bos(self._vocab)
         self.bos = bos if bos >= 0 else None
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self._branches)
@@ -302,17 +301,20 @@ class GGUFModel:
                 llama_cpp.llama_memory_seq_rm(self._mem, 0, pos0, -1)
                 raise SpecliError(f"llama_decode failed (code {rc}): {_last_error()}")
             self.tokens.extend(chunk)
-            rows += [self._logits(j).copy() for j in out_idx]
+            if out_idx:
+                rows.append(self._outputs(len(out_idx)).copy())
         self.step_clock.add(len(tokens), time.perf_counter() - t0)
         if not rows:
             return np.empty((0, self.n_vocab), dtype=np.float32)
-        return rows[0][None, :] if len(rows) == 1 else np.stack(rows)
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
-    def _logits(self, j: int) -> np.ndarray:
-        """Batch row j's logits, a view of llama.cpp's buffer (valid until the next decode;
-        every drafted and verified token reads one: np.ctypeslib.as_array costs 1.5x)."""
-        addr = ctypes.cast(llama_cpp.llama_get_logits_ith(self._ctx, j), ctypes.c_void_p).value
-        return np.frombuffer(self._row_type.from_address(addr), dtype=np.float32)
+    def _outputs(self, n: int) -> np.ndarray:
+        """The last decode's n logits rows, in batch order: a view of llama.cpp's buffer
+        (valid until the next decode), copied once by the caller.  A row at a time then
+        stacked was two copies: a verify pass over a 150k vocabulary reads megabytes."""
+        addr = ctypes.cast(llama_cpp.llama_get_logits(self._ctx), ctypes.c_void_p).value
+        buf = (ctypes.c_float * (n * self.n_vocab)).from_address(addr)
+        return np.frombuffer(buf, dtype=np.float32).reshape(n, self.n_vocab)
 
     def truncate(self, n: int) -> None:
         if n > len(self.tokens):
@@ -363,10 +365,7 @@ class GGUFModel:
             self.keep_path([])
             self.truncate(pos0)
             raise SpecliError(f"llama_decode failed (code {rc}): {_last_error()}")
-        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
-        for j in range(len(rows)):
-            out[j] = self._logits(j)
-        return out
+        return self._outputs(len(rows)).copy()
 
     def keep_path(self, path: Sequence[int]) -> None:
         if self._tree is None:

@@ -252,3 +252,25 @@ def test_ctrl_c_while_llama_cpp_logs_a_load_stops_the_load(tiny_paths, monkeypat
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     monkeypatch.undo()
     GGUFModel(tiny_paths["target"], LoadOptions(n_ctx=64, n_threads=1)).close()  # loads again
+
+
+def test_logits_rows_come_back_in_the_order_asked(tiny_models):
+    """eval copies the decode's output rows in one block (llama_get_logits): each must be
+    the row of the token it was asked for, as llama_get_logits_ith reads it."""
+    import ctypes
+
+    t = tiny_models["target"]
+    row = ctypes.c_float * t.n_vocab
+
+    def logits_ith(j: int) -> np.ndarray:  # llama.cpp's own lookup of batch token j's row
+        addr = ctypes.cast(llama_cpp.llama_get_logits_ith(t._ctx, j), ctypes.c_void_p).value
+        return np.frombuffer(row.from_address(addr), dtype=np.float32)
+
+    tokens = (_prompt(t) * 4)[:24]
+    for sel in ([0, 3, 7, 23], [5], list(range(24)), [22, 23]):
+        t.truncate(0)
+        out = t.eval(tokens, sel)
+        assert out.shape == (len(sel), t.n_vocab)
+        for i, j in enumerate(sel):
+            assert np.array_equal(out[i], logits_ith(j)), (sel, j)
+    t.truncate(0)
