@@ -478,6 +478,13 @@ def serve(
       specli serve            # default pair, http://127.0.0.1:8080/v1
 
       specli serve qwen2.5-coder-1.5b-instruct --port 9000 --api-key secret
+
+    A client names the model /v1/models lists. Requests default to temperature 1.0,
+    as OpenAI's API does (send 0 for greedy; `specli generate` is greedy by default):
+
+      curl localhost:8080/v1/completions -d '{"prompt": "Hi", "temperature": 0}'
+
+    From Python: OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none").
     """
     try:
         from .serve import Settings, bind, model_id, url_of

@@ -46,14 +46,16 @@ class GenRequest:
     stop: tuple[str, ...]
     stream: bool
     model: str | None
+    include_usage: bool = False  # streamed: a last chunk with usage (stream_options)
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}",
+    except (ValueError, RecursionError) as e:  # bad bytes, bad JSON, nesting too deep
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ApiError(400, f"the request body is not valid JSON: {why}",
                        code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
@@ -63,6 +65,18 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 def _bad(param: str, what: str, got: Any) -> ApiError:
     return ApiError(400, f"'{param}' must be {what} (got {json.dumps(got)[:80]})",
                     param=param, code="invalid_value")
+
+
+def _text(v: str, param: str) -> str:
+    """A string the tokenizer can take: valid JSON may still hold a lone surrogate
+    escape ("\\ud83d", half an emoji cut by a client), which has no UTF-8."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"'{param}' must be valid Unicode text (it holds a lone "
+                       "surrogate, e.g. half of an emoji)", param=param,
+                       code="invalid_value") from None
+    return v
 
 
 def _number(body: dict[str, Any], name: str, default: float) -> float:
@@ -118,7 +132,7 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     if (not isinstance(items, list) or len(items) > 4
             or not all(isinstance(s, str) and s for s in items)):
         raise _bad("stop", "a non-empty string or a list of up to 4 of them", v)
-    return tuple(items)
+    return tuple(_text(s, "stop") for s in items)
 
 
 def _content(v: Any, i: int) -> str:
@@ -126,11 +140,14 @@ def _content(v: Any, i: int) -> str:
     if v is None:
         return ""
     if isinstance(v, str):
-        return v
+        return _text(v, f"messages[{i}].content")
     if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                    and isinstance(p.get("text"), str) for p in v):
-        return "".join(p["text"] for p in v)
+        return _text("".join(p["text"] for p in v), f"messages[{i}].content")
     raise _bad(f"messages[{i}].content", "a string or a list of text parts", v)
+
+
+ROLES = ("system", "developer", "user", "assistant")  # tool messages: tools are refused
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
@@ -141,6 +158,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     for i, m in enumerate(v):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise _bad(f"messages[{i}]", "an object with a string 'role'", m)
+        if m["role"] not in ROLES:
+            raise _bad(f"messages[{i}].role", "one of " + ", ".join(ROLES), m["role"])
         role = "system" if m["role"] == "developer" else m["role"]
         out.append({"role": role, "content": _content(m.get("content"), i)})
     return out
@@ -152,7 +171,44 @@ def _prompt(body: dict[str, Any]) -> str:
         v = v[0]
     if not isinstance(v, str) or not v.strip():
         raise _bad("prompt", "a non-empty string", v)
-    return v
+    return _text(v, "prompt")
+
+
+# Parameters that would change the answer or its shape and that specli does not do:
+# refused when set to anything but their neutral value (clients often send defaults).
+UNSUPPORTED: dict[str, Any] = {
+    "logprobs": lambda v: v not in (None, False, 0),
+    "top_logprobs": lambda v: v not in (None, 0),
+    "tools": lambda v: bool(v),
+    "functions": lambda v: bool(v),
+    "tool_choice": lambda v: v not in (None, "none", "auto"),
+    "function_call": lambda v: v not in (None, "none", "auto"),
+    "response_format": lambda v: v is not None and not (isinstance(v, dict)
+                                                       and v.get("type") == "text"),
+    "echo": lambda v: bool(v),
+    "best_of": lambda v: v not in (None, 1),
+    "suffix": lambda v: bool(v),
+    "logit_bias": lambda v: bool(v),
+    "presence_penalty": lambda v: v not in (None, 0),
+    "frequency_penalty": lambda v: v not in (None, 0),
+}
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    for name, used in UNSUPPORTED.items():
+        if name in body and used(body[name]):
+            raise ApiError(400, f"specli serve does not support '{name}' (only its default)",
+                           param=name, code="unsupported_parameter")
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    """stream_options.include_usage: a streamed answer then ends with a chunk of usage."""
+    v = body.get("stream_options")
+    if v is None:
+        return False
+    if not isinstance(v, dict) or not isinstance(v.get("include_usage", False), bool):
+        raise _bad("stream_options", 'an object like {"include_usage": true}', v)
+    return bool(v.get("include_usage", False))
 
 
 def parse_request(body: dict[str, Any], kind: str, max_tokens_cap: int) -> GenRequest:
@@ -160,6 +216,7 @@ def parse_request(body: dict[str, Any], kind: str, max_tokens_cap: int) -> GenRe
     n = _integer(body, "n")
     if n not in (None, 1):
         raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_value")
+    _refuse_unsupported(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream", "true or false", stream)
@@ -171,7 +228,7 @@ def parse_request(body: dict[str, Any], kind: str, max_tokens_cap: int) -> GenRe
         prompt=_prompt(body) if kind == "completion" else None,
         messages=_messages(body) if kind == "chat" else None,
         max_tokens=_max_tokens(body, max_tokens_cap), params=_sampling(body),
-        stop=_stop(body), stream=stream, model=model)
+        stop=_stop(body), stream=stream, model=model, include_usage=_include_usage(body))
 
 
 class StopScanner:
@@ -256,10 +313,16 @@ class Answer:
         choice |= {"finish_reason": finish, "logprobs": None}
         return head | {"choices": [choice], "usage": use, "specli": extra}
 
+    def usage_chunk(self, use: dict[str, int]) -> dict[str, Any]:
+        """The chunk after the last one when the client asked for usage (OpenAI's
+        stream_options.include_usage): no choices, the usage."""
+        kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return self._head(kind) | {"choices": [], "usage": use}
+
     def chunk(self, text: str | None, finish: str | None = None, *, role: bool = False,
               use: dict[str, int] | None = None,
               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One streamed chunk; the last one carries finish_reason, usage and stats."""
+        """One streamed chunk; the last one carries finish_reason and stats."""
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from .errors import SpecliError
 from .openai_api import SSE_DONE, Answer, ApiError, parse_json, parse_request, sse
-from .serve_worker import Job, Worker
+from .serve_worker import Job, Worker, _log_failure
 
 POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is there
 
@@ -62,10 +62,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         code = "not_found" if e.status_code == 404 else None
         return error_response(ApiError(e.status_code, str(e.detail), code=code))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception) -> JSONResponse:
-        return error_response(ApiError(500, "internal server error", kind="server_error",
-                                       code="internal_error"))
+    app.add_middleware(_QuietErrors)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -78,6 +75,15 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         return {"object": "list", "data": [{"id": settings.model_id, "object": "model",
                                             "created": started, "owned_by": "specli"}]}
 
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request) -> dict[str, Any]:
+        _authorize(request, settings)
+        if name not in settings.aliases | {settings.model_id}:
+            raise ApiError(404, f"the model '{name}' does not exist; this server has "
+                           f"'{settings.model_id}'", param="model", code="model_not_found")
+        return {"id": settings.model_id, "object": "model", "created": started,
+                "owned_by": "specli"}
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         return await _complete(request, "chat", worker, settings)
@@ -87,6 +93,36 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         return await _complete(request, "completion", worker, settings)
 
     return app
+
+
+class _QuietErrors:
+    """An unexpected error: OpenAI's 500 JSON and one line on stderr.  An exception
+    handler for Exception would not do (Starlette re-raises after it and uvicorn prints
+    the whole traceback), nor would an "http" middleware (it hides a client's disconnect
+    from the running request).  Plain ASGI, so neither happens."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_)
+        except Exception as e:
+            _log_failure(e, "request failed")
+            if not started:  # else the answer is under way: it just ends
+                await error_response(ApiError(500, "internal server error",
+                                              kind="server_error",
+                                              code="internal_error"))(scope, receive, send)
 
 
 def _authorize(request: Request, settings: Settings) -> None:
@@ -161,8 +197,9 @@ async def _collect(job: Job, answer: Answer) -> Response:
 
 
 async def _stream(job: Job, answer: Answer) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format; the last chunk carries usage.  A
-    client that disconnects cancels this generator, and with it the job."""
+    """Server-sent events in OpenAI's chunk format; usage in a chunk of its own after
+    the last when asked for (stream_options).  A client that disconnects cancels this
+    generator, and with it the job."""
     try:
         if answer.kind == "chat":
             yield sse(answer.chunk("", role=True))
@@ -175,8 +212,9 @@ async def _stream(job: Job, answer: Answer) -> AsyncIterator[str]:
                 break
             else:
                 yield sse(answer.chunk(None if answer.kind == "chat" else "",
-                                       payload["finish_reason"], use=payload["usage"],
-                                       extra=payload["specli"]))
+                                       payload["finish_reason"], extra=payload["specli"]))
+                if job.req.include_usage:
+                    yield sse(answer.usage_chunk(payload["usage"]))
                 break
         yield SSE_DONE
     finally:

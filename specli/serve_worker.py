@@ -73,8 +73,9 @@ class Worker:
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
-            raise ApiError(503, f"the server is busy ({self.jobs.maxsize} requests waiting); "
-                           "retry later", kind="server_error", code="queue_full",
+            waiting = f"{self.jobs.maxsize} request{'s' * (self.jobs.maxsize != 1)}"
+            raise ApiError(503, f"the server is busy: its queue ({waiting}) is full; retry "
+                           "later", kind="server_error", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     def busy(self) -> bool:
@@ -127,6 +128,8 @@ class Worker:
 
     def _encode(self, req: GenRequest) -> list[int]:
         target = self.loaded.target
+        param = "messages" if req.messages is not None else "prompt"
+        tokens: list[int] = []
         try:
             if req.messages is not None:
                 tokens = runtime.encode_messages(target, req.messages)
@@ -134,9 +137,10 @@ class Worker:
                 assert req.prompt is not None
                 tokens = runtime.encode_prompt(target, req.prompt, raw=True)
             self.loaded.engine.check_prompt(tokens)
-        except SpecliError as e:
-            param = "messages" if req.messages is not None else "prompt"
-            raise ApiError(400, str(e), param=param, code="invalid_prompt") from None
+        except SpecliError as e:  # OpenAI's code for a prompt the context cannot hold
+            long = len(tokens) >= target.n_ctx
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded" if long
+                           else "invalid_prompt") from None
         return tokens
 
     def _run(self, job: Job) -> None:
@@ -202,9 +206,9 @@ def _send(job: Job, piece: str) -> None:
         job.emit("text", piece)
 
 
-def _log_failure(e: BaseException) -> None:
+def _log_failure(e: BaseException, what: str = "generation failed") -> None:
     """One line on the server's stderr (the traceback with SPECLI_DEBUG=1); the client
     only ever gets the error's type."""
     if os.environ.get("SPECLI_DEBUG"):
         traceback.print_exception(e)
-    print(f"specli serve: generation failed: {type(e).__name__}: {e}", file=sys.stderr)
+    print(f"specli serve: {what}: {type(e).__name__}: {e}", file=sys.stderr)

@@ -111,11 +111,19 @@ def test_chat_and_completions_equal_generate(tiny_server, tiny_paths, menv):
     assert r.usage.prompt_tokens == ref["n_prompt"]
     assert r.choices[0].finish_reason == ("length" if ref["stop_reason"] == "length" else "stop")
     last = chunks[-1].model_dump()
-    assert last["usage"]["total_tokens"] == r.usage.total_tokens
+    assert last["usage"] is None and last["specli"]["method"] == "draft"  # usage not asked
     extra = r.model_dump()["specli"]
     assert extra["method"] == "draft" and "acceptance_rate" in extra
     assert extra["tokens_per_pass"] >= 1 and sum(extra["rounds_by"].values()) > 0
-    assert last["specli"]["method"] == "draft"
+    # asked for (stream_options): one more chunk, no choices, the usage (OpenAI's shape)
+    asked, chunks = stream_chat(c, model=model, messages=CHAT, max_tokens=16, temperature=0,
+                                stream_options={"include_usage": True})
+    assert asked == text and chunks[-1].choices == []
+    assert chunks[-1].usage.total_tokens == r.usage.total_tokens
+    assert all(ch.usage is None for ch in chunks[:-1])
+    assert c.models.retrieve(model).id == model  # GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("gpt-5")
 
     p = c.completions.create(model=model, prompt="Once upon a time", max_tokens=12,
                              temperature=0)
@@ -174,6 +182,16 @@ def test_bad_requests_get_openai_errors(tiny_server):
         (400, {"json": {**ok, "messages": [{"role": "user", "content": long_prompt}]}}),
         (404, {"json": {**ok, "model": "gpt-5"}}),
         (413, {"content": b"{" + b" " * (2 << 20) + b"}"}),
+        # found by an audit (each was a 500, the first with a traceback in the log)
+        (400, {"content": b'{"messages":' + b"[" * 50000 + b"]" * 50000 + b"}"}),
+        (400, {"content": b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}'}),
+        (400, {"content": json.dumps({**ok, "stop": ["\ud800"]}).encode()}),
+        # ignored before: refused now (they would change the answer or its shape)
+        (400, {"json": {**ok, "logprobs": True, "top_logprobs": 2}}),
+        (400, {"json": {**ok, "tools": [{"type": "function", "function": {"name": "f"}}]}}),
+        (400, {"json": {**ok, "response_format": {"type": "json_object"}}}),
+        (400, {"json": {**ok, "presence_penalty": 0.5}}),
+        (400, {"json": {**ok, "messages": [{"role": "wizard", "content": "hi"}]}}),
     ]
     for status, kw in cases:
         r = tiny_server.post("/chat/completions", **kw)
@@ -183,9 +201,34 @@ def test_bad_requests_get_openai_errors(tiny_server):
         assert "Traceback" not in r.text
     r = tiny_server.post("/completions", json={"prompt": long_prompt, "max_tokens": 4})
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "context_length_exceeded"  # OpenAI's code
+    r = tiny_server.post("/completions",
+                         content=json.dumps({"prompt": "\ud800 hi", "max_tokens": 2}).encode())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    neutral = {**ok, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+               "logprobs": False, "tool_choice": "none", "response_format": {"type": "text"}}
+    assert tiny_server.post("/chat/completions", json=neutral).status_code == 200
     assert httpx.get(tiny_server.url + "/nowhere").json()["error"]["code"] == "not_found"
     r = tiny_server.post("/chat/completions", json=ok)  # still up
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_an_unexpected_error_is_a_500_and_one_line_not_a_traceback(capsys):
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from specli.serve import Settings, create_app
+
+    def broken() -> bool:
+        raise RuntimeError("a bug")
+
+    worker = SimpleNamespace(busy=broken, jobs=None, loaded=SimpleNamespace(method="none"))
+    app = create_app(worker, Settings("m", frozenset(), None, 1 << 20, 64))  # type: ignore
+    r = TestClient(app, raise_server_exceptions=False).get("/health")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    err = capsys.readouterr().err
+    assert "request failed: RuntimeError: a bug" in err and "Traceback" not in err
 
 
 def test_api_key(tiny_paths, menv, tmp_path):

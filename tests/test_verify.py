@@ -590,3 +590,17 @@ def test_sample_matches_distribution_and_accepts_unnormalised() -> None:
     rng = np.random.default_rng(1)
     counts = np.bincount([sample(probs * 3.0, rng) for _ in range(40_000)], minlength=6)
     assert_fits(counts, probs)
+
+
+def test_a_tiny_temperature_samples_as_greedy_instead_of_overflowing():
+    """1e-320 (a client's "almost greedy") overflowed the division: a ValueError, an
+    HTTP 500 in serve.  The row is shifted to a maximum of 0 first."""
+    import warnings
+
+    x = np.array([[1.0, 3.0, 2.0, 3.0 - 1e-3]], dtype=np.float32)
+    for t in (1e-320, 1e-308, 1e-6):
+        for k in (0, 2):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no overflow warning either
+                p = probs_from_logits(x, SamplingParams(temperature=t, top_k=k))
+            assert p.tolist() == [[0.0, 1.0, 0.0, 0.0]]
