@@ -479,12 +479,17 @@ def serve(
 
       specli serve qwen2.5-coder-1.5b-instruct --port 9000 --api-key secret
 
-    A client names the model /v1/models lists. Requests default to temperature 1.0,
-    as OpenAI's API does (send 0 for greedy; `specli generate` is greedy by default):
+    Requests default to temperature 1.0, as OpenAI's API does (send 0 for greedy;
+    `specli generate` is greedy by default). A client names the model /v1/models
+    lists; its API key is any string unless --api-key is set:
 
       curl localhost:8080/v1/completions -d '{"prompt": "Hi", "temperature": 0}'
 
-    From Python: OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none").
+      from openai import OpenAI
+
+      c = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none")
+
+      c.completions.create(model="NAME", prompt="Hi", temperature=0)
     """
     try:
         from .serve import Settings, bind, model_id, url_of

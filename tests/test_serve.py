@@ -231,6 +231,78 @@ def test_an_unexpected_error_is_a_500_and_one_line_not_a_traceback(capsys):
     assert "request failed: RuntimeError: a bug" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("extra", [
+    {"logprobs": True}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]},
+    {"functions": [{"name": "f"}]}, {"tool_choice": "required"},
+    {"function_call": {"name": "f"}}, {"response_format": {"type": "json_schema"}},
+    {"echo": True}, {"best_of": 3}, {"suffix": "end"}, {"logit_bias": {"42": 5}},
+    {"presence_penalty": 0.5}, {"frequency_penalty": -1},
+])
+def test_a_parameter_that_would_change_the_answer_is_refused(extra):
+    """Silently ignored before the audit; clients' neutral defaults still pass."""
+    from specli.openai_api import ApiError, parse_request
+
+    with pytest.raises(ApiError) as e:
+        parse_request({"prompt": "hi", **extra}, "completion", 64)
+    (name,) = extra
+    assert e.value.status == 400 and e.value.code == "unsupported_parameter"
+    assert e.value.param == name and "does not support" in e.value.message
+
+
+def test_request_rules_found_by_the_audit():
+    from specli.openai_api import ApiError, parse_json, parse_request
+
+    neutral = {"logprobs": False, "top_logprobs": None, "tools": [], "tool_choice": "auto",
+               "response_format": {"type": "text"}, "echo": False, "best_of": 1,
+               "suffix": "", "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0}
+    assert parse_request({"prompt": "hi", **neutral}, "completion", 64).prompt == "hi"
+    assert parse_request({"prompt": "hi", "temperature": 1e-320}, "completion", 64).params
+    assert parse_request({"prompt": "hi", "stream": True,
+                          "stream_options": {"include_usage": True}},
+                         "completion", 64).include_usage
+    assert not parse_request({"prompt": "hi", "stream": True}, "completion", 64).include_usage
+
+    def refused(body: dict, kind: str = "chat") -> ApiError:
+        with pytest.raises(ApiError) as e:
+            parse_request(body, kind, 64)
+        assert e.value.status == 400
+        return e.value
+
+    chat = {"messages": CHAT}
+    for opts in ("yes", [True], {"include_usage": "true"}):
+        assert refused({**chat, "stream_options": opts}).param == "stream_options"
+    for role in ("wizard", "tool", "function"):
+        msgs = [*CHAT, {"role": role, "content": "x"}]
+        assert refused({"messages": msgs}).param == "messages[1].role"
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "a \udc00"}]}]
+    e = refused({"messages": msgs})
+    assert e.param == "messages[0].content" and "lone surrogate" in e.message
+    assert refused({"prompt": "\ud83d", "max_tokens": 2}, "completion").param == "prompt"
+    assert refused({**chat, "stop": ["ok", "\ud800"]}).code == "invalid_value"
+    for raw in (b'{"prompt":' + b"[" * 50000 + b"]" * 50000 + b"}", b"\xff\xfe{}"):
+        with pytest.raises(ApiError) as err:
+            parse_json(raw)
+        assert err.value.status == 400 and err.value.code == "invalid_json"
+
+
+def test_a_full_queue_says_so_in_english():
+    from types import SimpleNamespace
+
+    from specli.openai_api import ApiError, parse_request
+    from specli.serve_worker import Job, Worker
+
+    req = parse_request({"prompt": "hi"}, "completion", 8)
+    for size, waiting in ((1, "1 request"), (3, "3 requests")):
+        worker = Worker(SimpleNamespace(), draft_max=4, queue_size=size)  # type: ignore
+        for _ in range(size):
+            worker.submit(Job(req, None))  # type: ignore  # never started: they wait
+        with pytest.raises(ApiError) as e:
+            worker.submit(Job(req, None))  # type: ignore
+        assert e.value.status == 503 and e.value.headers["Retry-After"]
+        assert e.value.message == (f"the server is busy: its queue ({waiting}) is full; "
+                                   "retry later")
+
+
 def test_api_key(tiny_paths, menv, tmp_path):
     env = {**menv, "SPECLI_API_KEY": "s3cret"}
     s = Server([str(tiny_paths["target"]), "-m", "none", "--no-history", "--ctx", "512",
@@ -240,6 +312,10 @@ def test_api_key(tiny_paths, menv, tmp_path):
             s.client(api_key="wrong").models.list()
         r = s.post("/chat/completions", json={"messages": CHAT, "max_tokens": 4})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        for path in ("/models", "/models/target.gguf"):  # the retrieve one too
+            r = httpx.get(s.url + path, timeout=60)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert s.client(api_key="s3cret").models.retrieve("target.gguf").id == "target.gguf"
         r = s.client(api_key="s3cret").chat.completions.create(
             model="target.gguf", messages=CHAT, max_tokens=4, temperature=0)
         assert r.usage.completion_tokens >= 1
