@@ -134,19 +134,6 @@ class ContextIndex:
             return []
         return sorted(((t, float(c)) for t, c in e[3].items()), key=lambda x: -x[1])
 
-    def draft(
-        self,
-        context: Sequence[int],
-        k: int,
-        keep_going: KeepGoing | None = None,
-        *,
-        min_match: int = 1,
-    ) -> Draft:
-        if k <= 0 or not context:
-            return Draft()
-        self.update(context)
-        return chain_draft(self.lookup, context, k, keep_going, self.n_max, min_match)
-
 
 # -- persistent stores ------------------------------------------------------------------
 
@@ -390,16 +377,6 @@ class NgramStore:
     def next_counts(self, key_tokens: Sequence[int]) -> list[tuple[int, float]]:
         """Every known continuation of `key_tokens`, most frequent first."""
         return [(t, float(c)) for t, c in self.conn.execute(_NEXT, (pack_key(key_tokens),))]
-
-    def draft(
-        self,
-        context: Sequence[int],
-        k: int,
-        keep_going: KeepGoing | None = None,
-        *,
-        min_match: int = 1,
-    ) -> Draft:
-        return chain_draft(self.lookup, context, k, keep_going, self.n_max, min_match)
 
     def count_rows(self) -> tuple[int, int]:
         """(distinct n-grams, continuation rows): exact, a scan (for reports, not drafting)."""

@@ -22,6 +22,7 @@ from specli.fidelity import analyse, first_difference
 from specli.ngram import (
     ContextIndex,
     NgramStore,
+    chain_draft,
     confidence,
     history_path,
     tokenizer_fingerprint,
@@ -49,6 +50,14 @@ def store(home: Path, *seqs: list[int], **kw) -> NgramStore:
     return s
 
 
+def draft(source: ContextIndex | NgramStore, context: list[int], k: int,
+          keep_going=None, min_match: int = 1):
+    """One source's draft, as hd asks it (the context index first learns the context)."""
+    if isinstance(source, ContextIndex):
+        source.update(context)
+    return chain_draft(source.lookup, context, k, keep_going, source.n_max, min_match)
+
+
 # -- drafting rules ------------------------------------------------------------------
 
 
@@ -59,7 +68,7 @@ def test_confidence_rises_with_match_length_and_share():
 
 def test_context_longest_match_first_and_chaining():
     ctx = [1, 2, 3, 4, 5, 9, 9, 2, 3, 4, 6, 7, 8, 9, 2, 3, 4]
-    d = ContextIndex().draft(ctx, 3)
+    d = draft(ContextIndex(), ctx, 3)
     # "9 2 3 4" (4 tokens) was followed by 6; "2 3 4" alone would tie 5 against 6
     assert d.tokens == [6, 7, 8] and d.probs is None and len(d.confidence) == 3
     assert all(0 < c < 1 for c in d.confidence)
@@ -67,38 +76,38 @@ def test_context_longest_match_first_and_chaining():
 
 def test_context_most_frequent_continuation_wins_and_ties_go_to_the_newest():
     ci = ContextIndex(n_max=1)
-    assert ci.draft([5, 1, 5, 1, 5, 2, 5], 1).tokens == [1]  # 1 twice, 2 once
+    assert draft(ci, [5, 1, 5, 1, 5, 2, 5], 1).tokens == [1]  # 1 twice, 2 once
     ci.reset()
-    assert ci.draft([5, 1, 5, 2, 5], 1).tokens == [2]  # tie: the latest
+    assert draft(ci, [5, 1, 5, 2, 5], 1).tokens == [2]  # tie: the latest
     assert ci.next_counts([5]) == [(1, 1.0), (2, 1.0)]
 
 
 def test_context_follows_a_growing_and_a_changed_context_and_knows_nothing_new():
     ci = ContextIndex(n_max=2)
     ctx = [1, 2, 3]
-    assert ci.draft(ctx, 2).tokens == []  # nothing repeats
+    assert draft(ci, ctx, 2).tokens == []  # nothing repeats
     ctx += [1, 2]
-    assert ci.draft(ctx, 2).tokens == [3, 1]
-    assert ci.draft([7, 8, 7], 1).tokens == [8]  # a different text: re-indexed
-    assert ci.draft([7, 8, 7], 0).tokens == [] and ci.draft([], 3).tokens == []
+    assert draft(ci, ctx, 2).tokens == [3, 1]
+    assert draft(ci, [7, 8, 7], 1).tokens == [8]  # a different text: re-indexed
+    assert draft(ci, [7, 8, 7], 0).tokens == [] and draft(ci, [], 3).tokens == []
 
 
 def test_keep_going_stops_a_draft():
     ctx = [1, 2, 3, 4, 5, 1, 2]
-    d = ContextIndex().draft(ctx, 4, keep_going=lambda conf: len(conf) < 2)
+    d = draft(ContextIndex(), ctx, 4, keep_going=lambda conf: len(conf) < 2)
     assert d.tokens == [3, 4] and len(d.confidence) == 2
 
 
 def test_store_drafts_by_longest_match_most_frequent_and_chains(home):
     s = store(home, [1, 2, 3, 7], [9, 2, 3, 8], [5, 2, 3, 8], [4, 5, 6])
     assert s.next_counts([2, 3]) == [(8, 2.0), (7, 1.0)]
-    assert s.draft([0, 2, 3], 1).tokens == [8]  # "2 3": 8 twice, 7 once
-    assert s.draft([1, 2, 3], 1).tokens == [7]  # "1 2 3" (longer) says 7
-    assert s.draft([0, 4], 5).tokens == [5, 6]  # chained until nothing follows
-    assert s.draft([0, 99], 5).tokens == []  # unknown
-    d = s.draft([0, 4], 5, keep_going=lambda conf: False)
+    assert draft(s, [0, 2, 3], 1).tokens == [8]  # "2 3": 8 twice, 7 once
+    assert draft(s, [1, 2, 3], 1).tokens == [7]  # "1 2 3" (longer) says 7
+    assert draft(s, [0, 4], 5).tokens == [5, 6]  # chained until nothing follows
+    assert draft(s, [0, 99], 5).tokens == []  # unknown
+    d = draft(s, [0, 4], 5, keep_going=lambda conf: False)
     assert d.tokens == [5] and d.probs is None
-    assert s.draft([0, 2, 3], 1, min_match=3).tokens == []  # only a 2-token match
+    assert draft(s, [0, 2, 3], 1, min_match=3).tokens == []  # only a 2-token match
     s.close()
 
 
