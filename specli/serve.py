@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from .errors import SpecliError
 from .openai_api import SSE_DONE, Answer, ApiError, parse_json, parse_request, sse
-from .serve_worker import Job, Worker, _log_failure
+from .serve_worker import Job, Worker, log_failure
 
 POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is there
 
@@ -118,7 +118,7 @@ class _QuietErrors:
         try:
             await self.app(scope, receive, send_)
         except Exception as e:
-            _log_failure(e, "request failed")
+            log_failure(e, "request failed")
             if not started:  # else the answer is under way: it just ends
                 await error_response(ApiError(500, "internal server error",
                                               kind="server_error",

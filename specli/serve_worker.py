@@ -117,7 +117,7 @@ class Worker:
                 try:
                     self._run(job)
                 except Exception as e:  # a bug or a backend failure: this request only
-                    _log_failure(e)
+                    log_failure(e)
                     job.emit("error", ApiError(500, f"generation failed: {type(e).__name__}",
                                                kind="server_error", code="internal_error"))
                 finally:
@@ -206,7 +206,7 @@ def _send(job: Job, piece: str) -> None:
         job.emit("text", piece)
 
 
-def _log_failure(e: BaseException, what: str = "generation failed") -> None:
+def log_failure(e: BaseException, what: str = "generation failed") -> None:
     """One line on the server's stderr (the traceback with SPECLI_DEBUG=1); the client
     only ever gets the error's type."""
     if os.environ.get("SPECLI_DEBUG"):
