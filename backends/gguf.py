@@ -26,7 +26,7 @@ import numpy as np
 from .. import tree
 from ..chat_template import render_chat
 from ..errors import SpecliError
-from ..threads import available_cores, target_threads
+from ..threads import cores_note, default_cores, target_threads
 from .base import LoadOptions, StepClock
 
 GGUF_MAGIC = b"GGUF"
@@ -80,8 +80,9 @@ def _loading() -> Iterator[None]:
             _log_state["loading"] -= 1
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-        if held:
-            raise KeyboardInterrupt
+        if held:  # the restored handler acts on it now (`kill` exits 143, Ctrl-C 130)
+            signal.raise_signal(held[0])
+            raise KeyboardInterrupt  # a handler that returned: the run still stops
 
 
 def _hold_signals(held: list[int]) -> dict[int, Any]:
@@ -137,8 +138,9 @@ def check_gguf_file(path: str | os.PathLike[str]) -> Path:
 
 
 def default_threads() -> int:
-    """Every core this process may use (see specli.threads)."""
-    return available_cores()
+    """Every core this process may use, less those other processes keep busy (see
+    specli.threads)."""
+    return default_cores()
 
 
 def placement(n_gpu_layers: int, threads: int) -> str:
@@ -200,6 +202,8 @@ class GGUFModel:
             raise SpecliError(f"llama.cpp could not create a context for {p.name}: {_last_error()}")
         self.n_threads = threads
         self.placement = placement(opts.n_gpu_layers, threads)
+        if opts.n_threads is None and cores_note():
+            self.placement += f" ({cores_note()})"
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..chat_template import render_chat
 from ..errors import SpecliError
+from ..threads import cores_note, default_cores
 from .base import LoadOptions, StepClock
 
 DEVICES = ("auto", "cpu", "gpu", "npu")
@@ -197,6 +198,8 @@ class ONNXModel:
         self.placement = f"onnxruntime {self.provider} ({self.device}), {threads} threads"
         if self.note:
             self.placement += f"; {self.note}"
+        if opts.n_threads is None and cores_note():
+            self.placement += f"; {cores_note()}"
 
         inputs = {i.name: i for i in self._sess.get_inputs()}
         for need in ("input_ids", "attention_mask"):
@@ -445,10 +448,8 @@ def _static(dim: Any) -> int | None:
 
 
 def _default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    """Every core, less those other processes keep busy (specli.threads)."""
+    return default_cores()
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:

@@ -34,6 +34,7 @@ from .prompts import Prompt
 from .report import calibrated_pass_ms
 from .runtime import Loaded, encode_prompt
 from .sampling import SamplingParams
+from .threads import cores_note
 
 PLOT_HINT = "install the plot extra (pip install 'specli[plot]') to get speedup.png"
 WARMUP_TEXT = "Say hello."
@@ -527,6 +528,9 @@ def describe(plan: Plan, loaded: Loaded, command: Sequence[str], ctx: int) -> di
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": machine(),
         "threads": getattr(loaded.target, "n_threads", plan.threads),
+        # default thread counts below the core count: why
+        **({"threads_note": cores_note()}
+           if loaded.opts.n_threads is None and cores_note() else {}),
         "gpu_layers": loaded.opts.n_gpu_layers,
         "duo_drafter": (f"{loaded.duo_opts.n_threads or plan.threads} threads, "
                         f"{loaded.duo_opts.n_gpu_layers} GPU layers")

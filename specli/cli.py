@@ -24,6 +24,7 @@ from . import runtime
 from .backends.base import LoadOptions
 from .budget import parse_budget
 from .engine import GenerationConfig, Result
+from .entry import exit_code_for_interrupt, interrupt
 from .errors import SpecliError
 from .report import result_json, stats_lines
 from .runtime import Loaded
@@ -111,8 +112,9 @@ DraftOpt = Annotated[
 ThreadsOpt = Annotated[
     int | None,
     typer.Option("--threads", min=1,
-                 help="CPU threads per model. Default: all cores (2 for a target entirely "
-                 "on the GPU: its CPU only feeds it)."),
+                 help="CPU threads per model. Default: all cores less those other "
+                 "processes keep busy at the start (2 for a target entirely on the GPU: "
+                 "its CPU only feeds it)."),
 ]
 CtxOpt = Annotated[int, typer.Option("--ctx", min=16, help="Context size in tokens.")]
 GpuLayersOpt = Annotated[
@@ -904,10 +906,19 @@ def index_build(
 
 
 def main() -> None:
-    """Console-script entry: turn every expected failure into one line and an exit code.
-    Usage errors, --help and exit codes are click's (standalone mode)."""
-    # `kill` gets the same clean stop as Ctrl-C: partial downloads removed, text flushed
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    """Console-script entry (through specli.entry): every expected failure becomes one
+    line and an exit code; an interrupt exits 130 (Ctrl-C) or 143 (`kill`)."""
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        _main()
+    except SystemExit as e:
+        if e.code == 130:  # every path that stops on an interrupt exits 130
+            sys.exit(exit_code_for_interrupt())
+        raise
+
+
+def _main() -> None:
+    """Usage errors, --help and exit codes are click's (standalone mode)."""
     try:
         app()
     except SpecliError as e:
@@ -931,10 +942,6 @@ def main() -> None:
             markup=False,
         )
         sys.exit(70)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _silence_stdout() -> None:

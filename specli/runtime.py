@@ -37,7 +37,7 @@ from .methods import Method
 from .ngram import NgramStore, tokenizer_fingerprint
 from .pull import resolve_model
 from .registry import load_registry
-from .threads import available_cores, drafter_needs_own_thread, drafter_threads
+from .threads import default_cores, drafter_needs_own_thread, drafter_threads
 
 
 @dataclass
@@ -349,7 +349,7 @@ def load(
     if duo.n_threads is None and duo.n_gpu_layers == 0:
         # duo's drafter on the CPU beside a target that leaves cores free (on a GPU)
         t = getattr(target, "n_threads", None)
-        duo = replace(duo, n_threads=drafter_threads(available_cores(), t) if t else None)
+        duo = replace(duo, n_threads=drafter_threads(default_cores(), t) if t else None)
     dm: Backend | None = None
     if draft_path is not None:
         with _status(console, f"loading {Path(draft_path).name}"):

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
+
+from .cpu_load import census
 
 GPU_FEEDER_THREADS = 2  # a fully offloaded target: its CPU only launches the GPU's work
 DRAFTER_MAX_THREADS = 8  # beyond this a small drafter gained nothing (1.2 vs 1.1 ms/token)
@@ -35,6 +38,36 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+# a core counts as taken once others use this much of it: on 2 cores, 2 threads beat 1
+# beside a neighbour busy a quarter of the time, tied at half, lost from three quarters
+# (specli.cpu_load)
+TAKEN_FROM = 0.5
+
+
+def free_cores(cores: int, busy_elsewhere: float) -> int:
+    """Cores left for specli when other processes keep `busy_elsewhere` cores' worth busy:
+    a core counts as taken once TAKEN_FROM of it is used; at least one is left."""
+    taken = max(0, math.floor(busy_elsewhere + 1 - TAKEN_FROM))
+    return max(1, cores - taken)
+
+
+def default_cores() -> int:
+    """The cores default thread counts are made from: those this process may run on, less
+    those other processes were using when the command started (measured once)."""
+    cores = available_cores()
+    busy = census.read()
+    return cores if busy is None else free_cores(cores, busy)
+
+
+def cores_note() -> str:
+    """Why default thread counts are below the core count, for --stats; "" when they are not."""
+    cores, busy = available_cores(), census.read()
+    if busy is None or free_cores(cores, busy) == cores:
+        return ""
+    return (f"other processes kept {busy:.1f} of {cores} cores busy at the start; "
+            "--threads overrides")
 
 
 def target_threads(cores: int, fully_offloaded: bool) -> int:

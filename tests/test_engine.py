@@ -246,12 +246,45 @@ def test_ctrl_c_while_llama_cpp_logs_a_load_stops_the_load(tiny_paths, monkeypat
             super().append(line)
 
     monkeypatch.setattr(gguf, "_LOG_TAIL", Interrupting())
-    with pytest.raises(KeyboardInterrupt):
-        GGUFModel(tiny_paths["target"], LoadOptions(n_ctx=64, n_threads=1))
-    assert "Exception ignored" not in capfd.readouterr().err  # nothing printed and dropped
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    # as in a terminal: a background job (`make test &`) starts with SIGINT ignored
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            GGUFModel(tiny_paths["target"], LoadOptions(n_ctx=64, n_threads=1))
+        assert "Exception ignored" not in capfd.readouterr().err  # nothing printed and dropped
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, before)
     monkeypatch.undo()
     GGUFModel(tiny_paths["target"], LoadOptions(n_ctx=64, n_threads=1)).close()  # loads again
+
+
+def test_kill_during_a_load_reaches_the_commands_handler(tiny_paths, monkeypatch):
+    """A SIGTERM held through a load is handed to the handler specli.entry set, so the
+    command exits 143 as for any `kill`, not Ctrl-C's 130 (it did: the held signal came
+    back as a bare KeyboardInterrupt)."""
+    import os
+    import signal
+
+    from specli import entry
+    from specli.backends import gguf
+
+    class Killing(list):
+        def append(self, line):
+            if not self:
+                os.kill(os.getpid(), signal.SIGTERM)
+            super().append(line)
+
+    before = signal.signal(signal.SIGTERM, entry.interrupt)
+    monkeypatch.setattr(entry, "_signal", signal.SIGINT)
+    monkeypatch.setattr(gguf, "_LOG_TAIL", Killing())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            GGUFModel(tiny_paths["target"], LoadOptions(n_ctx=64, n_threads=1))
+        assert entry.exit_code_for_interrupt() == 143
+        assert signal.getsignal(signal.SIGTERM) is entry.interrupt  # put back
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_logits_rows_come_back_in_the_order_asked(tiny_models):

@@ -47,14 +47,16 @@ def spawn():
             p.wait()
 
 
-def test_ctrl_c_stops_generate_cleanly(qwen_pair, spawn):
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_kill_stops_generate_cleanly(qwen_pair, spawn, sig, code):
+    """`kill` gets Ctrl-C's clean stop, with the shell's exit code for it (128 + 15)."""
     target, draft = qwen_pair
     proc = spawn(["generate", target.path, "-d", draft.path, "-p", LONG, "-n", "600", "--stats"],
                  subprocess.DEVNULL)
     first = _wait_for_output(proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == code
     assert b"Traceback" not in err
     assert b"stop: interrupted" in err  # the stats of what was generated are kept
     assert (first + out).strip()

@@ -67,7 +67,7 @@ def test_gguf_backend_gives_a_gpu_resident_target_two_threads(tmp_path, monkeypa
 
     path = write_tiny_model(tmp_path / "tiny.gguf", n_layer=2)
     monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
-    monkeypatch.setattr(gguf, "available_cores", lambda: 6)  # as if on a 6-core machine
+    monkeypatch.setattr(gguf, "default_cores", lambda: 6)  # as if on a 6-core machine
     cases = {99: 2, 3: 2, 2: 6, 0: 6}
     for ngl, want in cases.items():
         m = GGUFModel(path, LoadOptions(n_ctx=64, n_gpu_layers=ngl))
@@ -96,8 +96,8 @@ def test_duo_drafter_gets_the_cores_a_gpu_target_leaves(tmp_path, monkeypatch):
     draft = write_tiny_model(tmp_path / "d.gguf", base=target, noise=0.1)
     monkeypatch.setenv("SPECLI_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
-    monkeypatch.setattr(gguf, "available_cores", lambda: 6)
-    monkeypatch.setattr(runtime, "available_cores", lambda: 6)
+    monkeypatch.setattr(gguf, "default_cores", lambda: 6)
+    monkeypatch.setattr(runtime, "default_cores", lambda: 6)
     for threads, want_target, want_draft in ((None, 2, 3), (4, 4, 4)):
         opts = LoadOptions(n_ctx=256, n_gpu_layers=99, n_threads=threads)
         loaded = runtime.load(str(target), str(draft), "duo", opts, budget="fixed:2",

@@ -1,0 +1,125 @@
+"""Default thread counts leave out the cores other processes keep busy (specli.cpu_load,
+specli.threads.free_cores): with one neighbour spinning on a 2-core machine, llama.cpp on
+2 threads ran at 10 tok/s and on 1 thread at 19."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from specli import cpu_load
+from specli.cpu_load import Census, CpuTimes, busy_elsewhere, read_cpu_times
+from specli.threads import free_cores
+
+SPECLI = str(Path(sys.executable).parent / "specli")
+TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(path: Path, ticks: dict[int, list[int]]) -> None:
+    """A /proc/stat with the given per-CPU fields (user nice system idle iowait irq
+    softirq steal) and an aggregate line that must not be counted."""
+    total = [sum(col) for col in zip(*ticks.values(), strict=True)]
+    lines = ["cpu  " + " ".join(map(str, total + [0, 0]))]
+    lines += [f"cpu{n} " + " ".join(map(str, f + [0, 0])) for n, f in ticks.items()]
+    lines.append("intr 1 2 3")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_busy_time_counts_the_given_cores_and_stolen_time_not_idle(tmp_path):
+    stat = tmp_path / "stat"
+    _stat(stat, {0: [10, 1, 5, 900, 7, 2, 3, 4], 1: [20, 0, 0, 50, 0, 0, 0, 0],
+                 2: [1000, 0, 0, 0, 0, 0, 0, 0]})
+    t = read_cpu_times({0, 1}, str(stat))
+    assert t is not None
+    assert t.busy_s == pytest.approx((10 + 1 + 5 + 2 + 3 + 4 + 20) / TCK)
+
+
+def test_no_stat_file_means_nothing_measured(tmp_path):
+    assert read_cpu_times({0}, str(tmp_path / "missing")) is None
+    c = Census(str(tmp_path / "missing"))
+    c.start()
+    assert c.read() is None
+
+
+def test_busy_elsewhere_is_everyone_less_this_process():
+    a = CpuTimes(busy_s=10.0, own_s=1.0, at=100.0)
+    b = CpuTimes(busy_s=11.5, own_s=1.5, at=101.0)
+    assert busy_elsewhere(a, b) == pytest.approx(1.0)
+    assert busy_elsewhere(a, CpuTimes(10.1, 1.5, 101.0)) == 0.0  # never negative
+    assert busy_elsewhere(a, a) == 0.0
+
+
+def test_census_waits_out_its_window_once_and_keeps_the_result(tmp_path):
+    stat = tmp_path / "stat"
+    _stat(stat, {0: [0] * 8, 1: [0] * 8})
+    c = Census(str(stat))
+    c.start()
+    ticks = round(cpu_load.MIN_WINDOW_S * TCK)  # one core kept busy over the window
+    _stat(stat, {0: [ticks] + [0] * 7, 1: [0] * 8})
+    t0 = time.monotonic()
+    first = c.read()
+    assert time.monotonic() - t0 >= cpu_load.MIN_WINDOW_S * 0.9
+    assert first is not None and 0.8 < first < 1.05
+    _stat(stat, {0: [10 * ticks] + [0] * 7, 1: [0] * 8})
+    t0 = time.monotonic()
+    assert c.read() == first  # measured once per process
+    assert time.monotonic() - t0 < 0.05
+
+
+def test_this_process_own_work_is_not_counted():
+    """Spinning in this process must not read as another process's load."""
+    a = read_cpu_times()
+    time.sleep(0.4)
+    idle = busy_elsewhere(a, read_cpu_times())
+    a = read_cpu_times()
+    end = time.monotonic() + 0.4
+    while time.monotonic() < end:
+        pass
+    spinning = busy_elsewhere(a, read_cpu_times())
+    assert spinning < idle + 0.35, (idle, spinning)
+
+
+def test_free_cores_counts_a_core_taken_from_half_of_it():
+    assert free_cores(2, 0.0) == 2
+    assert free_cores(2, 0.3) == 2  # a quarter-busy neighbour: 2 threads still won
+    assert free_cores(2, 0.5) == 1
+    assert free_cores(2, 1.0) == 1
+    assert free_cores(2, 1.9) == 1  # never below one
+    assert free_cores(16, 0.49) == 16
+    assert free_cores(16, 1.5) == 14
+    assert free_cores(16, 2.4) == 14
+
+
+def test_generate_leaves_out_a_core_a_neighbour_keeps_busy(tiny_paths, env):
+    """The whole path: specli and a spinning process pinned to the same two cores; the
+    default is one thread, and --stats/--json say why.  (Before: 2 threads.)"""
+    cores = sorted(os.sched_getaffinity(0))
+    assert len(cores) >= 2, "this test needs two cores"
+    pair = set(cores[:2])
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                            preexec_fn=lambda: os.sched_setaffinity(0, {cores[0]}))
+    try:
+        time.sleep(0.3)
+        out = subprocess.run(
+            [SPECLI, "generate", str(tiny_paths["target"]), "-m", "none", "-p", "hi", "-n", "4",
+             "--json"], capture_output=True, text=True, env=env, timeout=120,
+            preexec_fn=lambda: os.sched_setaffinity(0, pair))
+        forced = subprocess.run(
+            [SPECLI, "generate", str(tiny_paths["target"]), "-m", "none", "-p", "hi", "-n", "4",
+             "--json", "--threads", "2"], capture_output=True, text=True, env=env, timeout=120,
+            preexec_fn=lambda: os.sched_setaffinity(0, pair))
+    finally:
+        spin.kill()
+        spin.wait()
+    assert out.returncode == 0, out.stderr
+    where = json.loads(out.stdout)["devices"]["target"]
+    assert where.startswith("llama.cpp CPU, 1 thread ("), where
+    assert "other processes kept" in where and "of 2 cores busy" in where
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["devices"]["target"] == "llama.cpp CPU, 2 threads"
