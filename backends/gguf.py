@@ -201,8 +201,11 @@ class GGUFModel:
             self.close()
             raise SpecliError(f"llama.cpp could not create a context for {p.name}: {_last_error()}")
         self.n_threads = threads
+        self._whole = whole
+        self._gpu_layers = opts.n_gpu_layers
+        self._threads_given = opts.n_threads is not None
         self.placement = placement(opts.n_gpu_layers, threads)
-        if opts.n_threads is None and cores_note():
+        if not self._threads_given and cores_note():
             self.placement += f" ({cores_note()})"
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -390,6 +393,17 @@ class GGUFModel:
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(self._mem, True)
         self.tokens.clear()
+
+    def fit_free_cores(self, cores: int, why: str = "") -> None:
+        """Between generations: the default thread count for `cores` free cores (a count
+        the user gave stays); `why` says what left them free, for --stats."""
+        if self._threads_given:
+            return
+        n = target_threads(cores, self._whole)
+        if n != self.n_threads:
+            llama_cpp.llama_set_n_threads(self._ctx, n, n)
+            self.n_threads = n
+        self.placement = placement(self._gpu_layers, n) + (f" ({why})" if why else "")
 
     def close(self) -> None:
         if self._batch is not None:

@@ -132,6 +132,7 @@ class ChatSession:
             self.err.print(f"specli: {e}", markup=False)
             return
         res = Result(method=loaded.method)
+        loaded.fit_threads()  # to the cores other processes left free meanwhile
         text = stream_text(loaded, tokens, self.cfg, res, self.write)  # Ctrl-C: stops it
         loaded.finish(tokens, res, start=self.learned)  # hd learns across turns and sessions
         self.learned = len(tokens) + len(res.tokens)

@@ -96,3 +96,21 @@ class Census:
 
 
 census = Census()  # the process's one measurement, shared by every model it loads
+
+
+class Watch:
+    """busy_elsewhere since the last look, for a process that lives on between
+    generations (chat, serve): the load others put on the cores changes meanwhile."""
+
+    def __init__(self, stat_path: str = _STAT) -> None:
+        self._stat = stat_path
+        self._last = read_cpu_times(stat_path=stat_path)
+
+    def look(self) -> float | None:
+        """Cores' worth others used since the last look that returned a value; None
+        where nothing can be read or less than MIN_WINDOW_S has passed."""
+        now = read_cpu_times(stat_path=self._stat)
+        if now is None or self._last is None or now.at - self._last.at < MIN_WINDOW_S:
+            return None
+        busy, self._last = busy_elsewhere(self._last, now), now
+        return busy

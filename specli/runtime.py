@@ -25,6 +25,7 @@ from .budget import (
     parse_budget,
 )
 from .calibrate import load_or_measure
+from .cpu_load import Watch
 from .drafters.cross import CrossDrafter, same_tokenizer
 from .drafters.duo import DuoDrafter
 from .drafters.hierarchy import HierarchyDrafter
@@ -37,7 +38,14 @@ from .methods import Method
 from .ngram import NgramStore, tokenizer_fingerprint
 from .pull import resolve_model
 from .registry import load_registry
-from .threads import default_cores, drafter_needs_own_thread, drafter_threads
+from .threads import (
+    available_cores,
+    cores_note,
+    default_cores,
+    drafter_needs_own_thread,
+    drafter_threads,
+    free_cores,
+)
 
 
 @dataclass
@@ -64,6 +72,7 @@ class Loaded:
     duo_placement: str = field(default="", init=False)
     _engines: list[Engine] = field(default_factory=list, init=False, repr=False)
     _models: list[Backend] = field(default_factory=list, init=False, repr=False)  # draft/NAME
+    _watch: Watch = field(default_factory=Watch, init=False, repr=False)  # others' CPU use
 
     def cost_model(self, console: Console | None = None, force: bool = False) -> CostModel:
         """Calibrated costs for this target/draft pair, measured once per machine setup."""
@@ -191,6 +200,21 @@ class Loaded:
         engine = Engine(self.target, drafter, b)
         self._engines.append(engine)
         return engine
+
+    def fit_threads(self) -> None:
+        """Before a generation in a long-lived process (chat, serve): default thread
+        counts follow the cores other processes left free since the last look, as they
+        did at the start (specli.threads.default_cores)."""
+        busy = self._watch.look()
+        if busy is None:
+            return
+        free = free_cores(available_cores(), busy)
+        why = cores_note(busy, "lately")
+        models = [self.target, self.draft, self._duo_model, *self._models]
+        for m in {id(m): m for m in models if m is not None}.values():
+            fit = getattr(m, "fit_free_cores", None)  # llama.cpp only: ONNX fixes its threads
+            if fit is not None:
+                fit(free, why)
 
     def placements(self) -> dict[str, str]:
         """Where each model runs (runtime, device, threads), for --stats and --json."""

@@ -158,6 +158,7 @@ class Worker:
         cfg = GenerationConfig(max_tokens=job.req.max_tokens, params=job.req.params,
                                draft_max=self.draft_max, reuse_prefix=reuse)
         res = Result(method=self.loaded.method)
+        self.loaded.fit_threads()  # to the cores other processes left free meanwhile
         one_off = self.loaded.one_off_engine() if seeded else nullcontext(self.loaded.engine)
         with one_off as engine:
             try:

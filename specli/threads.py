@@ -61,13 +61,14 @@ def default_cores() -> int:
     return cores if busy is None else free_cores(cores, busy)
 
 
-def cores_note() -> str:
-    """Why default thread counts are below the core count, for --stats; "" when they are not."""
-    cores, busy = available_cores(), census.read()
+def cores_note(busy: float | None = None, when: str = "at the start") -> str:
+    """Why default thread counts are below the core count, for --stats; "" when they are
+    not.  `busy`: cores' worth others used (default: the census at the start)."""
+    cores = available_cores()
+    busy = census.read() if busy is None else busy
     if busy is None or free_cores(cores, busy) == cores:
         return ""
-    return (f"other processes kept {busy:.1f} of {cores} cores busy at the start; "
-            "--threads overrides")
+    return f"other processes kept {busy:.1f} of {cores} cores busy {when}; --threads overrides"
 
 
 def target_threads(cores: int, fully_offloaded: bool) -> int:

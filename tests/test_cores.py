@@ -123,3 +123,79 @@ def test_generate_leaves_out_a_core_a_neighbour_keeps_busy(tiny_paths, env):
     assert "other processes kept" in where and "of 2 cores busy" in where
     assert forced.returncode == 0, forced.stderr
     assert json.loads(forced.stdout)["devices"]["target"] == "llama.cpp CPU, 2 threads"
+
+
+def test_watch_reads_others_since_its_last_reading(tmp_path):
+    stat = tmp_path / "stat"
+    _stat(stat, {0: [0] * 8})
+    w = cpu_load.Watch(str(stat))
+    assert w.look() is None  # too soon: too few ticks to read
+    time.sleep(cpu_load.MIN_WINDOW_S)
+    _stat(stat, {0: [round(0.5 * cpu_load.MIN_WINDOW_S * TCK)] + [0] * 7})
+    first = w.look()
+    assert first is not None and 0.3 < first < 0.55
+    time.sleep(cpu_load.MIN_WINDOW_S)
+    assert w.look() == pytest.approx(0.0, abs=0.05)  # nothing more since that reading
+
+
+def test_a_loaded_model_follows_the_free_cores_unless_threads_were_given(tiny_paths):
+    import llama_cpp
+
+    from specli.backends.base import LoadOptions
+    from specli.backends.gguf import GGUFModel
+
+    m = GGUFModel(tiny_paths["target"], LoadOptions(n_ctx=64))
+    given = GGUFModel(tiny_paths["target"], LoadOptions(n_ctx=64, n_threads=2))
+    try:
+        m.fit_free_cores(1, "busy elsewhere")
+        assert m.n_threads == 1 and llama_cpp.llama_n_threads(m._ctx) == 1
+        assert m.placement == "llama.cpp CPU, 1 thread (busy elsewhere)"
+        m.fit_free_cores(3)
+        assert m.n_threads == 3 and llama_cpp.llama_n_threads(m._ctx) == 3
+        assert m.placement == "llama.cpp CPU, 3 threads"
+        given.fit_free_cores(1, "busy elsewhere")
+        assert given.n_threads == 2 and llama_cpp.llama_n_threads(given._ctx) == 2
+    finally:
+        m.close()
+        given.close()
+
+
+def test_chat_gives_back_a_core_while_a_neighbour_spins(tiny_paths, env):
+    """A chat lives on between answers: its threads follow the load others put on the
+    cores meanwhile, down when a neighbour starts spinning, up again when it stops."""
+    cores = sorted(os.sched_getaffinity(0))
+    assert len(cores) >= 2, "this test needs two cores"
+    pair = set(cores[:2])
+    proc = subprocess.Popen(
+        [SPECLI, "chat", str(tiny_paths["target"]), "-m", "none", "-n", "4"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, preexec_fn=lambda: os.sched_setaffinity(0, pair))
+    spin = None
+    try:
+        def turn(text: str) -> None:  # each answer's threads follow the time since the last
+            proc.stdin.write(text + "\n/stats\n")
+            proc.stdin.flush()
+            time.sleep(0.5)  # the answer takes a few ms
+
+        turn("Hello there.")
+        spin = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                preexec_fn=lambda: os.sched_setaffinity(0, {cores[0]}))
+        time.sleep(3.0)
+        turn("And again.")  # a neighbour spun through most of the time since the last answer
+        spin.kill()
+        spin.wait()
+        time.sleep(4.0)
+        turn("Once more.")  # and through little of it since this one
+        _, err = proc.communicate("/exit\n", timeout=60)
+    finally:
+        if spin is not None and spin.poll() is None:
+            spin.kill()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    places = [ln for ln in err.splitlines() if ln.startswith("target on ")]
+    assert len(places) == 3, err
+    assert places[0] == "target on llama.cpp CPU, 2 threads", places
+    assert places[1].startswith("target on llama.cpp CPU, 1 thread (other processes kept"), places
+    assert "busy lately" in places[1]
+    assert places[2] == "target on llama.cpp CPU, 2 threads", places

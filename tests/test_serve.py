@@ -450,3 +450,38 @@ def test_real_pair_greedy_equals_generate(qwen_pair, tmp_path):
         assert text and last["specli"]["prompt_tokens_reused"] >= r.usage.prompt_tokens - 4
     finally:
         assert s.stop() == 0
+
+
+def test_every_request_fits_the_threads_first(tiny_paths, monkeypatch, tmp_path):
+    """serve lives on between requests: each one first sets the default thread counts
+    to the cores other processes left free (Loaded.fit_threads, as chat does per turn;
+    tests/test_cores.py shows that on a spinning neighbour), then generates."""
+    import asyncio
+
+    from specli import runtime
+    from specli.backends.base import LoadOptions
+    from specli.openai_api import parse_request
+    from specli.serve_worker import Job, Worker
+
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
+    loaded = runtime.load(str(tiny_paths["target"]), None, "none", LoadOptions(n_ctx=256),
+                          history=False)
+    calls: list[str] = []
+    monkeypatch.setattr(loaded, "fit_threads", lambda: calls.append("fit"))
+    stream = loaded.engine.stream
+
+    def recorded(*args, **kwargs):
+        calls.append("generate")
+        return stream(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.engine, "stream", recorded)
+    worker = Worker(loaded, draft_max=4, queue_size=2)
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(2):
+            worker._run(Job(parse_request({"prompt": "hi", "max_tokens": 2}, "completion", 8),
+                            loop))
+    finally:
+        loop.close()
+        loaded.close()
+    assert calls == ["fit", "generate", "fit", "generate"]
