@@ -10,17 +10,20 @@ on its CPU plugin (backends/openvino_static.py).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .backends.onnx import DEVICES, choose_providers, openvino_devices
+from .cpu_load import census
 from .errors import SpecliError
+from .threads import available_cores, default_cores
 
 
 @dataclass
 class DeviceReport:
     cpu_cores: int
+    cpu_busy_elsewhere: float | None  # cores' worth other processes used as specli started
+    default_threads: int  # what a model on the CPU gets without --threads
     llama_version: str
     llama_gpu_offload: bool
     llama_system: str  # llama.cpp's own system-info line (backends, CPU features)
@@ -40,6 +43,9 @@ class DeviceReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "cpu_cores": self.cpu_cores,
+            "cpu_busy_elsewhere": (None if self.cpu_busy_elsewhere is None
+                                   else round(self.cpu_busy_elsewhere, 2)),
+            "default_threads": self.default_threads,
             "llama.cpp": {"llama_cpp_python": self.llama_version,
                           "gpu_offload": self.llama_gpu_offload,
                           "system_info": self.llama_system},
@@ -61,13 +67,11 @@ class DeviceReport:
 def probe() -> DeviceReport:
     import llama_cpp
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
     info = llama_cpp.llama_print_system_info()
     report = DeviceReport(
-        cpu_cores=cores,
+        cpu_cores=available_cores(),
+        cpu_busy_elsewhere=census.read(),
+        default_threads=default_cores(),
         llama_version=llama_cpp.__version__,
         llama_gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
         llama_system=(info.decode() if isinstance(info, bytes) else str(info)).strip(),

@@ -114,9 +114,16 @@ def test_generate_leaves_out_a_core_a_neighbour_keeps_busy(tiny_paths, env):
             [SPECLI, "generate", str(tiny_paths["target"]), "-m", "none", "-p", "hi", "-n", "4",
              "--json", "--threads", "2"], capture_output=True, text=True, env=env, timeout=120,
             preexec_fn=lambda: os.sched_setaffinity(0, pair))
+        devices = subprocess.run([SPECLI, "devices", "--json"], capture_output=True, text=True,
+                                 env=env, timeout=120,
+                                 preexec_fn=lambda: os.sched_setaffinity(0, pair))
     finally:
         spin.kill()
         spin.wait()
+    assert devices.returncode == 0, devices.stderr
+    report = json.loads(devices.stdout)
+    assert report["cpu_cores"] == 2 and report["default_threads"] == 1, report
+    assert report["cpu_busy_elsewhere"] > 0.5
     assert out.returncode == 0, out.stderr
     where = json.loads(out.stdout)["devices"]["target"]
     assert where.startswith("llama.cpp CPU, 1 thread ("), where
