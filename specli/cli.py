@@ -598,9 +598,10 @@ def devices(
         return
     lines = [
         f"CPU cores: {report.cpu_cores}"
+        + ("" if report.cpu_quota is None else " (a cgroup limit: the container's CPUs)")
         + ("" if report.cpu_busy_elsewhere is None else
-           f" (other processes busy on {report.cpu_busy_elsewhere:.1f} of them as specli "
-           f"started: default threads {report.default_threads})"),
+           f"; other processes kept {report.cpu_busy_elsewhere:.1f} cores' worth busy as "
+           f"specli started: default threads {report.default_threads}"),
         f"llama.cpp (llama-cpp-python {report.llama_version}): GPU offload "
         + ("yes (-ngl N)" if report.llama_gpu_offload else "no (CPU-only build; -ngl is ignored)"),
         f"  {report.llama_system}",

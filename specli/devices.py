@@ -16,12 +16,13 @@ from typing import Any
 from .backends.onnx import DEVICES, choose_providers, openvino_devices
 from .cpu_load import census
 from .errors import SpecliError
-from .threads import available_cores, default_cores
+from .threads import available_cores, cpu_quota, default_cores
 
 
 @dataclass
 class DeviceReport:
-    cpu_cores: int
+    cpu_cores: int  # those specli may use: its CPU affinity, within a cgroup's limit
+    cpu_quota: int | None  # a cgroup's CPU limit in cores (a container's --cpus); None: none
     cpu_busy_elsewhere: float | None  # cores' worth other processes used as specli started
     default_threads: int  # what a model on the CPU gets without --threads
     llama_version: str
@@ -43,6 +44,7 @@ class DeviceReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "cpu_cores": self.cpu_cores,
+            "cpu_quota": self.cpu_quota,
             "cpu_busy_elsewhere": (None if self.cpu_busy_elsewhere is None
                                    else round(self.cpu_busy_elsewhere, 2)),
             "default_threads": self.default_threads,
@@ -70,6 +72,7 @@ def probe() -> DeviceReport:
     info = llama_cpp.llama_print_system_info()
     report = DeviceReport(
         cpu_cores=available_cores(),
+        cpu_quota=cpu_quota(),
         cpu_busy_elsewhere=census.read(),
         default_threads=default_cores(),
         llama_version=llama_cpp.__version__,

@@ -39,12 +39,11 @@ from .ngram import NgramStore, tokenizer_fingerprint
 from .pull import resolve_model
 from .registry import load_registry
 from .threads import (
-    available_cores,
     cores_note,
     default_cores,
     drafter_needs_own_thread,
     drafter_threads,
-    free_cores,
+    usable_cores,
 )
 
 
@@ -208,7 +207,7 @@ class Loaded:
         busy = self._watch.look()
         if busy is None:
             return
-        free = free_cores(available_cores(), busy)
+        free = usable_cores(busy)
         why = cores_note(busy, "lately")
         models = [self.target, self.draft, self._duo_model, *self._models]
         for m in {id(m): m for m in models if m is not None}.values():

@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import math
 import os
+from pathlib import Path
 
 from .cpu_load import census
 
@@ -31,13 +32,37 @@ GPU_FEEDER_THREADS = 2  # a fully offloaded target: its CPU only launches the GP
 DRAFTER_MAX_THREADS = 8  # beyond this a small drafter gained nothing (1.2 vs 1.1 ms/token)
 
 
-def available_cores() -> int:
-    """All cores this process may run on: decoding is memory-bound, so more threads
-    than cores only adds contention."""
+def allowed_cores() -> int:
+    """The cores this process may run on (its CPU affinity)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:
+    """Cores' worth of CPU time a cgroup limit allows (a container run with --cpus=2 sees
+    every core of the host but gets two cores' worth), rounded up; None: no limit."""
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        quota, period = Path(root, "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            quota = Path(root, "cpu", "cpu.cfs_quota_us").read_text().strip()
+            period = Path(root, "cpu", "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:  # "max"
+        return None
+    return max(1, math.ceil(q / p)) if q > 0 and p > 0 else None
+
+
+def available_cores() -> int:
+    """All cores this process may use: its affinity, within a cgroup's CPU limit.
+    Decoding is memory-bound, so more threads than cores only adds contention."""
+    cores, quota = allowed_cores(), cpu_quota()
+    return cores if quota is None else min(cores, quota)
 
 
 # a core counts as taken once others use this much of it: on 2 cores, 2 threads beat 1
@@ -53,22 +78,28 @@ def free_cores(cores: int, busy_elsewhere: float) -> int:
     return max(1, cores - taken)
 
 
+def usable_cores(busy_elsewhere: float) -> int:
+    """The cores left for specli's threads: those it may run on less those others use,
+    within a cgroup's CPU limit (on a 64-core host a --cpus=2 container keeps 2 while
+    the host has idle cores)."""
+    return min(available_cores(), free_cores(allowed_cores(), busy_elsewhere))
+
+
 def default_cores() -> int:
-    """The cores default thread counts are made from: those this process may run on, less
+    """The cores default thread counts are made from: those this process may use, less
     those other processes were using when the command started (measured once)."""
-    cores = available_cores()
     busy = census.read()
-    return cores if busy is None else free_cores(cores, busy)
+    return available_cores() if busy is None else usable_cores(busy)
 
 
 def cores_note(busy: float | None = None, when: str = "at the start") -> str:
     """Why default thread counts are below the core count, for --stats; "" when they are
     not.  `busy`: cores' worth others used (default: the census at the start)."""
-    cores = available_cores()
     busy = census.read() if busy is None else busy
-    if busy is None or free_cores(cores, busy) == cores:
+    if busy is None or usable_cores(busy) == available_cores():
         return ""
-    return f"other processes kept {busy:.1f} of {cores} cores busy {when}; --threads overrides"
+    return (f"other processes kept {busy:.1f} of {allowed_cores()} cores busy {when}; "
+            "--threads overrides")
 
 
 def target_threads(cores: int, fully_offloaded: bool) -> int:

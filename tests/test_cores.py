@@ -206,3 +206,41 @@ def test_chat_gives_back_a_core_while_a_neighbour_spins(tiny_paths, env):
     assert places[1].startswith("target on llama.cpp CPU, 1 thread (other processes kept"), places
     assert "busy lately" in places[1]
     assert places[2] == "target on llama.cpp CPU, 2 threads", places
+
+
+def test_a_cgroup_cpu_limit_caps_the_cores(tmp_path):
+    from specli.threads import cpu_quota
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    assert cpu_quota(str(v2)) is None  # no limit files: no limit
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(str(v2)) is None
+    (v2 / "cpu.max").write_text("250000 100000\n")
+    assert cpu_quota(str(v2)) == 3  # 2.5 cores' worth: rounded up
+    (v2 / "cpu.max").write_text("50000 100000\n")
+    assert cpu_quota(str(v2)) == 1
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_quota(str(v1.parent)) is None
+    (v1 / "cpu.cfs_quota_us").write_text("200000\n")
+    assert cpu_quota(str(v1.parent)) == 2
+
+
+def test_a_limited_container_on_a_busy_host_keeps_its_cores(monkeypatch):
+    """--cpus=2 on a 64-core host: 2 threads while the host has idle cores, fewer only
+    when others leave fewer than that."""
+    from specli import threads
+
+    monkeypatch.setattr(threads, "allowed_cores", lambda: 64)
+    monkeypatch.setattr(threads, "cpu_quota", lambda: 2)
+    assert threads.available_cores() == 2
+    assert threads.usable_cores(0.0) == 2
+    assert threads.usable_cores(30.0) == 2  # 34 cores idle on the host
+    assert threads.usable_cores(62.7) == 1
+    assert threads.cores_note(30.0) == ""
+    assert threads.cores_note(62.7).startswith("other processes kept 62.7 of 64 cores busy")
+    monkeypatch.setattr(threads, "cpu_quota", lambda: None)
+    assert threads.available_cores() == 64 and threads.usable_cores(30.0) == 34
