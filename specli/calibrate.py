@@ -20,14 +20,16 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .backends.base import Backend, LoadOptions
 from .budget import CostModel
+from .cpu_load import MIN_WINDOW_S, CpuTimes, busy_elsewhere, read_cpu_times
 from .registry import specli_home
-from .threads import release_openmp_threads
+from .threads import TAKEN_FROM, release_openmp_threads
 
 K_MAX = 16  # verify costs measured for 1..K_MAX tokens; the budget extrapolates beyond
 REPEATS = 5
@@ -318,20 +320,22 @@ def calibration_path(key: str) -> Path:
 def load_or_measure(
     target: Backend, draft: Backend | None, opts: LoadOptions, *, force: bool = False,
     draft_opts: LoadOptions | None = None, overlap: bool = False,
+    note: Callable[[str], None] | None = None,
 ) -> tuple[CostModel, bool]:
-    """The cached cost model, or a fresh measurement (saved atomically), applied to the
-    draft model (`catch_up_stepwise`).  `draft_opts`: where the draft runs when it
-    differs from `opts`; `overlap`: also measure the pair side by side (duo).  Returns
-    (model, measured_now)."""
+    """The cached cost model, or a fresh measurement (saved atomically, unless other
+    processes kept a core busy meanwhile), applied to the draft model
+    (`catch_up_stepwise`).  `draft_opts`: where the draft runs when it differs from
+    `opts`; `overlap`: also measure the pair side by side (duo); `note`: told when a
+    measurement is not saved.  Returns (model, measured_now)."""
     try:
-        return _load_or_measure(target, draft, opts, force, draft_opts, overlap)
+        return _load_or_measure(target, draft, opts, force, draft_opts, overlap, note)
     finally:  # the models ran on this thread: hand its OpenMP workers back meanwhile
         release_openmp_threads()
 
 
 def _load_or_measure(
     target: Backend, draft: Backend | None, opts: LoadOptions, force: bool,
-    draft_opts: LoadOptions | None, overlap: bool,
+    draft_opts: LoadOptions | None, overlap: bool, note: Callable[[str], None] | None,
 ) -> tuple[CostModel, bool]:
     path = calibration_path(cache_key(target, draft, opts, draft_opts, overlap))
     if not force and path.exists():
@@ -345,7 +349,14 @@ def _load_or_measure(
                 return _applied(cost, draft), False
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             pass  # unreadable cache: measure again
+    before = read_cpu_times()
     cost = measure(target, draft, overlap=overlap)
+    busy = disturbed(before, read_cpu_times())
+    if busy is not None:  # costs timed beside a busy neighbour: good for this run only
+        if note is not None:
+            note(f"note: other processes kept {busy:.1f} cores busy while calibrating, so "
+                 "these costs are used but not saved (measured again next time)")
+        return _applied(cost, draft), True
     record = {
         **asdict(cost),
         "target": target.path,
@@ -357,6 +368,16 @@ def _load_or_measure(
     tmp.write_text(json.dumps(record, indent=1), "utf-8")
     os.replace(tmp, path)
     return _applied(cost, draft), True
+
+
+def disturbed(before: CpuTimes | None, after: CpuTimes | None) -> float | None:
+    """Cores' worth other processes used during a calibration, when enough to count a
+    core as taken (specli.threads.TAKEN_FROM): a calibration saved then would hold
+    slow costs until a plain step disagreed by 1.5x.  None: undisturbed, or unknown."""
+    if before is None or after is None or after.at - before.at < MIN_WINDOW_S:
+        return None
+    busy = busy_elsewhere(before, after)
+    return busy if busy >= TAKEN_FROM else None
 
 
 def _applied(cost: CostModel, draft: Backend | None) -> CostModel:

@@ -550,8 +550,9 @@ def calibrate(
 
     The adaptive budget does this automatically on first use of a model pair with given
     threads and GPU layers and caches it in $SPECLI_HOME/calibration (measured again
-    by itself when plain steps timed at load disagree with it by over 1.5x); this forces
-    a fresh measurement and prints it.  With a draft model it also times a short
+    by itself when plain steps timed at load disagree with it by over 1.5x, and not
+    saved when other processes kept a core busy meanwhile); this forces a fresh
+    measurement and prints it.  With a draft model it also times a short
     catch-up read in one batch and token by token, and keeps the faster way (on a GPU,
     llama.cpp replays its captured graph only while the eval shape repeats).
     """

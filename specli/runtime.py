@@ -77,7 +77,8 @@ class Loaded:
         """Calibrated costs for this target/draft pair, measured once per machine setup."""
         if self._cost is None or force:
             with _status(console, "calibrating (first use of this model pair here)"):
-                self._cost, _ = load_or_measure(self.target, self.draft, self.opts, force=force)
+                self._cost, _ = load_or_measure(self.target, self.draft, self.opts, force=force,
+                                                note=_printer(console))
         return self._cost
 
     def duo_cost_model(self, console: Console | None = None) -> CostModel:
@@ -86,7 +87,8 @@ class Loaded:
         if self._duo_cost is None:
             with _status(console, "calibrating the drafter beside the target (first use here)"):
                 self._duo_cost, _ = load_or_measure(self.target, model, self.opts,
-                                                    draft_opts=self.duo_opts, overlap=True)
+                                                    draft_opts=self.duo_opts, overlap=True,
+                                                    note=_printer(console))
         return self._duo_cost
 
     def duo_model(self, console: Console | None = None) -> Backend:
@@ -123,7 +125,8 @@ class Loaded:
                 models[place] = current if reuse else open_model(self.draft.path, o)
                 with _status(console, f"measuring the draft model on the {place}"):
                     costs[place], _ = load_or_measure(self.target, models[place], self.opts,
-                                                      draft_opts=o, overlap=True)
+                                                      draft_opts=o, overlap=True,
+                                                      note=_printer(console))
         except SpecliError:
             for m in models.values():
                 if m is not current:
@@ -417,6 +420,11 @@ def encode_messages(target: Backend, messages: list[dict[str, str]]) -> list[int
     if len(tokens) > 1 and tokens[0] == tokens[1] == target.bos:
         tokens = tokens[1:]
     return tokens
+
+
+def _printer(console: Console | None):
+    """A one-line note to the console (stderr), or nowhere."""
+    return None if console is None else lambda text: console.print(text, markup=False)
 
 
 def _status(console: Console | None, text: str):

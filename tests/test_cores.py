@@ -253,3 +253,56 @@ def test_a_limited_container_on_a_busy_host_keeps_its_cores(monkeypatch):
     assert threads.cores_note(62.7).startswith("other processes kept 62.7 of 64 cores busy")
     monkeypatch.setattr(threads, "cpu_quota", lambda: None)
     assert threads.available_cores() == 64 and threads.usable_cores(30.0) == 34
+
+
+def test_a_calibration_timed_beside_a_busy_neighbour_is_used_not_saved(tiny_models, tmp_path,
+                                                                        monkeypatch):
+    """Saved, such costs would steer every later run until a plain step disagreed by
+    1.5x (a 2-thread step beside a spinning process: 1.25x here, under that)."""
+    from specli import calibrate
+    from specli.backends.base import LoadOptions
+
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
+    t, d = tiny_models["target"], tiny_models["draft"]
+    opts = LoadOptions(n_ctx=512, n_threads=1)
+    path = calibrate.calibration_path(calibrate.cache_key(t, d, opts))
+    notes: list[str] = []
+    monkeypatch.setattr(calibrate, "disturbed", lambda before, after: 1.2)
+    cost, measured = calibrate.load_or_measure(t, d, opts, note=notes.append)
+    assert measured and cost.verify[0] > 0
+    assert not path.exists()
+    assert notes == ["note: other processes kept 1.2 cores busy while calibrating, so these "
+                     "costs are used but not saved (measured again next time)"]
+    monkeypatch.setattr(calibrate, "disturbed", lambda before, after: None)
+    _, measured = calibrate.load_or_measure(t, d, opts, note=notes.append)
+    assert measured and path.exists() and len(notes) == 1
+
+
+def test_disturbed_counts_a_neighbour_from_half_a_core():
+    from specli.calibrate import disturbed
+
+    a = CpuTimes(busy_s=0.0, own_s=0.0, at=0.0)
+    assert disturbed(a, CpuTimes(0.45, 0.0, 1.0)) is None
+    assert disturbed(a, CpuTimes(1.5, 1.0, 1.0)) == pytest.approx(0.5)
+    assert disturbed(a, CpuTimes(0.1, 0.0, 0.1)) is None  # too short to read
+    assert disturbed(None, a) is None and disturbed(a, None) is None
+
+
+def test_disturbed_sees_a_real_spinning_neighbour():
+    from specli.calibrate import disturbed
+
+    cores = _idlest_two()
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(cores))
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                            preexec_fn=lambda: os.sched_setaffinity(0, {cores[0]}))
+    try:
+        time.sleep(0.2)
+        before = read_cpu_times()
+        time.sleep(0.5)
+        busy = disturbed(before, read_cpu_times())
+    finally:
+        spin.kill()
+        spin.wait()
+        os.sched_setaffinity(0, mine)
+    assert busy is not None and busy > 0.7, busy
