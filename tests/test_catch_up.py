@@ -145,6 +145,8 @@ def test_calibration_sets_the_draft_models_way_and_measures_older_caches_again(
     tiny_models, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
+    # caching is under test here, not what a busy neighbour does to it
+    monkeypatch.setattr("specli.calibrate.disturbed", lambda before, after: None)
     t, d = tiny_models["target"], GraphPerShape(tiny_models["same"])
     opts = LoadOptions(n_ctx=512, n_threads=1)
     cost, measured = load_or_measure(t, d, opts)  # type: ignore[arg-type]
