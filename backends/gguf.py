@@ -205,8 +205,9 @@ class GGUFModel:
         self._gpu_layers = opts.n_gpu_layers
         self._threads_given = opts.n_threads is not None
         self.placement = placement(opts.n_gpu_layers, threads)
-        if not self._threads_given and cores_note():
-            self.placement += f" ({cores_note()})"
+        note = None if self._threads_given else cores_note()
+        if note:
+            self.placement += f" ({note})"
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)

@@ -164,7 +164,7 @@ class ONNXModel:
                 "decoder's KV cache grows with every token (dynamic shapes); open it with "
                 "specli's static-shape backend (specli.backends.openvino_static)")
         so = ort.SessionOptions()
-        threads = opts.n_threads or _default_threads()
+        threads = opts.n_threads or default_cores()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
@@ -198,8 +198,9 @@ class ONNXModel:
         self.placement = f"onnxruntime {self.provider} ({self.device}), {threads} threads"
         if self.note:
             self.placement += f"; {self.note}"
-        if opts.n_threads is None and cores_note():
-            self.placement += f"; {cores_note()}"
+        note = None if opts.n_threads is not None else cores_note()
+        if note:
+            self.placement += f"; {note}"
 
         inputs = {i.name: i for i in self._sess.get_inputs()}
         for need in ("input_ids", "attention_mask"):
@@ -445,11 +446,6 @@ class ONNXModel:
 
 def _static(dim: Any) -> int | None:
     return dim if isinstance(dim, int) and dim > 0 else None
-
-
-def _default_threads() -> int:
-    """Every core, less those other processes keep busy (specli.threads)."""
-    return default_cores()
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:

@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import SpecliError
+from ..threads import default_cores
 from .base import LoadOptions
-from .onnx import DEVICES, ONNXModel, _default_threads, _one_line
+from .onnx import DEVICES, ONNXModel, _one_line
 
 STATIC_FILE = "static.json"  # written by `specli export --static` into the export folder
 DEFAULT_WINDOW = 8  # K: matches --draft-max's default, so the budget may draft up to it
@@ -191,7 +192,7 @@ class StaticModel(ONNXModel):
         self.spec = (spec or read_static(folder) or StaticSpec()).check()
         core = ov.Core()
         self.device = pick_device(opts.device, core.available_devices)
-        threads = opts.n_threads or _default_threads()
+        threads = opts.n_threads or default_cores()
         self.n_threads = threads if self.device == "CPU" else None
         n_train = int(cfg.get("max_position_embeddings") or opts.n_ctx)
         self.n_ctx = self.capacity = min(opts.n_ctx, n_train)

@@ -521,6 +521,7 @@ def describe(plan: Plan, loaded: Loaded, command: Sequence[str], ctx: int) -> di
     """The summary header: enough to reproduce and to judge the numbers."""
     from importlib.metadata import version
 
+    note = cores_note() if loaded.opts.n_threads is None else None
     return {
         "command": shlex.join(command),
         "target": Path(loaded.target.path).name,
@@ -529,8 +530,7 @@ def describe(plan: Plan, loaded: Loaded, command: Sequence[str], ctx: int) -> di
         "machine": machine(),
         "threads": getattr(loaded.target, "n_threads", plan.threads),
         # default thread counts below the core count: why
-        **({"threads_note": cores_note()}
-           if loaded.opts.n_threads is None and cores_note() else {}),
+        **({"threads_note": note} if note else {}),
         "gpu_layers": loaded.opts.n_gpu_layers,
         "duo_drafter": (f"{loaded.duo_opts.n_threads or plan.threads} threads, "
                         f"{loaded.duo_opts.n_gpu_layers} GPU layers")

@@ -113,8 +113,8 @@ ThreadsOpt = Annotated[
     int | None,
     typer.Option("--threads", min=1,
                  help="CPU threads per model. Default: all cores less those other "
-                 "processes keep busy at the start (2 for a target entirely on the GPU: "
-                 "its CPU only feeds it)."),
+                 "processes keep busy, looked at again every second of an answer (2 for "
+                 "a target entirely on the GPU: its CPU only feeds it)."),
 ]
 CtxOpt = Annotated[int, typer.Option("--ctx", min=16, help="Context size in tokens.")]
 GpuLayersOpt = Annotated[

@@ -5,7 +5,8 @@ Shared by `generate`, `chat` and `bench` so the three load and encode alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -72,6 +73,7 @@ class Loaded:
     _engines: list[Engine] = field(default_factory=list, init=False, repr=False)
     _models: list[Backend] = field(default_factory=list, init=False, repr=False)  # draft/NAME
     _watch: Watch = field(default_factory=Watch, init=False, repr=False)  # others' CPU use
+    _fitted_at: float = field(default_factory=time.monotonic, init=False, repr=False)
 
     def cost_model(self, console: Console | None = None, force: bool = False) -> CostModel:
         """Calibrated costs for this target/draft pair, measured once per machine setup."""
@@ -207,13 +209,26 @@ class Loaded:
         """Before a generation in a long-lived process (chat, serve): default thread
         counts follow the cores other processes left free since the last look, as they
         did at the start (specli.threads.default_cores)."""
+        self._fit(lambda m: True)
+
+    def keep_fit(self) -> None:
+        """During a generation, at most once every REFIT_EVERY_S: the same for the models
+        only this thread runs (a long answer outlasts the load it started with; a duo
+        drafter's thread may be inside its model, so that one keeps its threads)."""
+        if time.monotonic() - self._fitted_at < REFIT_EVERY_S:
+            return
+        beside = {id(d.model) for d in self._duos}
+        self._fit(lambda m: id(m) not in beside)
+
+    def _fit(self, may: Callable[[Backend], bool]) -> None:
+        self._fitted_at = time.monotonic()
         busy = self._watch.look()
         if busy is None:
             return
         free = usable_cores(busy)
         why = cores_note(busy, "lately")
         models = [self.target, self.draft, self._duo_model, *self._models]
-        for m in {id(m): m for m in models if m is not None}.values():
+        for m in {id(m): m for m in models if m is not None and may(m)}.values():
             fit = getattr(m, "fit_free_cores", None)  # llama.cpp only: ONNX fixes its threads
             if fit is not None:
                 fit(free, why)
@@ -292,6 +307,8 @@ class Loaded:
                 m.close()
 
 
+# how often a generation looks again at the load other processes put on the cores
+REFIT_EVERY_S = 1.0
 ALL_LAYERS = 999  # llama.cpp offloads every layer (and the output) of any model this size
 
 

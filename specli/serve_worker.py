@@ -184,6 +184,7 @@ class Worker:
         try:
             for chunk in gen:
                 _send(job, stops.push(text.push(chunk)))
+                self.loaded.keep_fit()  # a long answer follows the load on the cores
                 if stops.hit:
                     return True
                 if job.cancel.is_set() or self.stopping.is_set():

@@ -77,6 +77,7 @@ def stream_text(
     try:
         for chunk in loaded.engine.stream(tokens, cfg, res):
             pieces.append(_put(stream.push(chunk), write))
+            loaded.keep_fit()  # a long answer follows the load others put on the cores
     except KeyboardInterrupt:
         res.stop_reason = "interrupted"
     pieces.append(_put(stream.flush(), write))

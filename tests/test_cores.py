@@ -306,3 +306,122 @@ def test_disturbed_sees_a_real_spinning_neighbour():
         spin.wait()
         os.sched_setaffinity(0, mine)
     assert busy is not None and busy > 0.7, busy
+
+
+class _Looks:
+    """A Watch that reads back given loads (cores' worth others used), one per look."""
+
+    def __init__(self, *busy: float) -> None:
+        self.busy = list(busy)
+
+    def look(self) -> float | None:
+        return self.busy.pop(0) if self.busy else None
+
+
+def _answer_with_fits(loaded, n: int) -> tuple[list[str], list[tuple[str, int]]]:
+    """stream_text's events in order: "text" per piece written, "fit NAME" per refit."""
+    from specli.engine import GenerationConfig, Result
+    from specli.sampling import SamplingParams
+    from specli.session import stream_text
+
+    events: list[str] = []
+    fits: list[tuple[str, int]] = []
+    models = {"target": loaded.target, "draft": loaded.draft}
+    for name, m in models.items():
+        if m is not None:
+            fit = m.fit_free_cores
+
+            def recorded(cores, why="", _fit=fit, _name=name):
+                events.append(f"fit {_name}")
+                fits.append((_name, cores))
+                _fit(cores, why)
+
+            m.fit_free_cores = recorded
+    tokens = loaded.target.tokenize("Once upon a time", add_bos=True)
+    stream_text(loaded, tokens, GenerationConfig(n, SamplingParams(), 4), Result("x"),
+                lambda piece: events.append("text"))
+    return events, fits
+
+
+def test_a_long_answer_follows_the_load_between_its_chunks(tiny_paths, monkeypatch, tmp_path):
+    """A generation outlasts the load it started with: between chunks, at most once every
+    REFIT_EVERY_S, the target's threads follow the cores others left free."""
+    from specli import runtime
+    from specli.backends.base import LoadOptions
+    from specli.threads import usable_cores
+
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
+    loaded = runtime.load(str(tiny_paths["target"]), None, "none", LoadOptions(n_ctx=256),
+                          history=False)
+    try:
+        loaded._watch = _Looks(0.0, 1.9)
+        monkeypatch.setattr(runtime, "REFIT_EVERY_S", 1e9)  # not yet due: no look at all
+        events, _ = _answer_with_fits(loaded, 6)
+        assert events == ["text"] * len(events) and loaded._watch.busy == [0.0, 1.9]
+
+        monkeypatch.setattr(runtime, "REFIT_EVERY_S", 0.0)  # due after every chunk
+        events, fits = _answer_with_fits(loaded, 6)
+    finally:
+        loaded.close()
+    assert fits == [("target", usable_cores(0.0)), ("target", usable_cores(1.9))]
+    assert events[:4] == ["text", "fit target", "text", "fit target"], events
+    assert loaded.target.n_threads == usable_cores(1.9)
+    assert "busy lately" in loaded.target.placement
+
+
+def test_mid_answer_refits_leave_a_duo_drafter_model_alone(tiny_paths, monkeypatch, tmp_path):
+    """duo's draft model runs on its own thread while the target verifies: between chunks
+    only the target's threads change (llama_set_n_threads on a model another thread is
+    inside would race); between answers both do."""
+    from specli import runtime
+    from specli.backends.base import LoadOptions
+
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
+    monkeypatch.setattr(runtime, "REFIT_EVERY_S", 0.0)
+    loaded = runtime.load(str(tiny_paths["target"]), str(tiny_paths["draft"]), "duo",
+                          LoadOptions(n_ctx=256), budget="fixed:2", history=False)
+    try:
+        loaded._watch = _Looks(1.0, 1.0, 1.0)
+        events, fits = _answer_with_fits(loaded, 6)
+        assert {name for name, _ in fits} == {"target"}, fits
+        assert "text" in events
+        loaded._watch = _Looks(1.0)
+        loaded.fit_threads()  # between answers: every model
+    finally:
+        loaded.close()
+    assert {name for name, _ in fits[-2:]} == {"target", "draft"}, fits
+
+
+@pytest.mark.real
+def test_generate_gives_back_a_core_when_a_neighbour_starts_mid_answer(qwen_pair, env):
+    """The whole path on the real target: the answer starts on 2 idle cores, a process
+    starts spinning on one of them, and the rest of the answer runs on 1 thread.
+    (Before: the thread count chosen at the start held to the end, 2 against 1 spinner.)"""
+    import select
+
+    target, _ = qwen_pair
+    cores = _idlest_two()
+    pair = set(cores)
+    proc = subprocess.Popen(
+        [SPECLI, "generate", target.path, "-m", "none", "-n", "160", "--stats",
+         "-p", "Write a long essay about the history of computing."],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        preexec_fn=lambda: os.sched_setaffinity(0, pair))
+    spin = None
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready and proc.poll() is None, "no answer started"
+        spin = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                preexec_fn=lambda: os.sched_setaffinity(0, {cores[0]}))
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if spin is not None:
+            spin.kill()
+            spin.wait()
+        if proc.poll() is None:
+            proc.kill()
+    text = err.decode()
+    assert proc.returncode == 0, text
+    place = next(ln for ln in text.splitlines() if ln.startswith("target on "))
+    assert place.startswith("target on llama.cpp CPU, 1 thread (other processes kept"), text
+    assert "busy lately" in place
