@@ -1,37 +1,46 @@
 """What a round of the engine costs in Python, outside the models: plain decoding against
-budgets that decline to draft, on near-free fake models.
+budgets that decline to draft (or, with `agree`, that draft and see every token accepted),
+on near-free fake models.
 
-    python scripts/round_overhead.py [METHODS] [REPEATS]     # default none,draft,hd,auto 9
+    python scripts/round_overhead.py [METHODS] [REPEATS] [agree]   # none,draft,duo,hd,auto 9
 
 On a GPU a plain step lasts a few milliseconds (5.2 ms for the H200 timing pair), so
 the tens to hundreds of microseconds a budget spends deciding not to draft are a
 visible share of it.  The fake target answers at once (a fixed argmax per position);
 the fake draft model always disagrees, so the budgets (with the H200-like costs of
-scripts/sim_shape_change.py) soon decline and mostly plan.  hd asks a real history
-store of 20k random tokens, which never matches.  Prints microseconds per round, the
-fastest of REPEATS generations of 300 tokens (a shared machine only adds time).
+scripts/sim_shape_change.py) soon decline and mostly plan.  With `agree` it always agrees
+and the run samples with a seed (near one-hot logits), so the budgets plan from those
+costs instead of the fake models' timings and draft every round.  hd asks a real history
+store of 20k random tokens, which never matches.  Prints microseconds per round and per
+generated token, the fastest of REPEATS generations of 300 tokens (a shared machine only
+adds time).
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from specli.backends.base import StepClock
-from specli.budget import AdaptiveBudget, CostModel
+from specli.budget import AdaptiveBudget, CostModel, OverlapBudget
+from specli.drafters.duo import DuoDrafter
 from specli.drafters.hierarchy import HierarchyDrafter
 from specli.drafters.model import ModelDrafter
 from specli.engine import Engine, GenerationConfig, Result
 from specli.lineup import Lineup, Member
 from specli.ngram import NgramStore
+from specli.sampling import SamplingParams
 
 VOCAB = 2000
 MS = 1e-3
 GPU = CostModel([MS * (5.35 + 0.5 * i) for i in range(17)], 0.7 * MS, catch_up=0.05 * MS)
 FREE = CostModel(GPU.verify, 0.0)  # n-gram drafts: only verifying costs
+GREEDY, SEEDED = SamplingParams(), SamplingParams(temperature=1.0, seed=0)
+BESIDE = replace(GPU, overlap_verify=1.05, overlap_draft=0.8 * MS)  # duo: the drafter apart
 
 
 class FakeModel:
@@ -56,7 +65,7 @@ class FakeModel:
         out = np.zeros((len(rows), VOCAB), dtype=np.float32)
         for r, i in enumerate(rows):
             pos = start + i
-            out[r, (self.tokens[pos] * 31 + pos * self.shift + 7) % VOCAB] = 1.0
+            out[r, (self.tokens[pos] * 31 + pos * self.shift + 7) % VOCAB] = 30.0
         return out
 
     def truncate(self, n: int) -> None:
@@ -66,12 +75,14 @@ class FakeModel:
         pass
 
 
-def engine(method: str, store: NgramStore) -> Engine:
-    target, draft = FakeModel(1), FakeModel(2)
+def engine(method: str, store: NgramStore, agree: bool = False) -> Engine:
+    target, draft = FakeModel(1), FakeModel(1 if agree else 2)
     if method == "none":
         return Engine(target)
     if method == "draft":
         return Engine(target, ModelDrafter(draft), AdaptiveBudget(GPU))
+    if method == "duo":
+        return Engine(target, DuoDrafter(draft), OverlapBudget(BESIDE))
     if method == "hd":
         return Engine(target, HierarchyDrafter(store), AdaptiveBudget(FREE))
     if method == "auto":  # as on a CPU: hd, draft, draft+hd (no duo)
@@ -80,25 +91,30 @@ def engine(method: str, store: NgramStore) -> Engine:
                    Member("draft", ModelDrafter(draft), AdaptiveBudget(GPU)),
                    Member("draft+hd", ModelDrafter(draft, hd), AdaptiveBudget(GPU))]
         return Engine(target, lineup=Lineup(members, learner=hd, name="auto"))
-    raise SystemExit(f"unknown method {method!r}: none, draft, hd or auto")
+    raise SystemExit(f"unknown method {method!r}: none, draft, duo, hd or auto")
 
 
 def main() -> None:
-    methods = (sys.argv[1] if len(sys.argv) > 1 else "none,draft,hd,auto").split(",")
+    methods = (sys.argv[1] if len(sys.argv) > 1 else "none,draft,duo,hd,auto").split(",")
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 9
+    agree = len(sys.argv) > 3 and sys.argv[3] == "agree"
     rng = np.random.default_rng(0)
     prompt = [int(x) for x in rng.integers(0, VOCAB, 900)]
     with tempfile.TemporaryDirectory() as tmp:
         store = NgramStore(Path(tmp, "history.sqlite"), fingerprint="fake")
         store.add([int(x) for x in rng.integers(0, VOCAB, 20000)])
         for m in methods:
-            best = float("inf")
+            best = None
             for _ in range(repeats):
                 res = Result(method=m)
-                for _ in engine(m, store).stream(prompt, GenerationConfig(max_tokens=300), res):
+                cfg = GenerationConfig(max_tokens=300, params=SEEDED if agree else GREEDY)
+                for _ in engine(m, store, agree).stream(prompt, cfg, res):
                     pass
-                best = min(best, res.stats.decode_s / res.stats.target_forwards)
-            print(f"{m:6s} {1e6 * best:7.1f} us a round")
+                if best is None or res.stats.decode_s < best.decode_s:
+                    best = res.stats
+            print(f"{m:6s} {1e6 * best.decode_s / best.target_forwards:7.1f} us a round, "
+                  f"{1e6 * best.decode_s / best.n_generated:6.1f} a token "
+                  f"({best.n_generated / best.target_forwards:.2f} tokens a round)")
         store.close()
 
 

@@ -243,10 +243,10 @@ class Engine:
             # the round's tokens (accepted drafts and the target's own) end within the
             # context, so a generation stops at the same length whatever was drafted
             k_cap = min(cfg.draft_max, left - 1, t.n_ctx - len(ctx) - 1)
-            pick = team.pick(ctx, k_cap, left) if team is not None and k_cap > 0 else None
+            picks = team.picks(ctx, k_cap, left) if team is not None and k_cap > 0 else []
 
             t0 = time.perf_counter()
-            draft, beside = self._draft(pick, ctx, cfg.params, rng)
+            pick, draft, beside = self._draft(picks, ctx, cfg.params, rng)
             t1 = time.perf_counter()
             accepted, next_token, judged = self._check(ctx, draft, cfg.params, rng)
             t2 = time.perf_counter()
@@ -284,22 +284,25 @@ class Engine:
             res.calibrated = calibrated_costs(team)
 
     @staticmethod
-    def _draft(pick: Pick | None, ctx: list[int], params: SamplingParams,
-               rng: np.random.Generator) -> tuple[Draft, int]:
-        """The picked drafter's draft, trees pruned by its budget to the candidates that
-        pay, and the tokens it drafts beside the pass that verifies it (duo)."""
-        if pick is None:
-            return Draft(), 0
-        d, budget, plan = pick.member.drafter, pick.member.budget, pick.plan
-        if not plan.in_turn:
-            d.prepare_beside()
-        draft = d.propose(ctx, plan.k, params, rng, budget.keep_going)
-        if draft.parents is not None:
-            draft = draft.subtree(budget.prune_tree(draft.parents, draft.confidence))
-        draft.source = draft.source or pick.member.name
-        beside = 0 if plan.in_turn else d.start_beside(ctx, draft, plan.k, params,
-                                                      plan.background)
-        return draft, beside
+    def _draft(picks: list[Pick], ctx: list[int], params: SamplingParams,
+               rng: np.random.Generator) -> tuple[Pick | None, Draft, int]:
+        """The first picked drafter that finds a draft (None: a plain step), its draft, a
+        tree pruned by its budget to the candidates that pay, and the tokens it drafts
+        beside the pass that verifies it (duo)."""
+        for pick in picks:
+            d, budget, plan = pick.member.drafter, pick.member.budget, pick.plan
+            if not plan.in_turn:
+                d.prepare_beside()
+            draft = d.propose(ctx, plan.k, params, rng, budget.keep_going)
+            if not draft.tokens:
+                continue
+            if draft.parents is not None:
+                draft = draft.subtree(budget.prune_tree(draft.parents, draft.confidence))
+            draft.source = draft.source or pick.member.name
+            beside = 0 if plan.in_turn else d.start_beside(ctx, draft, plan.k, params,
+                                                          plan.background)
+            return pick, draft, beside
+        return None, Draft(), 0
 
     def _check(
         self, ctx: list[int], draft: Draft, params: SamplingParams, rng: np.random.Generator

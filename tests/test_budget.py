@@ -396,3 +396,18 @@ def test_relaxing_estimates_finds_drafting_again_in_simulation():
     assert s["relax"] > 0.985 * s["no relax"], s
     s = sim.speedups(sim.MACHINES["cpu-0.5b"], texts["0.8/0.2 every 100"], seeds=2)
     assert s["relax"] == s["no relax"] == pytest.approx(1.0, abs=0.005), s
+
+
+def test_an_acceptance_snapshot_is_equal_and_moves_with_nothing():
+    """duo's background stop rule reads a snapshot while the budget goes on learning on
+    the main thread: every count list is its own copy (a shared one would move under it)."""
+    acc = Acceptance()
+    acc.update([0.9, 0.5, 0.2], 1)
+    snap = acc.snapshot()
+    assert snap == acc
+    frozen = repr(snap)
+    for _ in range(5):
+        acc.update([0.95, 0.95], 2)
+    acc.relax()
+    acc.new_text()
+    assert repr(snap) == frozen and snap != acc

@@ -10,7 +10,7 @@ from test_budget import GPU_TARGET
 
 from specli.budget import Acceptance, AdaptiveBudget, CostModel, Outcome
 from specli.drafters.base import BaseDrafter, Draft
-from specli.lineup import Lineup, Member
+from specli.lineup import Lineup, Member, Pick
 
 
 class Named(BaseDrafter):
@@ -21,6 +21,12 @@ class Named(BaseDrafter):
 
     def propose(self, context: Sequence[int], k: int, params, rng, keep_going=None) -> Draft:
         raise AssertionError("not asked in these tests")
+
+
+def _first(team: Lineup, context: Sequence[int], k_cap: int, left: int) -> Pick | None:
+    """The member that drafts when every picked drafter finds a draft: the first."""
+    picks = team.picks(context, k_cap, left)
+    return picks[0] if picks else None
 
 
 def _doubtful() -> Acceptance:
@@ -51,7 +57,7 @@ def test_a_due_probe_is_not_starved_by_a_member_whose_drafts_cost_nothing():
     team = Lineup([hd, model], name="auto")
     picks: list[str] = []
     for _ in range(400):
-        pick = team.pick([1, 2, 3], 8, 1000)
+        pick = _first(team, [1, 2, 3], 8, 1000)
         if pick is None:
             picks.append("none")
             team.observe(None, Outcome([], 0))
@@ -78,7 +84,7 @@ def test_probes_take_turns_and_never_interrupt_a_member_that_pays():
     team = Lineup([a, b], name="auto")
     probes = []
     for _ in range(64):
-        pick = team.pick([1], 8, 1000)
+        pick = _first(team, [1], 8, 1000)
         if pick is not None:
             probes.append(pick.member.name)
             team.observe(pick, Outcome([0.9, 0.9], 1, 8))  # a token found: probe again soon
@@ -89,7 +95,7 @@ def test_probes_take_turns_and_never_interrupt_a_member_that_pays():
     team = Lineup([a, b, sure], name="auto")
     names = []
     for _ in range(64):
-        pick = team.pick([1], 8, 1000)
+        pick = _first(team, [1], 8, 1000)
         assert pick is not None
         names.append(pick.member.name)
         team.observe(pick, Outcome([0.9] * 8, 7 if pick.member is sure else 1, 8))
@@ -105,7 +111,7 @@ def test_specli_trace_writes_each_round_with_every_budget_state(tmp_path, monkey
     duo = Member("duo", Named("duo"), AdaptiveBudget(GPU_TARGET, _never(), explore_every=2))
     team = Lineup([hd, duo], name="auto")
     for _ in range(4):
-        pick = team.pick([1], 8, 100)
+        pick = _first(team, [1], 8, 100)
         team.observe(pick, Outcome([0.9], 0, 1, (0.001, 0.005), caught_up=3) if pick
                      else Outcome([], 0, 0, (0.0, 0.005)))
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
@@ -142,3 +148,71 @@ def test_trace_report_sets_passes_by_shape_change_and_drafting_by_lag():
     assert "   4 tokens: 6.00 (1) / 7.00 (1)" in out
     assert "   1 tokens: n/a / 6.00 (1)" in out  # round 1 has no pass before it
     assert "drafting ms per drafted token (rounds): lag 0-1: 0.50 (1), lag 2: 1.00 (1)" in out
+
+
+class Echo:
+    """A near-free model whose greedy token after position i is a fixed function of the
+    token there: two of them agree on every token (logits near one-hot)."""
+
+    name = path = placement = "echo"
+    n_vocab, n_ctx, bos, add_bos, max_branches, catch_up_stepwise = 64, 4096, None, False, 1, 0
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+
+    def is_eog(self, token: int) -> bool:
+        return False
+
+    def eval(self, tokens, logits_for=()):
+        import numpy as np
+
+        start = len(self.tokens)
+        self.tokens += list(tokens)
+        rows = list(logits_for)
+        out = np.zeros((len(rows), self.n_vocab), dtype=np.float32)
+        for r, i in enumerate(rows):
+            out[r, (self.tokens[start + i] * 7 + start + i) % self.n_vocab] = 30.0
+        return out
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+
+
+class Nothing(BaseDrafter):
+    """An n-gram drafter that finds nothing in this context (hd, most rounds)."""
+
+    name = "hd"
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def propose(self, context: Sequence[int], k: int, params, rng, keep_going=None) -> Draft:
+        self.asked += 1
+        return Draft()
+
+
+def test_a_round_goes_to_the_next_member_when_the_first_finds_no_draft():
+    """hd's drafts cost nothing, so its budget ranks it first every round; in a context
+    where it finds nothing the round used to be a plain step, and a draft model whose
+    drafts pay (here every token is accepted) never drafted: auto stayed at plain speed.
+    Now the next member drafts, until its estimates rank it first.  (Seeded sampling:
+    the budgets plan from the given costs, not from these near-free models' timings.)"""
+    from specli.drafters.model import ModelDrafter
+    from specli.engine import Engine, GenerationConfig, Result
+    from specli.sampling import SamplingParams
+
+    hd = Nothing()
+    members = [Member("hd", hd, AdaptiveBudget(CostModel(GPU_TARGET.verify, 0.0))),
+               Member("draft", ModelDrafter(Echo()), AdaptiveBudget(GPU_TARGET))]
+    team = Lineup(members, name="auto")
+    assert [p.member.name for p in team.picks([1, 2, 3], 8, 100)] == ["hd", "draft"]
+
+    engine = Engine(Echo(), lineup=Lineup(members, name="auto"))
+    res = Result(method="auto")
+    cfg = GenerationConfig(max_tokens=120, params=SamplingParams(temperature=1.0, seed=1))
+    for _ in engine.stream([5, 9, 11], cfg, res):
+        pass
+    st = res.stats
+    assert hd.asked >= 1  # asked first until the draft model's estimates beat free drafts
+    assert st.rounds_by.get("draft", 0) >= st.target_forwards - 2, st.rounds_by
+    assert st.n_generated / st.target_forwards > 4  # long drafts, all accepted

@@ -1,0 +1,189 @@
+"""specli's whole speculative pipeline on a GPU-like timing pair that needs no GPU.
+
+    python scripts/sleep_pipeline.py [AGREE ...]          # default 0.8 0.93
+
+The fake models sleep for what the cost model says a pass costs on the H200 timing pair
+(target 5.35 ms a step plus 0.5 ms a token, drafter 0.7 ms a token), then answer.  A
+sleep releases the GIL as llama.cpp's ctypes calls do while a GPU works, so duo's drafter
+thread can draft while the target "verifies", the way it does on a GPU.  The draft model
+agrees with the target's greedy token with probability AGREE (a fixed hash of the
+position and token, so a re-draft gives the same answer).
+
+For each method it prints the decode speed against plain decoding in the same run and
+what the cost model expects at that agreement: where the two differ, the difference is
+specli's own time (Python, thread hand-offs, the GIL), which a GPU run would also pay.
+This times the pipeline, never a model's quality.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from specli.backends.base import StepClock
+from specli.budget import (
+    AdaptiveBudget,
+    Budget,
+    CostModel,
+    FixedBudget,
+    OverlapBudget,
+    expected_tokens,
+    overlap_rate,
+)
+from specli.drafters.duo import DuoDrafter
+from specli.drafters.hierarchy import HierarchyDrafter
+from specli.drafters.model import ModelDrafter
+from specli.engine import Engine, GenerationConfig, Result
+from specli.lineup import Lineup, Member
+
+VOCAB = 2000
+MS = 1e-3
+GPU = CostModel([MS * (5.35 + 0.5 * i) for i in range(17)], 0.7 * MS, catch_up=0.05 * MS)
+# sleeps do not slow each other: a pass beside the drafter costs what it costs alone
+BESIDE = replace(GPU, overlap_verify=1.0, overlap_draft=GPU.draft)
+N_TOKENS, PROMPTS = 256, 4  # the same prompts for every method
+
+
+def _slack() -> float:
+    """How much longer than asked a short sleep lasts here (subtracted from every one)."""
+    over = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        time.sleep(0.001)
+        over.append(time.perf_counter() - t0 - 0.001)
+    return float(np.median(over))
+
+
+SLACK = _slack()
+
+
+def target_token(token: int, pos: int) -> int:
+    return (token * 31 + pos * 17 + 7) % VOCAB
+
+
+def _agrees(token: int, pos: int, agree: float) -> bool:
+    return ((token * 2654435761 + pos * 40503) & 0xFFFFFFFF) / 2**32 < agree
+
+
+class SleepModel:
+    """A model whose pass over n tokens sleeps `cost(n)` seconds.  The target (agree None)
+    answers target_token; a draft model agrees with it with probability `agree`."""
+
+    name = path = placement = "sleep"
+    n_vocab, n_ctx, bos, add_bos, max_branches, catch_up_stepwise = VOCAB, 8192, None, False, 1, 0
+
+    def __init__(self, cost, agree: float | None = None) -> None:
+        self.cost = cost
+        self.agree = agree
+        self.tokens: list[int] = []
+        self.step_clock = StepClock()
+
+    def is_eog(self, token: int) -> bool:
+        return False
+
+    def eval(self, tokens, logits_for=()) -> np.ndarray:
+        t0 = time.perf_counter()
+        time.sleep(max(0.0, self.cost(len(tokens)) - SLACK))
+        start = len(self.tokens)
+        self.tokens += list(tokens)
+        rows = list(logits_for)
+        out = np.zeros((len(rows), VOCAB), dtype=np.float32)
+        for r, i in enumerate(rows):
+            pos = start + i
+            tok = target_token(self.tokens[pos], pos)
+            if self.agree is not None and not _agrees(self.tokens[pos], pos, self.agree):
+                tok = (tok + 1) % VOCAB
+            out[r, tok] = 30.0
+        self.step_clock.add(len(tokens), time.perf_counter() - t0)
+        return out
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+
+    def close(self) -> None:
+        pass
+
+
+def _draft_cost(n: int) -> float:
+    return GPU.draft + GPU.catch_up * (n - 1)
+
+
+def engine(method: str, agree: float) -> Engine:
+    target = SleepModel(GPU.verify_cost)
+    draft = SleepModel(_draft_cost, agree)
+    name, _, fixed = method.partition("@fixed:")
+    if name == "none":
+        return Engine(target)
+    budget: Budget = FixedBudget(int(fixed)) if fixed else None  # type: ignore[assignment]
+    if name == "draft":
+        return Engine(target, ModelDrafter(draft), budget or AdaptiveBudget(GPU))
+    if name == "duo":
+        return Engine(target, DuoDrafter(draft), budget or OverlapBudget(BESIDE))
+    if name == "auto":  # as runtime builds it with the target on a GPU (hd: context only)
+        hd = HierarchyDrafter()
+        members = [Member("hd", hd, AdaptiveBudget(replace(GPU, draft=0.0))),
+                   Member("draft", ModelDrafter(draft), AdaptiveBudget(GPU)),
+                   Member("draft+hd", ModelDrafter(draft, hd), AdaptiveBudget(GPU)),
+                   Member("duo", DuoDrafter(SleepModel(_draft_cost, agree)),
+                          OverlapBudget(BESIDE))]
+        return Engine(target, lineup=Lineup(members, learner=hd, name="auto"))
+    raise SystemExit(f"unknown method {method!r}")
+
+
+def expected(method: str, agree: float) -> float | None:
+    """Tokens per second the cost model expects at a fixed length (None: the budget's)."""
+    name, _, fixed = method.partition("@fixed:")
+    if name == "none":
+        return 1.0 / GPU.verify_cost(1)
+    if not fixed:
+        return None
+    k = int(fixed)
+    if name == "draft":
+        return expected_tokens([agree] * k) / GPU.round_cost(k)
+    return overlap_rate(BESIDE, [agree] * k, agree)
+
+
+def main() -> None:
+    agreements = [float(a) for a in sys.argv[1:]] or [0.8, 0.93]
+    methods = ["none", "auto", "draft", "draft@fixed:4", "duo", "duo@fixed:4"]
+    rng = np.random.default_rng(0)
+    prompts = [[int(x) for x in rng.integers(0, VOCAB, 100)] for _ in range(PROMPTS)]
+    print(f"sleep overshoot subtracted: {SLACK * 1e6:.0f} us; {PROMPTS} prompts x {N_TOKENS} "
+          "tokens per method")
+    for agree in agreements:
+        print(f"\nagreement {agree}: method, decode tok/s, speedup, expected, tokens a pass, "
+              f"rounds drafted, drafted a drafting round, acceptance, ms a round outside "
+              f"the models' sleeps")
+        base = None
+        for m in methods:
+            runs = []
+            for prompt in prompts:
+                res = Result(method=m)
+                e = engine(m, agree)
+                for _ in e.stream(prompt, GenerationConfig(max_tokens=N_TOKENS), res):
+                    pass
+                e.close()
+                runs.append(res.stats)
+            n, secs = sum(st.n_generated for st in runs), sum(st.decode_s for st in runs)
+            passes = sum(st.target_forwards for st in runs)
+            rounds = sum(st.draft_rounds for st in runs)
+            drafted, accepted = sum(st.drafted for st in runs), sum(st.accepted for st in runs)
+            other = sum(st.ms_per_round_other * st.target_forwards for st in runs) / passes
+            tok_s = n / secs
+            base = base or tok_s
+            want = expected(m, agree)
+            want_x = f"{want / (1.0 / GPU.verify_cost(1)):.2f}x" if want else "budget"
+            by = {}
+            for st in runs:
+                for who, count in st.rounds_by.items():
+                    by[who] = by.get(who, 0) + count
+            print(f"  {m:14s} {tok_s:7.1f} {tok_s / base:6.2f}x {want_x:>7s} "
+                  f"{n / passes:5.2f} {rounds:4d}/{passes:<4d} {drafted / max(rounds, 1):5.2f} "
+                  f"{accepted / max(drafted, 1):5.2f} {other:7.3f}"
+                  + (f"  {by}" if m == "auto" else ""))
+
+if __name__ == "__main__":
+    main()
