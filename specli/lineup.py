@@ -112,6 +112,7 @@ class Lineup:
             acc = getattr(b, "acc", None)
             return {"draft_scale": getattr(b, "draft_scale", None),
                     "verify_scale": getattr(b, "verify_scale", None),
+                    "pass_scale": getattr(b, "pass_scale", None),
                     "p": [round(x, 3) for x in acc.by_position(4)] if acc else None,
                     "idle": getattr(b, "_idle", None), "gap": getattr(b, "_gap", None)}
 
