@@ -362,7 +362,8 @@ def test_stream_text_writes_whole_characters_and_stops_on_ctrl_c():
             yield [4]  # ends mid-character (a length limit): that half is dropped
 
         return SimpleNamespace(engine=SimpleNamespace(stream=stream),
-                               target=SimpleNamespace(token_bytes=table.__getitem__))
+                               target=SimpleNamespace(token_bytes=table.__getitem__),
+                               keep_fit=lambda: None)
 
     written: list[str] = []
     res = Result(method="none")
@@ -390,7 +391,8 @@ def test_generate_json_after_ctrl_c_still_prints_what_was_generated(capsys):
     table = {1: b"hello", 2: b" world"}
     loaded = SimpleNamespace(engine=SimpleNamespace(stream=stream),
                              target=SimpleNamespace(token_bytes=table.__getitem__),
-                             target_name="t.gguf", draft_name=None, placements=lambda: {})
+                             target_name="t.gguf", draft_name=None, placements=lambda: {},
+                             keep_fit=lambda: None)
     res = Result(method="none")
     _answer(loaded, [0], GenerationConfig(), res, as_json=True)  # type: ignore[arg-type]
     obj = json.loads(capsys.readouterr().out)
