@@ -12,8 +12,9 @@ position and token, so a re-draft gives the same answer).
 
 For each method it prints the decode speed against plain decoding in the same run and
 what the cost model expects at that agreement: where the two differ, the difference is
-specli's own time (Python, thread hand-offs, the GIL), which a GPU run would also pay.
-This times the pipeline, never a model's quality.
+specli's own time (Python, thread hand-offs, the GIL), which a GPU run would also pay,
+and what the sleeps overshoot beyond the median subtracted.  This times the pipeline,
+never a model's quality, and never a GPU runtime's own costs.
 """
 
 from __future__ import annotations
