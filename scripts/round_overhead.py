@@ -64,9 +64,12 @@ class FakeModel:
         rows = list(logits_for)
         out = np.zeros((len(rows), VOCAB), dtype=np.float32)
         for r, i in enumerate(rows):
-            pos = start + i
-            out[r, (self.tokens[pos] * 31 + pos * self.shift + 7) % VOCAB] = 30.0
+            out[r, self.answer(self.tokens[start + i], start + i)] = 30.0
         return out
+
+    def answer(self, token: int, pos: int) -> int:
+        """The argmax after `token` at position `pos`."""
+        return (token * 31 + pos * self.shift + 7) % VOCAB
 
     def truncate(self, n: int) -> None:
         del self.tokens[n:]

@@ -25,12 +25,11 @@ import time
 from dataclasses import replace
 
 import numpy as np
+from round_overhead import GPU, VOCAB, FakeModel  # scripts/ is on sys.path when run
 
-from specli.backends.base import StepClock
 from specli.budget import (
     AdaptiveBudget,
     Budget,
-    CostModel,
     FixedBudget,
     OverlapBudget,
     expected_tokens,
@@ -42,9 +41,6 @@ from specli.drafters.model import ModelDrafter
 from specli.engine import Engine, GenerationConfig, Result
 from specli.lineup import Lineup, Member
 
-VOCAB = 2000
-MS = 1e-3
-GPU = CostModel([MS * (5.35 + 0.5 * i) for i in range(17)], 0.7 * MS, catch_up=0.05 * MS)
 # sleeps do not slow each other: a pass beside the drafter costs what it costs alone
 BESIDE = replace(GPU, overlap_verify=1.0, overlap_draft=GPU.draft)
 N_TOKENS, PROMPTS = 128, 8  # the same prompts for every method
@@ -63,51 +59,34 @@ def _slack() -> float:
 SLACK = _slack()
 
 
-def target_token(token: int, pos: int) -> int:
-    return (token * 31 + pos * 17 + 7) % VOCAB
-
-
 def _agrees(token: int, pos: int, agree: float) -> bool:
     return ((token * 2654435761 + pos * 40503) & 0xFFFFFFFF) / 2**32 < agree
 
 
-class SleepModel:
-    """A model whose pass over n tokens sleeps `cost(n)` seconds.  The target (agree None)
-    answers target_token; a draft model agrees with it with probability `agree`."""
+class SleepModel(FakeModel):
+    """round_overhead's fake model, whose pass over n tokens first sleeps `cost(n)`
+    seconds.  The target (agree None) answers FakeModel's token; a draft model agrees
+    with it with probability `agree`."""
 
     name = path = placement = "sleep"
-    n_vocab, n_ctx, bos, add_bos, max_branches, catch_up_stepwise = VOCAB, 8192, None, False, 1, 0
 
     def __init__(self, cost, agree: float | None = None) -> None:
+        super().__init__(shift=17)
         self.cost = cost
         self.agree = agree
-        self.tokens: list[int] = []
-        self.step_clock = StepClock()
-
-    def is_eog(self, token: int) -> bool:
-        return False
 
     def eval(self, tokens, logits_for=()) -> np.ndarray:
         t0 = time.perf_counter()
         time.sleep(max(0.0, self.cost(len(tokens)) - SLACK))
-        start = len(self.tokens)
-        self.tokens += list(tokens)
-        rows = list(logits_for)
-        out = np.zeros((len(rows), VOCAB), dtype=np.float32)
-        for r, i in enumerate(rows):
-            pos = start + i
-            tok = target_token(self.tokens[pos], pos)
-            if self.agree is not None and not _agrees(self.tokens[pos], pos, self.agree):
-                tok = (tok + 1) % VOCAB
-            out[r, tok] = 30.0
+        out = super().eval(tokens, logits_for)
         self.step_clock.add(len(tokens), time.perf_counter() - t0)
         return out
 
-    def truncate(self, n: int) -> None:
-        del self.tokens[n:]
-
-    def close(self) -> None:
-        pass
+    def answer(self, token: int, pos: int) -> int:
+        tok = super().answer(token, pos)
+        if self.agree is not None and not _agrees(token, pos, self.agree):
+            tok = (tok + 1) % VOCAB
+        return tok
 
 
 # SLOW=1.5: the drafter's passes take 1.5x what its calibration says (as inside the
