@@ -599,8 +599,12 @@ class AdaptiveBudget:
         return self.verify_scale if self.pass_scale is None else self.pass_scale
 
     def _verify(self, multi: float) -> list[float]:
+        """The calibrated pass costs rescaled, the steps' and the longer passes' scales
+        apart; a longer pass never below a plain step (as calibration clips them), or two
+        scales learned apart could make drafting a token look cheaper than not drafting."""
         first, *rest = self.base.verify
-        return [first * self.verify_scale, *(v * multi for v in rest)]
+        step = first * self.verify_scale
+        return [step, *(max(v * multi, step) for v in rest)]
 
     def _learn_pass(self, n_tokens: int, ratio: float) -> None:
         """A timed pass over n_tokens took `ratio` of its calibrated cost."""

@@ -235,6 +235,19 @@ def test_plain_steps_and_passes_over_several_tokens_are_scaled_apart():
     assert b.probe_cost.verify[3] == pytest.approx(0.86 * CPU.verify[3], rel=0.01)
 
 
+def test_a_longer_pass_never_looks_cheaper_than_a_plain_step():
+    """Scaled apart, noisy timings (here: near-free fake models with Python time in every
+    pass) can put a 2-token pass below a step; a 1-token draft then looked free and every
+    round drafted one token that was always rejected.  Calibration clips a longer pass to
+    at least a shorter one; the scaled costs keep that."""
+    b = AdaptiveBudget(GPU_TARGET, Acceptance(prior_mean=0.01, prior_weight=500))
+    for _ in range(40):
+        b.observe(Outcome([], 0, 0, (0.0, 0.010 * GPU_TARGET.verify_cost(1))))
+        b.observe(Outcome([0.9], 0, 1, (1e-6, 0.005 * GPU_TARGET.verify_cost(2))))
+    assert b.cost.verify[1] >= b.cost.verify[0]
+    assert all(b.plan(8).k == 0 or b._probing for _ in range(10))
+
+
 def test_catching_up_is_not_counted_as_drafting_cost():
     """A drafter that sat out rounds (or starts a new prompt) reads the context it missed
     before drafting; that time says nothing about what a drafted token costs."""
