@@ -9,8 +9,9 @@ the tens to hundreds of microseconds a budget spends deciding not to draft are a
 visible share of it.  The fake target answers at once (a fixed argmax per position);
 the fake draft model always disagrees, so the budgets (with the H200-like costs of
 scripts/sim_shape_change.py) soon decline and mostly plan.  With `agree` it always agrees
-and the run samples with a seed (near one-hot logits), so the budgets plan from those
-costs instead of the fake models' timings and draft every round.  hd asks a real history
+and the budgets draft every round.  The budgets plan from those costs alone, never from
+the fake models' timings (near-free passes of every size would tell them a draft costs
+nothing, so they drafted where the H200-like costs decline).  hd asks a real history
 store of 20k random tokens, which never matches.  Prints microseconds per round and per
 generated token, the fastest of REPEATS generations of 300 tokens (a shared machine only
 adds time).
@@ -33,13 +34,11 @@ from specli.drafters.model import ModelDrafter
 from specli.engine import Engine, GenerationConfig, Result
 from specli.lineup import Lineup, Member
 from specli.ngram import NgramStore
-from specli.sampling import SamplingParams
 
 VOCAB = 2000
 MS = 1e-3
 GPU = CostModel([MS * (5.35 + 0.5 * i) for i in range(17)], 0.7 * MS, catch_up=0.05 * MS)
 FREE = CostModel(GPU.verify, 0.0)  # n-gram drafts: only verifying costs
-GREEDY, SEEDED = SamplingParams(), SamplingParams(temperature=1.0, seed=0)
 BESIDE = replace(GPU, overlap_verify=1.05, overlap_draft=0.8 * MS)  # duo: the drafter apart
 
 
@@ -78,21 +77,28 @@ class FakeModel:
         pass
 
 
+def untimed(budget: AdaptiveBudget) -> AdaptiveBudget:
+    """The budget learns acceptance from every round, but no cost from the fakes' clocks."""
+    learn = budget.observe
+    budget.observe = lambda outcome: learn(replace(outcome, timing=None))  # type: ignore
+    return budget
+
+
 def engine(method: str, store: NgramStore, agree: bool = False) -> Engine:
     target, draft = FakeModel(1), FakeModel(1 if agree else 2)
     if method == "none":
         return Engine(target)
     if method == "draft":
-        return Engine(target, ModelDrafter(draft), AdaptiveBudget(GPU))
+        return Engine(target, ModelDrafter(draft), untimed(AdaptiveBudget(GPU)))
     if method == "duo":
-        return Engine(target, DuoDrafter(draft), OverlapBudget(BESIDE))
+        return Engine(target, DuoDrafter(draft), untimed(OverlapBudget(BESIDE)))
     if method == "hd":
-        return Engine(target, HierarchyDrafter(store), AdaptiveBudget(FREE))
+        return Engine(target, HierarchyDrafter(store), untimed(AdaptiveBudget(FREE)))
     if method == "auto":  # as on a CPU: hd, draft, draft+hd (no duo)
         hd = HierarchyDrafter(store)
-        members = [Member("hd", hd, AdaptiveBudget(FREE)),
-                   Member("draft", ModelDrafter(draft), AdaptiveBudget(GPU)),
-                   Member("draft+hd", ModelDrafter(draft, hd), AdaptiveBudget(GPU))]
+        members = [Member("hd", hd, untimed(AdaptiveBudget(FREE))),
+                   Member("draft", ModelDrafter(draft), untimed(AdaptiveBudget(GPU))),
+                   Member("draft+hd", ModelDrafter(draft, hd), untimed(AdaptiveBudget(GPU)))]
         return Engine(target, lineup=Lineup(members, learner=hd, name="auto"))
     raise SystemExit(f"unknown method {method!r}: none, draft, duo, hd or auto")
 
@@ -110,7 +116,7 @@ def main() -> None:
             best = None
             for _ in range(repeats):
                 res = Result(method=m)
-                cfg = GenerationConfig(max_tokens=300, params=SEEDED if agree else GREEDY)
+                cfg = GenerationConfig(max_tokens=300)
                 for _ in engine(m, store, agree).stream(prompt, cfg, res):
                     pass
                 if best is None or res.stats.decode_s < best.decode_s:
