@@ -6,7 +6,7 @@ Shared by `generate`, `chat` and `bench` so the three load and encode alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -209,7 +209,7 @@ class Loaded:
         """Before a generation in a long-lived process (chat, serve): default thread
         counts follow the cores other processes left free since the last look, as they
         did at the start (specli.threads.default_cores)."""
-        self._fit(lambda m: True)
+        self._fit()
 
     def keep_fit(self) -> None:
         """During a generation, at most once every REFIT_EVERY_S: the same for the models
@@ -217,10 +217,10 @@ class Loaded:
         drafter's thread may be inside its model, so that one keeps its threads)."""
         if time.monotonic() - self._fitted_at < REFIT_EVERY_S:
             return
-        beside = {id(d.model) for d in self._duos}
-        self._fit(lambda m: id(m) not in beside)
+        self._fit(skip={id(d.model) for d in self._duos})
 
-    def _fit(self, may: Callable[[Backend], bool]) -> None:
+    def _fit(self, skip: Set[int] = frozenset()) -> None:
+        """Fit every llama.cpp model's default threads but those whose id is in `skip`."""
         self._fitted_at = time.monotonic()
         busy = self._watch.look()
         if busy is None:
@@ -228,7 +228,7 @@ class Loaded:
         free = usable_cores(busy)
         why = cores_note(busy, "lately")
         models = [self.target, self.draft, self._duo_model, *self._models]
-        for m in {id(m): m for m in models if m is not None and may(m)}.values():
+        for m in {id(m): m for m in models if m is not None and id(m) not in skip}.values():
             fit = getattr(m, "fit_free_cores", None)  # llama.cpp only: ONNX fixes its threads
             if fit is not None:
                 fit(free, why)
