@@ -26,7 +26,9 @@ import numpy as np
 from .. import tree
 from ..chat_template import render_chat
 from ..errors import SpecliError
+from ..registry import specli_home
 from ..threads import cores_note, default_cores, target_threads
+from .amx import plan_weights
 from .base import LoadOptions, StepClock
 
 GGUF_MAGIC = b"GGUF"
@@ -167,6 +169,11 @@ class GGUFModel:
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = opts.n_gpu_layers
+        gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        self._weights = plan_weights(self.path, opts.n_gpu_layers if gpu else 0,
+                                     specli_home() / "amx.json")
+        if self._weights:
+            self._weights.apply(mparams)
         with _loading():
             self._model = llama_cpp.llama_model_load_from_file(self.path.encode(), mparams)
         if not self._model:
@@ -206,6 +213,8 @@ class GGUFModel:
         self._threads_given = opts.n_threads is not None
         self.placement = placement(opts.n_gpu_layers, threads)
         note = None if self._threads_given else cores_note()
+        if self._weights:
+            note = f"{note}; {self._weights.note}" if note else self._weights.note
         if note:
             self.placement += f" ({note})"
         self._mem = llama_cpp.llama_get_memory(self._ctx)
@@ -404,7 +413,8 @@ class GGUFModel:
         if n != self.n_threads:
             llama_cpp.llama_set_n_threads(self._ctx, n, n)
             self.n_threads = n
-        self.placement = placement(self._gpu_layers, n) + (f" ({why})" if why else "")
+        notes = "; ".join(x for x in (why, self._weights and self._weights.note) if x)
+        self.placement = placement(self._gpu_layers, n) + (f" ({notes})" if notes else "")
 
     def close(self) -> None:
         if self._batch is not None:

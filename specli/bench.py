@@ -178,13 +178,18 @@ class Peer:
 
         self.method, self._criteria = method, llama_cpp.StoppingCriteriaList
         self.drafter = CountingLookup() if method == "peer-pld" else None
+        from .backends.amx import llama_defaults, plan_weights
+        from .registry import specli_home
+
+        plan = plan_weights(path, 0, specli_home() / "amx.json")  # around a faulting AMX unit
         try:
             # logits_all with a drafter: llama-cpp-python 0.3.36 sizes its score buffer by
             # n_batch unless told, and then fails on prompts longer than n_batch
-            self.llm = llama_cpp.Llama(
-                path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
-                draft_model=self.drafter, logits_all=self.drafter is not None,
-            )
+            with llama_defaults(plan):
+                self.llm = llama_cpp.Llama(
+                    path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                    verbose=False, draft_model=self.drafter, logits_all=self.drafter is not None,
+                )
         except (ValueError, RuntimeError) as e:
             raise SpecliError(f"llama-cpp-python could not load {Path(path).name}: {e}") from None
 
