@@ -6,7 +6,7 @@ some machines the first of them faults: a 2-core Xeon VM (AMX_INT8 = 1, 2026-11-
 with SIGSEGV at `ldtilecfg` in `ggml_backend_amx_mul_mat` on every prompt and every
 verification pass, in specli and in plain llama-cpp-python alike (llama.cpp issue 20824
 reports the same).  A process cannot survive it, so a child process loads the model and
-evaluates two tokens once per machine and llama.cpp build; the answer is cached.  Where
+evaluates four tokens once per machine and llama.cpp build; the answer is cached.  Where
 the child dies, weights go where they go on a CPU without AMX: repacked for llama.cpp's
 AVX2/AVX-512 kernels (CPU_REPACK) where ggml repacks their type, plain otherwise.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import platform
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import llama_cpp
 
+from ..registry import specli_home
+from ..threads import cpu_name
 from .gguf_tensors import Tensor, TensorTable, read_tensor_table
 
 # ggml types with AMX kernels (ggml-cpu/amx/common.h, qtype_has_amx_kernels):
@@ -114,9 +117,10 @@ def _ggml(name: str) -> ctypes.CDLL | None:
     return None
 
 
+@functools.cache
 def cpu_extra_buffers() -> dict[str, int]:
     """llama.cpp's extra CPU weight buffer types by name (AMX, CPU_REPACK, ...), or {}
-    where the libraries do not say.  Call after llama_backend_init."""
+    where the libraries do not say: fixed for the process, so asked once."""
     base, reg_lib = _ggml("ggml-base"), _ggml("ggml")
     if base is None or reg_lib is None:
         return {}
@@ -180,16 +184,9 @@ def probe(model_path: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool | None:
 
 def machine_key() -> str:
     """What the answer depends on: the llama.cpp build, the kernel and the CPU."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     system = llama_cpp.llama_print_system_info().decode(errors="replace")
-    return f"llama-cpp-python {llama_cpp.__version__} | {platform.release()} | {cpu} | {system}"
+    return (f"llama-cpp-python {llama_cpp.__version__} | {platform.release()} | {cpu_name()}"
+            f" | {system}")
 
 
 def _forced() -> bool | None:
@@ -226,10 +223,12 @@ def amx_works(model_path: str, cache: Path) -> bool:
     return works
 
 
-def plan_weights(model_path: str, n_gpu_layers: int, cache: Path) -> WeightPlan | None:
+def plan_weights(
+    model_path: str, n_gpu_layers: int, cache: Path | None = None
+) -> WeightPlan | None:
     """None where llama.cpp may place this model's CPU weights itself: no AMX buffer in
     this build or on this CPU, no weight AMX would take, or AMX works here.  Otherwise
-    the parameters that keep them off AMX."""
+    the parameters that keep them off AMX.  `cache`: $SPECLI_HOME/amx.json unless given."""
     bufts = cpu_extra_buffers()
     if "AMX" not in bufts:
         return None
@@ -240,7 +239,7 @@ def plan_weights(model_path: str, n_gpu_layers: int, cache: Path) -> WeightPlan 
     if not any(uses_amx(t) and on_cpu(t.name, table.n_layer, n_gpu_layers)
                for t in table.tensors):
         return None
-    if amx_works(model_path, cache):
+    if amx_works(model_path, cache or specli_home() / "amx.json"):
         return None
     why = "SPECLI_AMX=off" if _forced() is False else "AMX faulted in a check"
     return plan_for(table, n_gpu_layers, bufts.get("CPU_REPACK"), f"{why}: AVX-512 kernels")

@@ -26,7 +26,6 @@ import numpy as np
 from .. import tree
 from ..chat_template import render_chat
 from ..errors import SpecliError
-from ..registry import specli_home
 from ..threads import cores_note, default_cores, target_threads
 from .amx import plan_weights
 from .base import LoadOptions, StepClock
@@ -170,8 +169,7 @@ class GGUFModel:
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = opts.n_gpu_layers
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
-        self._weights = plan_weights(self.path, opts.n_gpu_layers if gpu else 0,
-                                     specli_home() / "amx.json")
+        self._weights = plan_weights(self.path, opts.n_gpu_layers if gpu else 0)
         if self._weights:
             self._weights.apply(mparams)
         with _loading():

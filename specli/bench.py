@@ -10,7 +10,6 @@ the running so tests can check it on recorded rows.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from .prompts import Prompt
 from .report import calibrated_pass_ms
 from .runtime import Loaded, encode_prompt
 from .sampling import SamplingParams
-from .threads import cores_note
+from .threads import cores_note, cpu_name
 
 PLOT_HINT = "install the plot extra (pip install 'specli[plot]') to get speedup.png"
 WARMUP_TEXT = "Say hello."
@@ -179,9 +178,8 @@ class Peer:
         self.method, self._criteria = method, llama_cpp.StoppingCriteriaList
         self.drafter = CountingLookup() if method == "peer-pld" else None
         from .backends.amx import llama_defaults, plan_weights
-        from .registry import specli_home
 
-        plan = plan_weights(path, 0, specli_home() / "amx.json")  # around a faulting AMX unit
+        plan = plan_weights(path, 0)  # around a faulting AMX unit
         try:
             # logits_all with a drafter: llama-cpp-python 0.3.36 sizes its score buffer by
             # n_batch unless told, and then fails on prompts longer than n_batch
@@ -427,10 +425,7 @@ def plot_speedup(summary: dict, path: Path) -> bool:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    return f"{os.cpu_count()} cores, {cpu} ({platform.machine()})"
+    return f"{os.cpu_count()} cores, {cpu_name()} ({platform.machine()})"
 
 
 def write_summary(rows: list[dict], plan: Plan, console: Console) -> dict:
