@@ -76,6 +76,10 @@ def test_a_drafter_far_behind_only_catches_up_when_the_rest_pays_for_it():
 GPU_STEP = 0.0052
 GPU_TARGET = CostModel([GPU_STEP * (1 + 0.1 * i) for i in range(16)], 0.0012,
                        overlap_verify=1.0, overlap_draft=0.0012)
+# a 2-core Xeon VM with AMX (2026-11-28, calibrated): 1.5B target, 0.5B drafter at 0.54
+# of a step, reading 4.1 ms a token to catch up; drafting 3 tokens pays only near p = 0.95
+AMX_CPU = CostModel([0.001 * x for x in (62.6, 95.3, 102.1, 102.1, 132.5, 151.9, 171.2,
+                                          180.9, 195.5)], 0.034, catch_up=0.00409)
 # this 2-core CPU: the 0.5B drafter at 0.6 of a step and a pass ~1.9x slower beside it
 CPU_SHARED = CostModel(CPU.verify, 0.6 * STEP, overlap_verify=1.9, overlap_draft=1.1 * STEP)
 
@@ -293,8 +297,47 @@ def test_failed_probes_back_off_and_a_hit_restores_them():
     assert gaps[:4] == [32, 64, 128, 256]  # 16 idle rounds before the first, then doubling
     b._idle = 10_000  # a probe is due at once ...
     assert b.plan(8).k
+    b.acc = Acceptance(prior_mean=0.9)  # (the text turned easy)
     b.observe(Outcome([0.9, 0.9], 2, 2))  # ... and it succeeds: probing is back to every 16
     assert b._gap == 16
+
+
+def test_a_probe_that_finds_tokens_but_leaves_drafting_unpaid_has_failed():
+    """A probe that finds a token and then misses, while the estimates go on declining,
+    says they are right.  On the 2-core AMX machine (2026-11-28) each probe of the 0.5B
+    drafter cost 0.16-0.39 s, 3-6 plain steps, and any token found brought the next one 16
+    rounds later.  Such a probe now counts as failed.  (Old code: the gaps stay 16.)"""
+    b = AdaptiveBudget(AMX_CPU, Acceptance(prior_mean=0.5), explore_every=16)
+    probes = []
+    for i in range(300):
+        if b.plan(8).k:
+            probes.append(i)
+            b.observe(Outcome([0.9, 0.6], 1, 2))  # one token right, the next wrong
+        else:
+            b.observe(Outcome([], 0))
+    assert len(probes) >= 3, probes
+    assert best_length(b.cost, b.acc.by_position(8), 8, 0, 1 << 30, b.min_gain) == 0
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert gaps[:3] == [32, 64, 128]  # the estimates still decline: each probe failed
+
+
+def test_a_probe_charges_its_catch_up_to_the_text_so_far_not_to_max_tokens():
+    """The 2-core AMX machine: a 0.5B drafter 72 tokens behind (a 56-token prompt, 16
+    plain steps) catching up cost 0.31 s, 5 plain steps; spread over the 112 tokens
+    --max-tokens left, a probe looked cheap, the answer ended 1 token later and the draft
+    method ran at 0.79x.  Charged to the text so far it does not pay; where catching up is
+    cheap (a GPU pair) the same probe still goes ahead."""
+    def probe_at(cost: CostModel, lag: int) -> int:
+        b = AdaptiveBudget(cost, Acceptance(prior_mean=0.2), explore_every=16)
+        b.begin()
+        plans = [b.plan(8, lag - 16 + i, 128 - i) for i in range(16)]
+        assert not any(p.k for p in plans[:15])
+        return plans[-1].k
+
+    assert probe_at(AMX_CPU, 72) == 0
+    assert best_length(AMX_CPU, [0.95] * 8, 8, 72, 112) > 0  # (what the old code asked)
+    assert probe_at(replace(AMX_CPU, catch_up=0.0), 72) > 0  # caught up: worth a probe
+    assert probe_at(replace(GPU_TARGET, catch_up=0.0002), 72) > 0
 
 
 def test_fixed_budget_and_parse():
