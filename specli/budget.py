@@ -562,7 +562,7 @@ class AdaptiveBudget:
     acceptance estimates.  Never drafts when even near-perfect acceptance cannot beat a
     plain step; otherwise, while it sits out, its estimates relax toward their long
     memory (`Acceptance.relax`) and it probes now and then so they can recover, backing
-    off (16, 32, 64... idle rounds) while probes find nothing.  A probe assumes the calibrated
+    off (16, 32, 64... idle rounds) while probes fail.  A probe assumes the calibrated
     drafting cost where the tracked one has grown: it measures that cost again, and a cost
     inflated once (a stall, a catch-up) must not rule drafting out for good."""
 
@@ -653,7 +653,7 @@ class AdaptiveBudget:
         so far (in rounds, a lower bound) is the guess, not the --max-tokens left.  On a
         2-core AMX machine a 0.5B drafter catching up on a 56-token prompt cost 0.31 s, 5
         plain steps; charged to 112 tokens left it looked cheap, the answer ended after
-        17 and the draft method ran at 0.79x (qa 0.84x, writing 0.90x)."""
+        17 and the draft method ran at 0.79x (qa 0.84x, reasoning 0.85x)."""
         return max(1, min(left, self._rounds))
 
     def _probe_due(self) -> bool:
