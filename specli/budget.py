@@ -386,24 +386,10 @@ class Acceptance:
                 if target > hits[i]:
                     hits[i] += rate_ * (target - hits[i])
 
-    def new_text(self, keep: float = 0.25) -> None:
+    def new_text(self, keep: float = 0.5) -> None:
         """A new generation: what the last text taught counts for `keep` as much, so a
-        prompt that drafts well does not make the next one, which may not, pay for it.
-        The long memory keeps its means but weighs no more than the short one: it is there
-        to heal a dip within a text, and carried whole (about 200 judged tokens) it lifted
-        the short estimates back to the last text's level in every round sat out.  On the
-        2-core AMX machine hd, after a summarization prompt it drafted well on, drafted 5
-        rejected drafts in a 23-token qa answer (0.89x).  Simulated (the budget and stop
-        rule of `scripts/sim_acceptance.py`; a text at p 0.9, then one at p 0; keep 0.5
-        and the long memory whole before): with that machine's costs and n-gram drafts a
-        24-token text 0.69x -> 0.81x, a 128-token one 0.85x -> 0.95x; on the H200 pair's
-        0.79x -> 0.86x and 0.91x -> 0.97x; a bad text before a good one 1.29x -> 1.65x
-        there; two good texts in a row lose up to 1.3% (1.739x -> 1.717x)."""
+        prompt that drafts well does not make the next one, which may not, pay for it."""
         self._decay(keep)
-        for i, (tries, slow) in enumerate(zip(self.pos_tries, self.slow_tries, strict=True)):
-            if slow > tries:
-                self.slow_hits[i] *= tries / slow
-                self.slow_tries[i] = tries
 
 
 def _scale(arrays: Sequence[list[float]], factor: float) -> None:

@@ -491,26 +491,3 @@ def test_an_acceptance_snapshot_is_equal_and_moves_with_nothing():
     acc.relax()
     acc.new_text()
     assert repr(snap) == frozen and snap != acc
-
-
-def test_a_new_text_does_not_inherit_the_last_texts_long_memory_whole():
-    """The 2-core AMX machine (2026-11-28): after a summarization prompt that hd drafted
-    well on, hd drafted 5 rejected drafts in the next, a 23-token qa answer (0.89x): the
-    estimates' long memory, which every round sat out relaxes them toward, still held the
-    last text.  A new text now keeps a quarter of the short memory, and the long one
-    weighs no more than that.  (Old code: 21 drafts in these 24 rounds.)"""
-    free = replace(AMX_CPU, draft=0.0, catch_up=0.0)  # n-gram drafts
-    b = AdaptiveBudget(free)
-    b.begin()
-    for _ in range(60):  # a text that copies its input: every draft right
-        b.observe(Outcome([0.9] * 3, 3, 3) if b.plan(8).k else Outcome([], 0))
-    assert b.acc.by_position(1)[0] > 0.9
-    b.begin()
-    drafts = 0
-    for _ in range(24):  # the next text: every draft wrong
-        if b.plan(8).k:
-            drafts += 1
-            b.observe(Outcome([0.9], 0, 3))
-        else:
-            b.observe(Outcome([], 0))
-    assert drafts <= 14
