@@ -120,6 +120,7 @@ class Lineup:
                 "k": pick.plan.k if pick else 0, "probe": bool(pick and pick.plan.probe),
                 "lag": pick.lag if pick else 0, "verified": outcome.n_verified,
                 "accepted": outcome.n_accepted, "ready": outcome.ready,
+                "confidence": [round(c, 3) for c in outcome.confidences],
                 "seconds": outcome.timing,
                 "budgets": {m.name: state(m.budget) for m in self.members}}
         with open(self._trace, "a") as f:

@@ -340,6 +340,48 @@ def test_a_probe_charges_its_catch_up_to_the_text_so_far_not_to_max_tokens():
     assert probe_at(replace(GPU_TARGET, catch_up=0.0002), 72) > 0
 
 
+def test_a_probe_must_clear_the_bar_drafting_must_clear():
+    """A probe asks whether drafting would pay if the text turned easy; it must then pay
+    by the margin drafting itself needs (`min_gain`), or a probe that proves the text easy
+    still leaves the budget declining.  On the 2-core AMX machine (2026-11-29) the 0.5B
+    duo drafter probed 48 rounds into a text, 101 tokens behind: at 95% acceptance that
+    beat a plain step by under 1%, the catch-up cost 0.48 s, 7 plain steps, and duo ran
+    the writing prompt at 0.90x.  (Old code: it probes at rounds 64, 80, ...)"""
+    def probes(cost: CostModel) -> list[int]:
+        b = AdaptiveBudget(cost, Acceptance(prior_mean=0.2), explore_every=16)
+        b.begin()  # a 48-token prompt the drafter never read, then plain steps only
+        return [i for i in range(128) if b.plan(8, 48 + i, 128 - i).probe]
+
+    assert probes(AMX_CPU) == []
+    assert probes(replace(AMX_CPU, catch_up=0.0))  # a drafter in step: worth a probe
+    assert probes(replace(GPU_TARGET, catch_up=0.0002))
+
+
+def test_a_probe_the_estimates_expected_to_pass_tells_them_nothing():
+    """A probe whose every token was right succeeds (probing again in 16 rounds) only where
+    the estimates gave that less than even odds; where they expected it, it says they are
+    right.  On the AMX machine the 0.5B's one-token probes, put at 0.8, hit most times and
+    each brought the next one 16 rounds later (0.14-0.48 s each: duo 0.90x on writing).
+    (Old code: the gaps stay 16.)"""
+    cost = replace(AMX_CPU, catch_up=0.0)  # so probes are due (see the test above)
+
+    def gaps(prior: float) -> list[int]:
+        b = AdaptiveBudget(cost, Acceptance(prior_mean=prior, prior_weight=50),
+                           explore_every=16)
+        probes = []
+        for i in range(300):
+            if b.plan(8).k:
+                probes.append(i)
+                b.observe(Outcome([0.9], 1, 1))  # one token drafted, and right
+            else:
+                b.observe(Outcome([], 0))
+        assert best_length(b.cost, b.acc.by_position(8), 8, 0, 1 << 30, b.min_gain) == 0
+        return [b - a for a, b in zip(probes, probes[1:], strict=False)]
+
+    assert gaps(0.8)[:3] == [32, 64, 128]  # expected: each probe waits twice as long
+    assert gaps(0.2)[:3] == [16, 16, 16]  # a surprise: the estimates may lag, probe again
+
+
 def test_fixed_budget_and_parse():
     assert FixedBudget(4).plan(8).k == 4 and FixedBudget(4).plan(2).k == 2
     assert FixedBudget().plan(6).k == 6
