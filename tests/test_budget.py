@@ -520,6 +520,19 @@ def test_relaxing_estimates_finds_drafting_again_in_simulation():
     assert s["relax"] == s["no relax"] == pytest.approx(1.0, abs=0.005), s
 
 
+def test_probes_cost_nothing_where_drafting_cannot_pay_over_texts_in_a_row():
+    """scripts/sim_acceptance.py's texts in a row, each after a prompt the drafter must
+    catch up on: with the AMX VM's 0.5B (drafting never clears the margin there) probes
+    no longer cost anything, and the H200 pair still drafts.  (Old code: 0.18-0.26 probes
+    a text, 0.993x.)"""
+    sim = _sim_acceptance()
+    for p in (0.3, 0.95):
+        speed, probes = sim.text_sequence(sim.LAGGING["amx-0.5b"], p, texts=6, seed=1)
+        assert probes == 0 and speed == pytest.approx(1.0, abs=1e-9), (p, speed, probes)
+    speed, _ = sim.text_sequence(sim.LAGGING["gpu"], 0.75, texts=6, seed=1)
+    assert speed > 1.4
+
+
 def test_an_acceptance_snapshot_is_equal_and_moves_with_nothing():
     """duo's background stop rule reads a snapshot while the budget goes on learning on
     the main thread: every count list is its own copy (a shared one would move under it)."""
