@@ -118,6 +118,7 @@ def test_specli_trace_writes_each_round_with_every_budget_state(tmp_path, monkey
     assert [x["round"] for x in lines] == [1, 2, 3, 4]
     assert [x["pick"] for x in lines] == [None, "hd", "duo", None]
     assert lines[1]["probe"] and lines[1]["lag"] == 0 and lines[1]["seconds"] == [0.001, 0.005]
+    assert lines[1]["confidence"] == [0.9] and lines[0]["confidence"] == []
     assert set(lines[2]["budgets"]) == {"hd", "duo"}
     assert lines[2]["budgets"]["duo"]["p"][0] < 0.05 and lines[2]["budgets"]["duo"]["gap"] == 4
 
