@@ -573,6 +573,10 @@ class AdaptiveBudget:
         # calibrated and 2-4 token passes at 0.94-1.0, so one scale from the steps made
         # drafts look 5-15% cheaper than they were.  None until one is timed: the steps'.
         self.pass_scale: float | None = None
+        # a drafted token now against calibrated, beyond what plain steps show: drafting
+        # not measured lately is taken to have slowed (or sped up) as the plain steps did.
+        # On the 2-core AMX VM a busy neighbour slowed plain steps 1.3-1.45x; drafting,
+        # unmeasured, stayed at calibrated, looked cheap, and duo drafted at 0.75x.
         self.draft_scale = 1.0
         self._gap = explore_every  # idle rounds before a probe; doubles while probes fail
         self._probing = False
@@ -593,11 +597,16 @@ class AdaptiveBudget:
         few milliseconds and every microsecond of a round the budget declines is lost."""
         key = (id(self.base), self.verify_scale, self.pass_scale, self.draft_scale)
         if self._scaled is None or self._scaled[0] != key:
-            cost = replace(self.base, verify=self._verify(self.multi_scale),
-                           draft=self.base.draft * self.draft_scale,
-                           catch_up=self.base.catch_up * self.draft_scale)
+            cost = self._drafting(self.draft_scale, self._verify(self.multi_scale))
             self._scaled = (key, cost)
         return self._scaled[1]
+
+    def _drafting(self, scale: float, verify: list[float]) -> CostModel:
+        """The calibrated costs with these passes, and drafting at `scale` beyond the
+        plain steps' own scale."""
+        s, b = scale * self.verify_scale, self.base
+        return replace(b, verify=verify, draft=b.draft * s, catch_up=b.catch_up * s,
+                       overlap_draft=b.overlap_draft * s)
 
     @property
     def multi_scale(self) -> float:
@@ -618,6 +627,10 @@ class AdaptiveBudget:
             self.verify_scale = ema(self.verify_scale, ratio)
         else:
             self.pass_scale = ema(self.multi_scale, ratio)
+
+    def _draft_ratio(self, draft_s: float, n: int) -> float:
+        """A round's drafting time against calibrated, beyond the plain steps' scale."""
+        return draft_s / (n * self.base.draft * self.verify_scale)
 
     def plan(self, k_cap: int, lag: int = 0, left: int = 1 << 30) -> Plan:
         cost = self.cost
@@ -668,9 +681,8 @@ class AdaptiveBudget:
         """The costs a probe plans with: the tracked ones, but drafting no dearer than
         calibrated and a pass over several tokens no dearer, against calibrated, than a
         plain step (the probe measures both again)."""
-        scale = min(self.draft_scale, 1.0)
-        return replace(self.cost, verify=self._verify(min(self.multi_scale, self.verify_scale)),
-                       draft=self.base.draft * scale, catch_up=self.base.catch_up * scale)
+        return self._drafting(min(self.draft_scale, 1.0),
+                              self._verify(min(self.multi_scale, self.verify_scale)))
 
     def describe(self) -> str:
         return describe_costs(self.cost)
@@ -698,7 +710,7 @@ class AdaptiveBudget:
             draft_s, verify_s = outcome.timing
             self._learn_pass(n + 1, verify_s / self.base.verify_cost(n + 1))
             if n and self.base.draft > 0 and _steady(outcome):
-                self.draft_scale = ema(self.draft_scale, draft_s / (n * self.base.draft))
+                self.draft_scale = ema(self.draft_scale, self._draft_ratio(draft_s, n))
         self._learn(outcome.confidences, outcome.n_accepted, n)
 
     def _learn(self, confidences: Sequence[float], n_accepted: int, n: int) -> None:
@@ -780,7 +792,7 @@ class OverlapBudget(AdaptiveBudget):
             busy = outcome.beside * self.base.beside_draft()
             self._learn_pass(n + 1, verify_s / overlapped_verify(self.base, n + 1, busy))
             if n and not outcome.ready and self.base.draft > 0 and _steady(outcome):
-                self.draft_scale = ema(self.draft_scale, draft_s / (n * self.base.draft))
+                self.draft_scale = ema(self.draft_scale, self._draft_ratio(draft_s, n))
         self._learn(outcome.confidences, outcome.n_accepted, n)
 
 

@@ -266,6 +266,23 @@ def test_catching_up_is_not_counted_as_drafting_cost():
     assert o.draft_scale == 1.0
 
 
+def test_drafting_not_measured_lately_slows_as_the_plain_steps_did():
+    """The 2-core AMX VM under a busy neighbour (2026-11-29): plain steps 1.3-1.45x their
+    calibrated cost, the 0.5B's drafting, not measured, still calibrated.  Drafting looked
+    cheap against the slowed steps and duo drafted math_reasoning at 0.75x.  What counts
+    is the costs' ratio: where it declines calibrated, it declines slowed, and where it
+    drafts calibrated, it drafts slowed.  (Old code: both budgets draft at 0.85.)"""
+    amx_duo = replace(AMX_CPU, overlap_verify=1.58, overlap_draft=0.0678)  # as calibrated
+    for make in (AdaptiveBudget, OverlapBudget):
+        for p, drafts in ((0.85, False), (0.97, True)):
+            b = make(amx_duo, Acceptance(prior_mean=p, prior_weight=500))
+            for _ in range(40):  # plain steps at 1.4x calibrated
+                b.observe(Outcome([], 0, 0, (0.0, 1.4 * amx_duo.verify_cost(1))))
+            assert b.verify_scale == pytest.approx(1.4, rel=0.01)
+            plans = [b.plan(8) for _ in range(64)]
+            assert any(x.k and not x.probe for x in plans) == drafts, (make, p)
+
+
 def test_adaptive_budget_on_a_cpu_never_drafts():
     b = AdaptiveBudget(CPU)
     assert all(b.plan(8).k == 0 for _ in range(100))  # not even a probe: it cannot pay
