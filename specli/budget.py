@@ -678,9 +678,9 @@ class AdaptiveBudget:
 
     @property
     def probe_cost(self) -> CostModel:
-        """The costs a probe plans with: the tracked ones, but drafting no dearer than
-        calibrated and a pass over several tokens no dearer, against calibrated, than a
-        plain step (the probe measures both again)."""
+        """The costs a probe plans with: the tracked ones, but drafting no dearer, against
+        calibrated, than the plain steps are now, and a pass over several tokens no dearer
+        than them either (the probe measures both again)."""
         return self._drafting(min(self.draft_scale, 1.0),
                               self._verify(min(self.multi_scale, self.verify_scale)))
 
