@@ -363,7 +363,7 @@ def test_a_probe_must_clear_the_bar_drafting_must_clear():
     still leaves the budget declining.  On the 2-core AMX machine (2026-11-29) the 0.5B
     duo drafter probed 48 rounds into a text, 101 tokens behind: at 95% acceptance that
     beat a plain step by under 1%, the catch-up cost 0.48 s, 7 plain steps, and duo ran
-    the writing prompt at 0.90x.  (Old code: it probes at rounds 64, 80, ...)"""
+    the writing prompt at 0.90x.  (Old code: it probes from round 63 on.)"""
     def probes(cost: CostModel) -> list[int]:
         b = AdaptiveBudget(cost, Acceptance(prior_mean=0.2), explore_every=16)
         b.begin()  # a 48-token prompt the drafter never read, then plain steps only
