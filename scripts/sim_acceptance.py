@@ -57,9 +57,13 @@ def draft_and_judge(budget, p: float, left: int,
     """One round's draft under the budget's plan and stop rule (the drafter's confidence:
     p), judged token by token with probability p: (confidences drafted, tokens accepted).
     The caller times the round and hands the budget its Outcome."""
-    plan = budget.plan(8, 0, left)
+    return judge(budget, budget.plan(8, 0, left).k, p, rng)
+
+
+def judge(budget, k: int, p: float, rng: np.random.Generator) -> tuple[list[float], int]:
+    """Up to k tokens drafted under the budget's stop rule, judged as `draft_and_judge`."""
     confs: list[float] = []
-    while len(confs) < plan.k:
+    while len(confs) < k:
         confs.append(p)
         if not budget.keep_going(confs):
             break
@@ -122,14 +126,8 @@ def text_sequence(cost: CostModel, p: float, texts: int = 13, prompt: int = 50,
         while done < n:
             plan = budget.plan(min(8, n - done - 1), lag, n - done)
             probes += plan.probe
-            confs: list[float] = []
-            while len(confs) < plan.k:
-                confs.append(p)
-                if not budget.keep_going(confs):
-                    break
-            k, acc = len(confs), 0
-            while acc < k and rng.random() < p:
-                acc += 1
+            confs, acc = judge(budget, plan.k, p, rng)
+            k = len(confs)
             draft_s = cost.catch_up_cost(lag) + k * cost.draft if k else 0.0
             verify_s = cost.verify_cost(k + 1)
             clock += draft_s + verify_s
