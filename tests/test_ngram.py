@@ -127,9 +127,9 @@ def test_hd_asks_context_then_history_then_static(home, tmp_path):
     # ...unless the paper's plain order is asked for
     plain = HierarchyDrafter(history, static, passes=(1,))
     assert plain.propose([3, 1, 0, 2, 3], 1, GREEDY, RNG).tokens == [1]
-    assert hd.sources == {"context": 1, "history": 2, "static": 1}
+    assert hd.sources == {"context": 0, "history": 0, "static": 0}  # none judged yet
     hd.accepted([], 1, 1)
-    assert hd.tokens["history"] == [3, 1] and "history 2 drafts" in hd.describe()
+    assert hd.tokens["history"] == [1, 1] and "history 1 draft, 1/1" in hd.describe()
     hd.finish([6, 6, 2, 3, 11])
     assert history.next_counts([6, 2, 3]) == [(11, 1.0)]
     hd.close()
@@ -348,7 +348,7 @@ def test_index_build_then_hd_drafts_from_the_corpus(tiny_paths, tiny_models, hom
     hd = HierarchyDrafter(None, static)
     d = hd.propose(ctx, 6, GREEDY, RNG)
     assert d.tokens == toks[i + 5 : i + 11]
-    assert hd.sources == {"context": 0, "history": 0, "static": 1}
+    assert hd.last_source == "static"
     static.close()
     with pytest.raises(SpecliError, match="belongs to tokenizer"):
         NgramStore.open_corpus("notes", tokenizer_fingerprint(tiny_models["other"]))

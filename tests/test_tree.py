@@ -208,8 +208,14 @@ def test_engine_with_candidate_trees_equals_plain_greedy(tree_pair, monkeypatch,
     passes = []
     real = tree.eval_tree
     monkeypatch.setattr(tree, "eval_tree", lambda *a: passes.append(a) or real(*a))
-    spec = Engine(tree, HierarchyDrafter(branches=3), FixedBudget(6)).generate(prompt, cfg, "hd")
+    hd = HierarchyDrafter(branches=3)
+    spec = Engine(tree, hd, FixedBudget(6)).generate(prompt, cfg, "hd")
     assert passes, "no round verified more than one branch"
+    # --stats' "hd sources" counts what the target judged, branches too: never more
+    # accepted than drafted (it printed "70/35" when only the main chain was counted)
+    assert sum(d for d, _ in hd.tokens.values()) == spec.stats.drafted
+    assert sum(a for _, a in hd.tokens.values()) == spec.stats.accepted
+    assert all(a <= d for d, a in hd.tokens.values()), hd.describe()
     i = first_difference(plain.tokens, spec.tokens)
     if i is not None:
         assert analyse(tree, prompt, plain.tokens, i).explained

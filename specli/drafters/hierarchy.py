@@ -51,8 +51,10 @@ class HierarchyDrafter(BaseDrafter):
         self.branches = branches  # most candidate chains per draft (1: a single chain)
         self.history, self.static = history, static
         self.passes = tuple(passes)
-        self.sources = {s: 0 for s in SOURCES}  # drafts per source
-        self.tokens = {s: [0, 0] for s in SOURCES}  # [drafted, accepted] tokens per source
+        # per source, counted when the target has judged a draft (a tree draft's every
+        # branch counts as drafted: an accepted path may run down any of them)
+        self.sources = {s: 0 for s in SOURCES}  # drafts verified
+        self.tokens = {s: [0, 0] for s in SOURCES}  # [verified, accepted] tokens
         self.last_source: str | None = None  # who drafted the latest draft
 
     def _order(self) -> list[tuple[str, ContextIndex | NgramStore]]:
@@ -82,8 +84,6 @@ class HierarchyDrafter(BaseDrafter):
                 draft = chain_draft(lookup, context, k, keep_going, source.n_max, min_match)
                 if draft.tokens:
                     self.last_source = name
-                    self.sources[name] += 1
-                    self.tokens[name][0] += len(draft.tokens)
                     if self.branches > 1:
                         alts = self._alternatives(context, k, draft.tokens[0])
                         return _as_tree(draft, alts) if alts else draft
@@ -134,6 +134,8 @@ class HierarchyDrafter(BaseDrafter):
 
     def accepted(self, context: Sequence[int], n_drafted: int, n_accepted: int) -> None:
         if self.last_source is not None and n_drafted:
+            self.sources[self.last_source] += 1
+            self.tokens[self.last_source][0] += n_drafted
             self.tokens[self.last_source][1] += n_accepted
         self.last_source = None
 
@@ -153,7 +155,8 @@ class HierarchyDrafter(BaseDrafter):
         for s in SOURCES:
             drafted, acc = self.tokens[s]
             if self.sources[s]:
-                parts.append(f"{s} {self.sources[s]} drafts, {acc}/{drafted} tokens accepted")
+                n = self.sources[s]
+                parts.append(f"{s} {n} draft{'s' * (n != 1)}, {acc}/{drafted} tokens accepted")
         return "hd sources: " + ("; ".join(parts) if parts else "no drafts")
 
     def close(self) -> None:
