@@ -164,3 +164,19 @@ def test_no_thread_burns_cpu_while_duo_sits_idle_or_after_it(pair, tmp_path, rep
            [", ".join(f"{k} {v:.3f}" for k, v in idle.items())])
     for key, cpu in idle.items():
         assert cpu < 0.05, (key, r)
+
+
+def test_cold_draft_step_script_times_the_step_after_each_interruption(pair):
+    """scripts/cold_draft_step.py (how a CPU's caches, not specli, can make an in-pipeline
+    draft step slower than calibrated) runs on real GGUF files and reports every case
+    against the back-to-back step."""
+    target, draft = pair
+    script = Path(__file__).parent.parent / "scripts" / "cold_draft_step.py"
+    proc = subprocess.run([sys.executable, str(script), str(target), str(draft),
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("draft step after")]
+    assert len(rows) == 7, proc.stdout
+    assert rows[0].endswith("1.00x") and "back to back" in rows[0]
+    ms = [float(r.split()[-3]) for r in rows]
+    assert all(m > 0 for m in ms), proc.stdout
