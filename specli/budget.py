@@ -463,6 +463,10 @@ class Outcome:
     # run of rounds it sat out, that catching up is in the drafting time and says nothing
     # about what a drafted token costs
     caught_up: int = 0
+    # plain steps in a row before this round since the last round that drafted (None:
+    # not tracked, taken as long settled): the first plain steps after a drafting round
+    # run slower than plain decoding does, and are no measure of it (`_settled`)
+    plain_before: int | None = None
 
 
 class Budget(Protocol):
@@ -708,7 +712,8 @@ class AdaptiveBudget:
         n = outcome.n_verified
         if outcome.timing is not None:
             draft_s, verify_s = outcome.timing
-            self._learn_pass(n + 1, verify_s / self.base.verify_cost(n + 1))
+            if n or _settled(outcome):
+                self._learn_pass(n + 1, verify_s / self.base.verify_cost(n + 1))
             if n and self.base.draft > 0 and _steady(outcome):
                 self.draft_scale = ema(self.draft_scale, self._draft_ratio(draft_s, n))
         self._learn(outcome.confidences, outcome.n_accepted, n)
@@ -790,19 +795,34 @@ class OverlapBudget(AdaptiveBudget):
         if outcome.timing is not None:
             draft_s, verify_s = outcome.timing
             busy = outcome.beside * self.base.beside_draft()
-            self._learn_pass(n + 1, verify_s / overlapped_verify(self.base, n + 1, busy))
+            if n or _settled(outcome):
+                self._learn_pass(n + 1, verify_s / overlapped_verify(self.base, n + 1, busy))
             if n and not outcome.ready and self.base.draft > 0 and _steady(outcome):
                 self.draft_scale = ema(self.draft_scale, self._draft_ratio(draft_s, n))
         self._learn(outcome.confidences, outcome.n_accepted, n)
 
 
 STEADY_LAG = 2  # a drafter in step reads the last accepted token or two before drafting
+SETTLE_STEPS = 2  # plain steps after a drafting round that do not measure plain decoding
 
 
 def _steady(outcome: Outcome) -> bool:
     """Whether the round's drafting time measures drafted tokens: not when the drafter
     first caught up on a new prompt or on rounds it sat out."""
     return outcome.caught_up <= STEADY_LAG
+
+
+def _settled(outcome: Outcome) -> bool:
+    """Whether a plain step measures what plain decoding costs now: not one of the first
+    `SETTLE_STEPS` after a round that drafted.  Those pay for the round before them (a
+    draft model's steps evicted the target's weights from the CPU's caches; on a GPU a
+    change of pass shape costs the next steps their captured graph), and what a plain
+    step costs is the bar drafting must beat.  Learnt from them, the bar rose with every
+    draft: on the 2-core AMX VM with the small timing pair the first plain step after a
+    drafting round took 5.74 ms and the second 5.41 against 4.84 settled (3051 steps),
+    plain steps looked 15% dearer than they were, and draft, duo and auto drafted at a
+    loss (0.88x to 0.90x)."""
+    return outcome.plain_before is None or outcome.plain_before >= SETTLE_STEPS
 
 
 def _keep(cost: CostModel, acc: Acceptance, confidences: Sequence[float]) -> bool:

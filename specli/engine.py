@@ -235,6 +235,7 @@ class Engine:
         st.prefill_s = time.perf_counter() - start
 
         ctx = list(prompt)
+        plain = 0  # plain steps in a row since the last round that drafted
         while True:
             left = cfg.max_tokens - len(res.tokens)
             if left <= 0 or len(ctx) >= t.n_ctx:
@@ -253,8 +254,10 @@ class Engine:
             if team is not None:
                 team.observe(pick, Outcome(judged, len(accepted), len(draft.tokens),
                                            (t1 - t0, t2 - t1) if timed else None,
-                                           draft.ready, beside, pick.lag if pick else 0))
+                                           draft.ready, beside, pick.lag if pick else 0,
+                                           plain))
             st.count_round(draft, len(accepted), t1 - t0, t2 - t1)
+            plain = 0 if draft.tokens else plain + 1
 
             new = [*accepted, next_token]
             eog = next((i for i, tok in enumerate(new) if t.is_eog(tok)), None)
