@@ -820,8 +820,8 @@ def _settled(outcome: Outcome) -> bool:
     step costs is the bar drafting must beat.  Learnt from them, the bar rose with every
     draft: on the 2-core AMX VM with the small timing pair the first plain step after a
     drafting round took 5.74 ms and the second 5.41 against 4.84 settled (3051 steps),
-    plain steps looked 15% dearer than they were, and draft, duo and auto drafted at a
-    loss (0.88x to 0.90x)."""
+    plain steps looked up to 15% dearer than they were, and drafts that lose looked like
+    gains.  (A generation's first two plain steps, after its prefill, are left out too.)"""
     return outcome.plain_before is None or outcome.plain_before >= SETTLE_STEPS
 
 
