@@ -40,10 +40,9 @@ def main() -> None:
     a = ap.parse_args()
     target = GGUFModel(a.target, LoadOptions(n_threads=a.threads, n_gpu_layers=a.ngl))
     draft = GGUFModel(a.draft, LoadOptions(n_threads=a.threads, n_gpu_layers=a.draft_ngl))
-    ctx = {id(m): _context(m) for m in (target, draft)}
-    for m in (target, draft):
-        m.eval(ctx[id(m)])
-    tctx, dctx = ctx[id(target)], ctx[id(draft)]
+    tctx, dctx = _context(target), _context(draft)
+    target.eval(tctx)
+    draft.eval(dctx)
     sweep = np.ones(200 * 2**20 // 8)  # 200 MB: more than a drafter that fits a cache
 
     def target_pass(n: int, logits: bool = True) -> Callable[[], object]:

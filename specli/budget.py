@@ -625,12 +625,13 @@ class AdaptiveBudget:
         step = first * self.verify_scale
         return [step, *(max(v * multi, step) for v in rest)]
 
-    def _learn_pass(self, n_tokens: int, ratio: float) -> None:
-        """A timed pass over n_tokens took `ratio` of its calibrated cost."""
-        if n_tokens == 1:
-            self.verify_scale = ema(self.verify_scale, ratio)
-        else:
+    def _learn_pass(self, outcome: Outcome, ratio: float) -> None:
+        """The round's pass took `ratio` of its calibrated cost.  A plain step teaches
+        the steps' scale only once settled (`_settled`)."""
+        if outcome.n_verified:
             self.pass_scale = ema(self.multi_scale, ratio)
+        elif _settled(outcome):
+            self.verify_scale = ema(self.verify_scale, ratio)
 
     def _draft_ratio(self, draft_s: float, n: int) -> float:
         """A round's drafting time against calibrated, beyond the plain steps' scale."""
@@ -712,8 +713,7 @@ class AdaptiveBudget:
         n = outcome.n_verified
         if outcome.timing is not None:
             draft_s, verify_s = outcome.timing
-            if n or _settled(outcome):
-                self._learn_pass(n + 1, verify_s / self.base.verify_cost(n + 1))
+            self._learn_pass(outcome, verify_s / self.base.verify_cost(n + 1))
             if n and self.base.draft > 0 and _steady(outcome):
                 self.draft_scale = ema(self.draft_scale, self._draft_ratio(draft_s, n))
         self._learn(outcome.confidences, outcome.n_accepted, n)
@@ -795,8 +795,7 @@ class OverlapBudget(AdaptiveBudget):
         if outcome.timing is not None:
             draft_s, verify_s = outcome.timing
             busy = outcome.beside * self.base.beside_draft()
-            if n or _settled(outcome):
-                self._learn_pass(n + 1, verify_s / overlapped_verify(self.base, n + 1, busy))
+            self._learn_pass(outcome, verify_s / overlapped_verify(self.base, n + 1, busy))
             if n and not outcome.ready and self.base.draft > 0 and _steady(outcome):
                 self.draft_scale = ema(self.draft_scale, self._draft_ratio(draft_s, n))
         self._learn(outcome.confidences, outcome.n_accepted, n)
