@@ -15,9 +15,14 @@ context.  Early work never decides anything: it is only ever a draft, and verifi
 alone decides what is emitted.
 
 Thread rules, and why:
-- the thread starts with a generation's first round drafted beside the target and ends
-  with the generation (`pause`): a thread that ran a model keeps an OpenMP pool that
-  slows every later step when the pools outnumber the cores (specli.threads);
+- the thread starts with a round drafted beside the target and ends with the generation
+  (`pause`), or as soon as nothing is left for it to do and a round goes without drafting
+  beside (unless the draft model needs a thread of its own: `own_thread`): a thread that
+  ran a model keeps an OpenMP pool that slows every step while the pools outnumber the
+  cores (specli.threads).  On the 2-core AMX VM the timing pair's plain steps ran 2.5x
+  slower (9.3 against 3.7 ms) for the rest of a generation after one round beside, and
+  duo ran at 0.42x where it drafted once; drafting in turn on the idle thread paid 4-5x
+  a step;
 - while it lives it is the only one that touches the draft model (a llama.cpp context is
   not thread-safe); the main thread only submits jobs and waits for their results;
 - each job samples with its own generator, spawned in submission order from the run's,
@@ -118,6 +123,8 @@ class DuoDrafter(BaseDrafter):
         self._worker: Worker | None = None
         self._busy_s = 0.0  # drafting time of the workers that ended
         self._pending: _Job | None = None  # the speculation for the next round
+        self._beside = False  # this round drafts beside the pass (`prepare_beside`)
+        self._drafted_beside = False  # ... and has proposed: the worker stays for the next
         self._dropped: list[_Job] = []  # cancelled jobs, checked for errors once done
         self._known: list[int] = []  # what the draft model holds after the queued jobs
         self._broken: str | None = None
@@ -137,6 +144,8 @@ class DuoDrafter(BaseDrafter):
         rng: np.random.Generator,
         keep_going: KeepGoing | None = None,
     ) -> Draft:
+        beside, self._beside = self._beside, False
+        self._drafted_beside = beside
         if self._broken is not None:
             raise SpecliError(self._broken)
         ctx = list(context)
@@ -155,6 +164,8 @@ class DuoDrafter(BaseDrafter):
             self._drop(job)
         if self.own_thread and self._worker is None:  # its threads differ: never this one
             self._start_worker()
+        elif not beside:  # in turn: on this thread, with no second pool alive
+            self._idle_worker_ends()
         self.rounds += 1
         if got is not None:  # drafted beside the last pass: its tokens are paid for
             self.hits += 1
@@ -169,8 +180,10 @@ class DuoDrafter(BaseDrafter):
         return drafted.as_draft(ready=got is not None)
 
     def prepare_beside(self) -> None:
-        """From the generation's first round drafted beside the target on, its drafts run
-        on the worker thread (a job that hangs there ends the generation, never a hang)."""
+        """From a round drafted beside the target until the worker ends (see the thread
+        rules), drafts run on the worker thread (a job that hangs there ends the
+        generation, never a hang)."""
+        self._beside = True
         if self._worker is None:
             self._start_worker()
 
@@ -188,6 +201,12 @@ class DuoDrafter(BaseDrafter):
         job = self._pending
         if job is not None and not self._still_possible(job, context):
             self._drop(job)  # the target did not follow it: stop spending the cores on it
+        # a round that did not draft beside, with nothing left for the worker: the next
+        # pass runs alone (after a bet the target did not follow, the next round likely
+        # drafts beside again: the worker and its pool stay for it)
+        if self._pending is None and not self._drafted_beside:
+            self._idle_worker_ends()
+        self._drafted_beside = False
 
     def reset(self) -> None:
         if self._pending is not None:
@@ -204,6 +223,16 @@ class DuoDrafter(BaseDrafter):
         if self._pending is not None:
             self._drop(self._pending)
         self._dropped = []  # what they did no longer matters
+        self._end_worker()
+
+    def _idle_worker_ends(self) -> None:
+        """Within a generation: the worker, idle, ends (see the thread rules), unless the
+        draft model needs a thread of its own; a dropped job's failure is seen first."""
+        if self._worker is not None and not self.own_thread and not self._hung:
+            self._end_worker()
+            self._check_dropped()
+
+    def _end_worker(self) -> None:
         w = self._worker
         if w is None:
             return
