@@ -138,8 +138,11 @@ def costs_fields(res: Result, fallback: CostModel | None = None) -> dict:
         "draft_batches": s.draft_batches if s.draft_steps else None,
         "ms_per_round_other": s.ms_per_round_other or None,
         "calibrated_ms_per_pass": calibrated_pass_ms(s, cal) if cal is not None else None,
+        # a step right after a target pass, as a drafting round pays it; and back to back
         "calibrated_ms_per_draft_step": 1000 * cal.draft if cal is not None and cal.draft
         else None,
+        "calibrated_ms_per_draft_step_back_to_back": 1000 * cal.draft_alone
+        if cal is not None and cal.draft_alone else None,
         # duo's pair was also timed side by side: a step while a target pass runs beside it
         "calibrated_ms_per_draft_step_beside": 1000 * cal.overlap_draft
         if cal is not None and cal.overlap_draft else None,
@@ -304,7 +307,8 @@ def _cell(rows: list[dict], ref: dict[int, dict], runs: list[dict]) -> dict:
 
 
 COST_KEYS = ("ms_per_pass", "pass_size", "calibrated_ms_per_pass", "ms_per_draft_step",
-             "calibrated_ms_per_draft_step", "calibrated_ms_per_draft_step_beside",
+             "calibrated_ms_per_draft_step", "calibrated_ms_per_draft_step_back_to_back",
+             "calibrated_ms_per_draft_step_beside",
              "draft_batches", "ms_per_round_other")
 
 
@@ -361,15 +365,17 @@ def render_markdown(summary: dict, meta: dict) -> str:
     lines += [
         "",
         "Costs inside the pipeline beside the calibrated standalone costs (ms, mean over "
-        "prompts; a target pass of the run's mean size; evals of the draft model over "
+        "prompts; a target pass of the run's mean size; a draft-model step calibrated right "
+        "after a target pass, as a drafting round pays it, and back to back; evals of the "
+        "draft model over "
         "several tokens, its prompt and catch-ups, per prompt; the rest of a round, outside "
         "drafting and target passes: budgets, bookkeeping, the bench's own reading):",
         "",
     ]
     lines += _md_table(
         ["method", "target pass", "calibrated", "tokens per pass", "draft-model step",
-         "calibrated", "step ratio", "calibrated beside a pass", "draft batches",
-         "rest of a round"],
+         "calibrated after a pass", "step ratio", "calibrated back to back",
+         "calibrated beside a pass", "draft batches", "rest of a round"],
         (_cost_cells(m, row["overall"]) for m, row in summary["table"].items()))
     return "\n".join(lines) + "\n"
 
@@ -390,6 +396,7 @@ def _cost_cells(method: str, o: dict) -> list[str]:
     return [method, _fmt(o.get("ms_per_pass"), ".2f"), _fmt(o.get("calibrated_ms_per_pass"), ".2f"),
             _fmt(o.get("pass_size"), ".2f"), _fmt(step, ".2f"), _fmt(cal, ".2f"),
             f"{step / cal:.2f}x" if step and cal else "n/a",
+            _fmt(o.get("calibrated_ms_per_draft_step_back_to_back"), ".2f"),
             _fmt(o.get("calibrated_ms_per_draft_step_beside"), ".2f"),
             _fmt(o.get("draft_batches"), ".1f"), _fmt(o.get("ms_per_round_other"), ".3f")]
 

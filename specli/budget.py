@@ -42,7 +42,12 @@ class CostModel:
     drafted token.  Measured by calibration, then tracked online."""
 
     verify: list[float]
+    # a drafted token as drafting rounds pay it: right after a target pass (calibrate.
+    # measure_draft_round); `draft_alone`: back to back, the drafter with nothing between
+    # its steps (0: not measured).  On a CPU a drafter that fits the caches loses them to
+    # each pass: the 27M timing drafter's step cost 2.3-2.6x after one.
     draft: float
+    draft_alone: float = 0.0
     catch_up: float = 0.0  # per token the drafter must read (in a batch) before drafting
     # Drafting beside verification (duo): a target pass runs this many times slower while
     # the drafter works next to it (they share cores or memory bandwidth; 1.0: unaffected),

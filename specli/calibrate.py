@@ -25,10 +25,13 @@ from dataclasses import asdict, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
+
 from .backends.base import Backend, LoadOptions
 from .budget import CostModel
 from .cpu_load import MIN_WINDOW_S, CpuTimes, busy_elsewhere, read_cpu_times
 from .registry import specli_home
+from .sampling import SamplingParams, draft_token
 from .threads import TAKEN_FROM, release_openmp_threads
 
 K_MAX = 16  # verify costs measured for 1..K_MAX tokens; the budget extrapolates beyond
@@ -80,7 +83,8 @@ def _timed(fn) -> float:
 def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
             overlap: bool = False) -> CostModel:
     """Median time of a target pass over n = 1..k_max tokens (logits for all of them,
-    as verification asks) and of one drafted token, at a short context; with a draft,
+    as verification asks) and of one drafted token, back to back and in a round right
+    after a target pass (`measure_draft_round`), at a short context; with a draft,
     also which way it reads a short catch-up faster (`measure_catch_up`); with
     `overlap`, also both side by side (`measure_overlap`); and what a change of pass
     shape costs the plain steps after it (`measure_shape_change`)."""
@@ -106,7 +110,7 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
         verify[i] = min(verify[i], verify[i + 1])
     shape_change = measure_shape_change(target, filler, base, min(4, k_max - 1))
     target.truncate(0)
-    draft_cost = catch_up = 0.0
+    draft_alone = catch_up = 0.0
     if draft is not None:
         room = max(1, draft.n_ctx - 4 * REPEATS - 4)
         dctx = draft.tokenize(CONTEXT, add_bos=draft.add_bos)[:room]
@@ -116,7 +120,7 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
         dfill = dctx * (2 + 4 * REPEATS)  # the draft's own tokens: its vocabulary may differ
         for tok in dfill[: 2 + 4 * REPEATS]:
             samples.append(_timed(lambda tok=tok: draft.eval([tok], [0])))
-        draft_cost = statistics.median(samples[2:])
+        draft_alone = statistics.median(samples[2:])
         draft.truncate(0)
         # catching up: reading context tokens in one batch
         batch = (dctx * 8)[: min(64, draft.n_ctx - 1)]
@@ -124,13 +128,61 @@ def measure(target: Backend, draft: Backend | None, k_max: int = K_MAX,
             _timed(lambda: (draft.truncate(0), draft.eval(batch))) for _ in range(REPEATS)
         ) / len(batch)
         draft.truncate(0)
-    cost = CostModel(verify=verify, draft=draft_cost, catch_up=catch_up,
-                     shape_change=shape_change)
+    cost = CostModel(verify=verify, draft=draft_alone, draft_alone=draft_alone,
+                     catch_up=catch_up, shape_change=shape_change)
     if draft is not None:
+        # a round's drafting never costs less than back-to-back steps: a dip is noise
+        cost.draft = max(draft_alone, measure_draft_round(target, draft))
         cost.round_batched, cost.round_stepwise = measure_catch_up(draft)
     if overlap and draft is not None:
         cost.overlap_verify, cost.overlap_draft = measure_overlap(target, draft)
     return cost
+
+
+# tokens drafted per round in `measure_draft_round`.  Short, as the drafts whose cost
+# decides whether to draft at all: the cold first step weighs more the shorter the draft
+# (27M timing drafter on the AMX VM, against back to back: 2.1-2.2x a token in rounds of
+# 1, 1.7-1.9x of 2, 1.6-1.7x of 4, and 2.3-2.6x inside the bench, where rounds drafted
+# about 2); the budget learns the rest online.
+ROUND_DRAFTS = 2
+GREEDY = SamplingParams()
+
+
+def measure_draft_round(target: Backend, draft: Backend, k: int = ROUND_DRAFTS) -> float:
+    """Median seconds per drafted token over rounds that each begin with a target pass
+    over ROUND_DRAFTS + 1 tokens (logits for all, as verification asks) and then draft
+    ROUND_DRAFTS tokens one at a time, as a drafting round does after the previous
+    round's verification: the pass's rows and each step's logits read in between (an
+    argmax, the greedy drafter's confidence), only the steps timed.  Why not back-to-back
+    steps alone: on a CPU a drafter that fits the caches loses them to what runs between
+    its steps (the 27M timing drafter's step cost 2.3-2.6x after a target pass,
+    SmolLM2-135M's 1.12x, a 0.5B's 1.01x; scripts/cold_draft_step.py), so the budget
+    planned its first rounds at half their cost until it had learnt better.  With the
+    target on a GPU the two should agree."""
+    k = max(1, min(k, target.n_ctx // 2 - 1, draft.n_ctx // 2))
+    tctx = target.tokenize(CONTEXT, add_bos=target.add_bos)[: max(1, target.n_ctx - k - 2)]
+    dctx = draft.tokenize(CONTEXT, add_bos=draft.add_bos)[: max(1, draft.n_ctx - k - 1)]
+    tfill, dfill = (tctx * (k + 2))[: k + 1], (dctx * (k + 1))[:k]
+    target.truncate(0)
+    target.eval(tctx)
+    draft.truncate(0)
+    draft.eval(dctx)
+    per_token = []
+    for _ in range(REPEATS + 1):  # the first round settles both models' shapes
+        rows = target.eval(tfill, range(k + 1))
+        target.truncate(len(tctx))
+        np.argmax(rows, axis=1)  # verification reads the pass's rows
+        seconds = 0.0
+        for tok in dfill:
+            t0 = time.perf_counter()
+            logits = draft.eval([tok], [0])
+            seconds += time.perf_counter() - t0
+            draft_token(logits[0], GREEDY, None)  # its token and confidence, as drafting does
+        per_token.append(seconds / k)
+        draft.truncate(len(dctx))
+    target.truncate(0)
+    draft.truncate(0)
+    return statistics.median(per_token[1:])
 
 
 def measure_shape_change(target: Backend, filler: list[int], base: int, n: int) -> float:
@@ -343,7 +395,8 @@ def _load_or_measure(
             data = json.loads(path.read_text("utf-8"))
             cost = cost_from_json(data)
             cached = cost.verify[0]
-            older = draft is not None and "round_batched" not in data  # before catch-ups
+            # measured before catch-ups were timed, or drafting in rounds
+            older = draft is not None and not ("round_batched" in data and "draft_alone" in data)
             if not older and (cached < MIN_CHECKED_STEP_S
                               or not is_stale(cached, plain_step(target))):
                 return _applied(cost, draft), False

@@ -58,8 +58,10 @@ def cost_lines(res: Result) -> list[str]:
     if s.draft_steps:
         step = f"draft model steps: {s.draft_steps} at {s.ms_per_draft_step:.2f} ms each"
         if cal is not None and cal.draft > 0:
-            step += (f" (calibrated alone: {1000 * cal.draft:.2f} ms, "
-                     f"{s.ms_per_draft_step / (1000 * cal.draft):.2f}x)")
+            step += (f" (calibrated after a target pass: {1000 * cal.draft:.2f} ms, "
+                     f"{s.ms_per_draft_step / (1000 * cal.draft):.2f}x"
+                     + (f"; back to back {1000 * cal.draft_alone:.2f} ms)" if cal.draft_alone
+                        else ")"))
         way = "" if cal is None else (" (short ones token by token)" if cal.catch_up_stepwise
                                       else " (in one batch)")
         step += f"; {s.draft_batches} evals over several tokens (prompt, catch-ups{way})"
@@ -116,4 +118,5 @@ def calibrated_json(res: Result) -> dict | None:
         return None
     return {"ms_per_pass": [round(1000 * v, 4) for v in cal.verify],
             "ms_per_draft_step": round(1000 * cal.draft, 4),
+            "ms_per_draft_step_back_to_back": round(1000 * cal.draft_alone, 4),
             "catch_up_stepwise": cal.catch_up_stepwise}

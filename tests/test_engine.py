@@ -209,7 +209,7 @@ def test_stats_time_the_draft_model_steps_and_set_them_beside_the_calibration(ti
             calls.append(len(tokens))
             return real(tokens, logits_for)
 
-    cost = CostModel([0.01 * (1 + 0.1 * i) for i in range(9)], 0.001)
+    cost = CostModel([0.01 * (1 + 0.1 * i) for i in range(9)], 0.001, draft_alone=0.0008)
     budget = AdaptiveBudget(cost, min_gain=1.0, optimistic_p=0.99, explore_every=1)
     engine = Engine(t, ModelDrafter(Counting()), budget)  # type: ignore[arg-type]
     res = engine.generate(_prompt(t), GenerationConfig(max_tokens=30), "draft")
@@ -222,7 +222,8 @@ def test_stats_time_the_draft_model_steps_and_set_them_beside_the_calibration(ti
     assert res.calibrated is cost
     text = "\n".join(stats_lines(res))
     assert f"draft model steps: {s.draft_steps} at {s.ms_per_draft_step:.2f} ms each" in text
-    assert "(calibrated alone: 1.00 ms," in text
+    assert "(calibrated after a target pass: 1.00 ms," in text
+    assert "back to back 0.80 ms)" in text
     assert "target passes:" in text and "calibrated alone," in text
     # the rest of the wall time, per round: what a round costs beyond its model work
     rest = 1000 * (s.decode_s - s.draft_s - s.verify_s) / s.target_forwards
