@@ -552,7 +552,9 @@ def calibrate(
     threads and GPU layers and caches it in $SPECLI_HOME/calibration (measured again
     by itself when plain steps timed at load disagree with it by over 1.5x, and not
     saved when other processes kept a core busy meanwhile); this forces a fresh
-    measurement and prints it.  With a draft model it also times a short
+    measurement and prints it.  With a draft model it times a drafted token back to back
+    and in short rounds right after a target pass, and plans with the second (on a CPU a
+    drafter that fits the caches loses them to each pass); it also times a short
     catch-up read in one batch and token by token, and keeps the faster way (on a GPU,
     llama.cpp replays its captured graph only while the eval shape repeats).
     """

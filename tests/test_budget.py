@@ -209,6 +209,9 @@ def test_costs_in_words_say_nothing_of_drafting_without_a_draft_model():
     assert "drafted token" not in describe_costs(CostModel([0.010, 0.012], 0.0))
     text = describe_costs(CostModel([0.010, 0.012], 0.002, catch_up=0.0005))
     assert "a drafted token 0.20x, catching up 0.050x a token" in text
+    cold = CostModel([0.010, 0.012], 0.002, draft_alone=0.001, catch_up=0.0005)
+    assert ("a drafted token 0.20x after a target pass (0.10x back to back), catching up"
+            in describe_costs(cold))
 
 
 def test_the_tracked_costs_follow_every_change_of_scale():
