@@ -150,8 +150,8 @@ GREEDY = SamplingParams()
 
 def measure_draft_round(target: Backend, draft: Backend, k: int = ROUND_DRAFTS) -> float:
     """Median seconds per drafted token over rounds that each begin with a target pass
-    over ROUND_DRAFTS + 1 tokens (logits for all, as verification asks) and then draft
-    ROUND_DRAFTS tokens one at a time, as a drafting round does after the previous
+    over k + 1 tokens (logits for all, as verification asks) and then draft k tokens
+    one at a time (k: ROUND_DRAFTS unless asked), as a drafting round does after the previous
     round's verification: the pass's rows and each step's logits read in between (an
     argmax, the greedy drafter's confidence), only the steps timed.  Why not back-to-back
     steps alone: on a CPU a drafter that fits the caches loses them to what runs between
