@@ -502,9 +502,9 @@ class Watching(Markov):
 def test_duo_thread_ends_once_a_round_does_not_draft_beside():
     """Within a generation the drafting thread ends as soon as a round neither drafts
     beside nor leaves it work: a thread that ran the draft model keeps an OpenMP pool,
-    and on the 2-core AMX VM the timing pair's plain steps ran 2.5x slower (9.3 against
-    3.7 ms) for the rest of a generation after one round beside (duo 0.42x where it
-    drafted once).  Drafts in turn then run on the caller's thread; beside, on a new one."""
+    and on the 2-core AMX VM the timing pair's target passes ran 9.4 ms against 3.9 for
+    plain decoding (median) in the duo runs that drafted at all (duo 0.40-0.42x in three
+    categories).  Drafts in turn then run on the caller's thread; beside, on a new one."""
     table = _table(9, 16)
     script = "bbb" + "....." + "ttt" + "bb" + "....."
     budget = Script(script)

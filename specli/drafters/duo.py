@@ -19,10 +19,10 @@ Thread rules, and why:
   (`pause`), or as soon as nothing is left for it to do and a round goes without drafting
   beside (unless the draft model needs a thread of its own: `own_thread`): a thread that
   ran a model keeps an OpenMP pool that slows every step while the pools outnumber the
-  cores (specli.threads).  On the 2-core AMX VM the timing pair's plain steps ran 2.5x
-  slower (9.3 against 3.7 ms) for the rest of a generation after one round beside, and
-  duo ran at 0.42x where it drafted once; drafting in turn on the idle thread paid 4-5x
-  a step;
+  cores (specli.threads).  On the 2-core AMX VM the timing pair's target passes ran
+  9.4 ms against 3.9 for plain decoding (median) in the duo runs that drafted at all,
+  which had kept the thread to the generation's end, and duo ran at 0.40-0.42x in three
+  categories;
 - while it lives it is the only one that touches the draft model (a llama.cpp context is
   not thread-safe); the main thread only submits jobs and waits for their results;
 - each job samples with its own generator, spawned in submission order from the run's,
@@ -227,7 +227,7 @@ class DuoDrafter(BaseDrafter):
 
     def _idle_worker_ends(self) -> None:
         """Within a generation: the worker, idle, ends (see the thread rules), unless the
-        draft model needs a thread of its own; a dropped job's failure is seen first."""
+        draft model needs a thread of its own; then a dropped job's failure is raised."""
         if self._worker is not None and not self.own_thread and not self._hung:
             self._end_worker()
             self._check_dropped()
