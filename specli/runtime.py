@@ -44,6 +44,7 @@ from .threads import (
     default_cores,
     drafter_needs_own_thread,
     drafter_threads,
+    pools_outnumber_cores,
     usable_cores,
 )
 
@@ -270,7 +271,8 @@ class Loaded:
         k = _parse_budget(budget)
         duo_budget = FixedBudget(k) if k is not None else OverlapBudget(self.duo_cost_model())
         drafter = DuoDrafter(model, branches=self.target.max_branches,
-                             own_thread=self._own_thread(model))
+                             own_thread=self._own_thread(model),
+                             end_idle_thread=self._pools_crowd(model))
         self._duos.append(drafter)
         return drafter, duo_budget
 
@@ -287,6 +289,14 @@ class Loaded:
             return False
         return drafter_needs_own_thread(getattr(self.target, "n_threads", None),
                                         getattr(draft, "n_threads", None))
+
+    def _pools_crowd(self, draft: Backend) -> bool:
+        """Whether a drafting thread's OpenMP pool beside the target's would outnumber
+        the cores (other runtimes: assumed so, which only ends an idle thread sooner)."""
+        if self.target.name != "llama.cpp" or draft.name != "llama.cpp":
+            return True
+        return pools_outnumber_cores(getattr(self.target, "n_threads", None),
+                                     getattr(draft, "n_threads", None))
 
     def _hd_drafter(self, branches: int | None = None) -> HierarchyDrafter:
         fp = tokenizer_fingerprint(self.target)

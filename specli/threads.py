@@ -136,6 +136,18 @@ def drafter_needs_own_thread(target_cpu_threads: int | None, draft_cpu_threads: 
     return t > 1 and d > 1 and t != d
 
 
+def pools_outnumber_cores(target_cpu_threads: int | None, draft_cpu_threads: int | None,
+                          cores: int | None = None) -> bool:
+    """Whether the target's OpenMP team and a drafting thread's together hold more
+    threads than there are cores (None: every core), so that libgomp sleeps at every
+    barrier while both pools live: then duo's thread must not outlive its work (on the
+    2-core AMX VM a target step ran 2.5-2.7x slower beside the timing drafter's idle pool,
+    1.3x beside the 0.5B's: scripts/idle_pool_step.py).  On a GPU machine (2 target
+    threads, 2-8 drafter threads, 16 cores) they do not, and the thread stays."""
+    cores = available_cores() if cores is None else cores
+    return (target_cpu_threads or cores) + (draft_cpu_threads or cores) > cores
+
+
 _OMP_PAUSE_SOFT = 1
 _gomp: ctypes.CDLL | None | bool = None  # None: not looked up yet; False: not available
 

@@ -525,3 +525,12 @@ def test_duo_thread_ends_once_a_round_does_not_draft_beside():
     assert main not in {drafted_on[r] for r in (0, 11)}  # beside: a thread of its own
     assert drafter.beside_rounds == 5
     assert not any(t.name == "specli-duo-drafter" for t in threading.enumerate())
+
+    # where its pool fits beside the target's (a GPU machine), the thread stays, as before
+    budget = Script(script)
+    target, draft = Watching(table, "target", budget), Watching(table, "draft", budget)
+    drafter = DuoDrafter(draft, end_idle_thread=False)
+    res = Engine(target, drafter, budget).generate([4], cfg, "duo")
+    assert res.tokens == plain.tokens
+    assert all(alive for r, alive, _ in target.seen if 0 <= r < 13)
+    assert not any(t.name == "specli-duo-drafter" for t in threading.enumerate())

@@ -218,3 +218,47 @@ def test_a_drafter_of_another_thread_count_drafts_on_its_own_thread(tmp_path, mo
         assert not [t for t in threading.enumerate() if t.name == "specli-drafter"]
     finally:
         loaded.close()
+
+
+def test_duo_ends_its_idle_thread_only_where_the_pools_outnumber_the_cores(tmp_path,
+                                                                           monkeypatch):
+    """duo's thread ends within a generation once idle only where its OpenMP pool and the
+    target's together outnumber the cores (the 2-core case it was measured on); with the
+    target on a GPU and the drafter on cores it leaves free, the thread stays, as it did
+    when the H200 was measured."""
+    import llama_cpp
+    from tinymodel import write_tiny_model
+
+    from specli import runtime
+    from specli.backends import gguf
+    from specli.backends.base import LoadOptions
+    from specli.threads import pools_outnumber_cores
+
+    assert pools_outnumber_cores(2, 2, cores=2) and pools_outnumber_cores(None, None, cores=4)
+    assert pools_outnumber_cores(2, None, cores=16)  # None: every core
+    assert not pools_outnumber_cores(2, 8, cores=16) and not pools_outnumber_cores(1, 1, cores=2)
+
+    target = write_tiny_model(tmp_path / "t.gguf", n_layer=2)
+    draft = write_tiny_model(tmp_path / "d.gguf", base=target, noise=0.1)
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path / "home"))
+    cases = [  # (GPU offload faked, cores, target threads, draft GPU layers): ends?
+        (False, None, 2, 0, pools_outnumber_cores(2, 2)),  # this machine, as told
+        (True, 16, None, 99, False),  # GPU drafter, 2 threads each (as the target) on 16
+        (True, 6, 6, 0, True),  # every core for both
+    ]
+    for gpu, cores, threads, dgl, ends in cases:
+        monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda gpu=gpu: gpu)
+        if cores is not None:
+            for mod in (gguf, runtime):
+                monkeypatch.setattr(mod, "default_cores", lambda cores=cores: cores)
+            monkeypatch.setattr("specli.threads.available_cores", lambda cores=cores: cores)
+        opts = LoadOptions(n_ctx=256, n_gpu_layers=99 if gpu else 0, n_threads=threads)
+        loaded = runtime.load(str(target), str(draft), "duo", opts, budget="fixed:2",
+                              history=False, draft_gpu_layers=dgl)
+        try:
+            d = loaded.engine.drafter
+            assert d.end_idle_thread is ends and not d.own_thread, (gpu, cores, threads)
+            if cores == 16:
+                assert loaded.target.n_threads == loaded.duo_model().n_threads == 2
+        finally:
+            loaded.close()

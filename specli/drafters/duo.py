@@ -16,10 +16,11 @@ alone decides what is emitted.
 
 Thread rules, and why:
 - the thread starts with a round drafted beside the target and ends with the generation
-  (`pause`), or as soon as nothing is left for it to do and a round goes without drafting
-  beside (unless the draft model needs a thread of its own: `own_thread`): a thread that
-  ran a model keeps an OpenMP pool that slows every step while the pools outnumber the
-  cores (specli.threads).  On the 2-core AMX VM the timing pair's target passes ran
+  (`pause`), or, where its OpenMP pool and the target's outnumber the cores, as soon as
+  nothing is left for it to do and a round goes without drafting beside (unless the
+  draft model needs a thread of its own: `own_thread`): a thread that ran a model keeps
+  an OpenMP pool that slows every step while the pools outnumber the cores
+  (specli.threads).  On the 2-core AMX VM the timing pair's target passes ran
   9.4 ms against 3.9 for plain decoding (median) in the duo runs that drafted at all,
   which had kept the thread to the generation's end, and duo ran at 0.40-0.42x in three
   categories;
@@ -106,13 +107,16 @@ class DuoDrafter(BaseDrafter):
     name = "duo"
 
     def __init__(self, model: Backend, branches: int = 1, timeout_s: float = 120.0,
-                 own_thread: bool = False) -> None:
+                 own_thread: bool = False, end_idle_thread: bool = True) -> None:
         """`branches`: most sequences of a multi-sequence draft (the target's max_branches);
         `timeout_s`: longest wait for the worker, plus 0.1 s per context token it reads;
         `own_thread`: draft on the worker even in turn (when the draft model's CPU threads
-        differ from the target's: see drafters.worker)."""
+        differ from the target's: see drafters.worker); `end_idle_thread`: the worker
+        ends within a generation once idle (see the thread rules; False where its OpenMP
+        pool beside the target's fits the cores: specli.threads.pools_outnumber_cores)."""
         self.model = model
         self.own_thread = own_thread
+        self.end_idle_thread = end_idle_thread and not own_thread
         self.branches = max(1, branches)
         self.timeout_s = timeout_s
         self.stopped = True  # no worker thread is inside the model (it may be freed)
@@ -226,9 +230,9 @@ class DuoDrafter(BaseDrafter):
         self._end_worker()
 
     def _idle_worker_ends(self) -> None:
-        """Within a generation: the worker, idle, ends (see the thread rules), unless the
-        draft model needs a thread of its own; then a dropped job's failure is raised."""
-        if self._worker is not None and not self.own_thread and not self._hung:
+        """Within a generation: the worker, idle, ends where `end_idle_thread` says so
+        (see the thread rules); then a dropped job's failure is raised."""
+        if self._worker is not None and self.end_idle_thread and not self._hung:
             self._end_worker()
             self._check_dropped()
 
