@@ -89,6 +89,8 @@ REPO=$(pwd)
 START=$(date +%s)
 TOTAL_BUDGET=${TOTAL_BUDGET:-540}
 PYTHON=${PYTHON:-python3}
+# a relative path (PYTHON=.venv/bin/python) would break once the script cd's to $WORK
+if [[ $PYTHON == */* && $PYTHON != /* ]]; then PYTHON=$PWD/$PYTHON; fi
 WORK=${WORK:-/tmp/specli-gpu}
 SKIP_BUILD=${SKIP_BUILD:-0}
 METHODS=${METHODS:-none,draft,duo}
