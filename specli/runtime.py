@@ -283,20 +283,23 @@ class Loaded:
             return CrossDrafter(self.target, self.draft)
         return ModelDrafter(self.draft, own_thread=self._own_thread(self.draft))
 
+    def _cpu_threads(self, draft: Backend) -> tuple[int | None, int | None] | None:
+        """The CPU thread counts of the target and `draft` where both run on llama.cpp
+        (OpenMP teams, see specli.threads); None for other runtimes."""
+        if self.target.name != "llama.cpp" or draft.name != "llama.cpp":
+            return None
+        return getattr(self.target, "n_threads", None), getattr(draft, "n_threads", None)
+
     def _own_thread(self, draft: Backend) -> bool:
         """llama.cpp pairs whose CPU thread counts differ: the drafter gets its own thread."""
-        if self.target.name != "llama.cpp" or draft.name != "llama.cpp":
-            return False
-        return drafter_needs_own_thread(getattr(self.target, "n_threads", None),
-                                        getattr(draft, "n_threads", None))
+        threads = self._cpu_threads(draft)
+        return threads is not None and drafter_needs_own_thread(*threads)
 
     def _pools_crowd(self, draft: Backend) -> bool:
         """Whether a drafting thread's OpenMP pool beside the target's would outnumber
         the cores (other runtimes: assumed so, which only ends an idle thread sooner)."""
-        if self.target.name != "llama.cpp" or draft.name != "llama.cpp":
-            return True
-        return pools_outnumber_cores(getattr(self.target, "n_threads", None),
-                                     getattr(draft, "n_threads", None))
+        threads = self._cpu_threads(draft)
+        return threads is None or pools_outnumber_cores(*threads)
 
     def _hd_drafter(self, branches: int | None = None) -> HierarchyDrafter:
         fp = tokenizer_fingerprint(self.target)

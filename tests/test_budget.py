@@ -447,6 +447,18 @@ def test_calibration_measures_and_caches(tiny_paths, tiny_models, tmp_path, monk
     assert cache_key(t, d, opts) != cache_key(t, d, LoadOptions(n_ctx=512, n_threads=2))
 
 
+def _cached_calibration(tiny_models, tmp_path, monkeypatch):
+    """The tiny pair calibrated once into a fresh $SPECLI_HOME: (target, draft, options,
+    the cache file)."""
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
+    # caching is under test here, not what a busy neighbour does to it
+    monkeypatch.setattr("specli.calibrate.disturbed", lambda before, after: None)
+    t, d = tiny_models["target"], tiny_models["draft"]
+    opts = LoadOptions(n_ctx=512, n_threads=1)
+    load_or_measure(t, d, opts)
+    return t, d, opts, calibration_path(cache_key(t, d, opts))
+
+
 class SharedCache:
     """Two models sharing one cache: a draft step right after a target eval pays
     `penalty` seconds to read its weights back (a drafter that fits the caches, on a
@@ -483,12 +495,7 @@ def test_calibration_times_drafting_as_a_round_pays_it(tiny_models, tmp_path, mo
     # one cold step in a round of ROUND_DRAFTS: that share of the penalty a token
     assert cost.draft_alone < pair.penalty / ROUND_DRAFTS
     assert cost.draft > cost.draft_alone + 0.8 * pair.penalty / ROUND_DRAFTS
-    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
-    monkeypatch.setattr("specli.calibrate.disturbed", lambda before, after: None)
-    t, d = tiny_models["target"], tiny_models["draft"]
-    opts = LoadOptions(n_ctx=512, n_threads=1)
-    first, _ = load_or_measure(t, d, opts)
-    path = calibration_path(cache_key(t, d, opts))
+    t, d, opts, path = _cached_calibration(tiny_models, tmp_path, monkeypatch)
     record = json.loads(path.read_text("utf-8"))
     assert record["draft"] >= record["draft_alone"] > 0
     del record["draft_alone"]  # a file from before rounds were timed
@@ -509,13 +516,7 @@ def test_a_cached_calibration_that_disagrees_with_now_is_measured_again(
 ):
     """A calibration cached while the machine was busy would steer every later run:
     at load a few plain steps are timed and a cache that disagrees is replaced."""
-    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
-    # caching is under test here, not what a busy neighbour does to it
-    monkeypatch.setattr("specli.calibrate.disturbed", lambda before, after: None)
-    t, d = tiny_models["target"], tiny_models["draft"]
-    opts = LoadOptions(n_ctx=512, n_threads=1)
-    first, _ = load_or_measure(t, d, opts)
-    path = calibration_path(cache_key(t, d, opts))
+    t, d, opts, path = _cached_calibration(tiny_models, tmp_path, monkeypatch)
     record = json.loads(path.read_text("utf-8"))
     record["verify"] = [0.05 * (i + 1) for i in range(len(record["verify"]))]  # 50 ms steps
     path.write_text(json.dumps(record), "utf-8")

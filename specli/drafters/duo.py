@@ -127,8 +127,9 @@ class DuoDrafter(BaseDrafter):
         self._worker: Worker | None = None
         self._busy_s = 0.0  # drafting time of the workers that ended
         self._pending: _Job | None = None  # the speculation for the next round
-        self._beside = False  # this round drafts beside the pass (`prepare_beside`)
-        self._drafted_beside = False  # ... and has proposed: the worker stays for the next
+        # this round drafts beside the pass: set by `prepare_beside`, cleared in `accepted`
+        # once the round is over (the worker stays for the round after it)
+        self._beside = False
         self._dropped: list[_Job] = []  # cancelled jobs, checked for errors once done
         self._known: list[int] = []  # what the draft model holds after the queued jobs
         self._broken: str | None = None
@@ -148,8 +149,6 @@ class DuoDrafter(BaseDrafter):
         rng: np.random.Generator,
         keep_going: KeepGoing | None = None,
     ) -> Draft:
-        beside, self._beside = self._beside, False
-        self._drafted_beside = beside
         if self._broken is not None:
             raise SpecliError(self._broken)
         ctx = list(context)
@@ -168,7 +167,7 @@ class DuoDrafter(BaseDrafter):
             self._drop(job)
         if self.own_thread and self._worker is None:  # its threads differ: never this one
             self._start_worker()
-        elif not beside:  # in turn: on this thread, with no second pool alive
+        elif not self._beside:  # in turn: on this thread, with no second pool alive
             self._idle_worker_ends()
         self.rounds += 1
         if got is not None:  # drafted beside the last pass: its tokens are paid for
@@ -208,9 +207,9 @@ class DuoDrafter(BaseDrafter):
         # a round that did not draft beside, with nothing left for the worker: the next
         # pass runs alone (after a bet the target did not follow, the next round likely
         # drafts beside again: the worker and its pool stay for it)
-        if self._pending is None and not self._drafted_beside:
+        if self._pending is None and not self._beside:
             self._idle_worker_ends()
-        self._drafted_beside = False
+        self._beside = False
 
     def reset(self) -> None:
         if self._pending is not None:
@@ -227,6 +226,7 @@ class DuoDrafter(BaseDrafter):
         if self._pending is not None:
             self._drop(self._pending)
         self._dropped = []  # what they did no longer matters
+        self._beside = False
         self._end_worker()
 
     def _idle_worker_ends(self) -> None:
