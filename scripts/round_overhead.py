@@ -3,6 +3,7 @@ budgets that decline to draft (or, with `agree`, that draft and see every token 
 on near-free fake models.
 
     python scripts/round_overhead.py [METHODS] [REPEATS] [agree]   # none,draft,duo,hd,auto 9
+    python scripts/round_overhead.py none,draft 5 --vocab 151936 --temperature 0.8 --top-p 0.95
 
 On a GPU a plain step lasts a few milliseconds (5.2 ms for the H200 timing pair), so
 the tens to hundreds of microseconds a budget spends deciding not to draft are a
@@ -15,11 +16,16 @@ nothing, so they drafted where the H200-like costs decline).  hd asks a real his
 store of 20k random tokens, which never matches.  Prints microseconds per round and per
 generated token, the fastest of REPEATS generations of 300 tokens (a shared machine only
 adds time).
+
+Sampled (`--temperature` above 0) every token also turns logits into probabilities and
+draws from them; with `--vocab` at a real model's size (151936 for Qwen2.5) that is the
+per-token Python work a GPU's few-millisecond steps must carry.  The fake models' logits
+are then a fixed bank of normal rows (scale 3) with the answer's logit at 30.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -34,8 +40,10 @@ from specli.drafters.model import ModelDrafter
 from specli.engine import Engine, GenerationConfig, Result
 from specli.lineup import Lineup, Member
 from specli.ngram import NgramStore
+from specli.sampling import SamplingParams
 
 VOCAB = 2000
+BANK = 8  # background logit rows the fake models cycle through when sampling
 MS = 1e-3
 GPU = CostModel([MS * (5.35 + 0.5 * i) for i in range(17)], 0.7 * MS, catch_up=0.05 * MS)
 FREE = CostModel(GPU.verify, 0.0)  # n-gram drafts: only verifying costs
@@ -49,10 +57,14 @@ class FakeModel:
     name = path = placement = "fake"
     n_vocab, n_ctx, bos, add_bos, max_branches, catch_up_stepwise = VOCAB, 8192, None, False, 1, 0
 
-    def __init__(self, shift: int) -> None:
+    def __init__(self, shift: int, vocab: int = VOCAB, background: bool = False) -> None:
         self.tokens: list[int] = []
         self.step_clock = StepClock()
         self.shift = shift
+        self.n_vocab = vocab
+        rng = np.random.default_rng(shift)
+        self.bank = ((rng.standard_normal((BANK, vocab)) * 3).astype(np.float32) if background
+                     else np.zeros((BANK, vocab), dtype=np.float32))
 
     def is_eog(self, token: int) -> bool:
         return False
@@ -61,14 +73,14 @@ class FakeModel:
         start = len(self.tokens)
         self.tokens += list(tokens)
         rows = list(logits_for)
-        out = np.zeros((len(rows), VOCAB), dtype=np.float32)
+        out = self.bank[[(start + i) % BANK for i in rows]]
         for r, i in enumerate(rows):
             out[r, self.answer(self.tokens[start + i], start + i)] = 30.0
         return out
 
     def answer(self, token: int, pos: int) -> int:
         """The argmax after `token` at position `pos`."""
-        return (token * 31 + pos * self.shift + 7) % VOCAB
+        return (token * 31 + pos * self.shift + 7) % self.n_vocab
 
     def truncate(self, n: int) -> None:
         del self.tokens[n:]
@@ -84,8 +96,10 @@ def untimed(budget: AdaptiveBudget) -> AdaptiveBudget:
     return budget
 
 
-def engine(method: str, store: NgramStore, agree: bool = False) -> Engine:
-    target, draft = FakeModel(1), FakeModel(1 if agree else 2)
+def engine(method: str, store: NgramStore, agree: bool = False, vocab: int = VOCAB,
+           background: bool = False) -> Engine:
+    target = FakeModel(1, vocab, background)
+    draft = FakeModel(1 if agree else 2, vocab, background)
     if method == "none":
         return Engine(target)
     if method == "draft":
@@ -104,20 +118,29 @@ def engine(method: str, store: NgramStore, agree: bool = False) -> Engine:
 
 
 def main() -> None:
-    methods = (sys.argv[1] if len(sys.argv) > 1 else "none,draft,duo,hd,auto").split(",")
-    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 9
-    agree = len(sys.argv) > 3 and sys.argv[3] == "agree"
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("methods", nargs="?", default="none,draft,duo,hd,auto")
+    ap.add_argument("repeats", nargs="?", type=int, default=9)
+    ap.add_argument("agree", nargs="?", choices=["agree"], help="the draft model always agrees")
+    ap.add_argument("--vocab", type=int, default=VOCAB)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    a = ap.parse_args()
+    sampled = a.temperature > 0
+    params = SamplingParams(a.temperature, a.top_k, a.top_p, seed=0)
     rng = np.random.default_rng(0)
     prompt = [int(x) for x in rng.integers(0, VOCAB, 900)]
     with tempfile.TemporaryDirectory() as tmp:
         store = NgramStore(Path(tmp, "history.sqlite"), fingerprint="fake")
         store.add([int(x) for x in rng.integers(0, VOCAB, 20000)])
-        for m in methods:
+        for m in a.methods.split(","):
             best = None
-            for _ in range(repeats):
+            for _ in range(a.repeats):
                 res = Result(method=m)
-                cfg = GenerationConfig(max_tokens=300)
-                for _ in engine(m, store, agree).stream(prompt, cfg, res):
+                cfg = GenerationConfig(max_tokens=300, params=params)
+                eng = engine(m, store, bool(a.agree), a.vocab, background=sampled)
+                for _ in eng.stream(prompt, cfg, res):
                     pass
                 if best is None or res.stats.decode_s < best.decode_s:
                     best = res.stats

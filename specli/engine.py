@@ -21,7 +21,7 @@ from .budget import Budget, CostModel, FixedBudget, Outcome
 from .drafters.base import Draft, Drafter
 from .errors import SpecliError
 from .lineup import Lineup, Member, Pick
-from .sampling import SamplingParams, probs_from_logits
+from .sampling import ProbRows, SamplingParams
 from .threads import release_openmp_threads
 from .tokens import common_prefix
 from .verify import (
@@ -146,7 +146,7 @@ def verify(draft: Draft, logits: np.ndarray, params: SamplingParams, rng) -> Ver
     sampling against the target's distribution, transformed exactly as the draft's."""
     if params.greedy:
         return verify_greedy(draft.tokens, logits.argmax(axis=1).tolist())
-    return verify_sampled(draft.tokens, probs_from_logits(logits, params), draft.probs, rng)
+    return verify_sampled(draft.tokens, ProbRows(logits, params), draft.probs, rng)
 
 
 def draft_backends(lineup: Lineup | None) -> list[Backend]:
@@ -324,7 +324,7 @@ class Engine:
         if params.greedy:
             tv = verify_tree_greedy(tokens, parents, logits.argmax(axis=1).tolist())
         else:
-            tv = verify_tree_sampled(tokens, parents, probs_from_logits(logits, params), rng)
+            tv = verify_tree_sampled(tokens, parents, ProbRows(logits, params), rng)
         t.keep_path(tv.path)
         return [tokens[i] for i in tv.path], tv.next_token, branch_confidence(draft, tv.path)
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from .sampling import sample
+from .sampling import ProbRows, sample
 from .tree import children_of
 
 
@@ -48,16 +49,18 @@ def verify_greedy(draft: Sequence[int], target_argmax: Sequence[int]) -> Verdict
 
 def verify_sampled(
     draft: Sequence[int],
-    p: np.ndarray,
-    q: np.ndarray | None,
+    p: np.ndarray | ProbRows,
+    q: np.ndarray | Sequence[np.ndarray] | None,
     rng: np.random.Generator,
 ) -> Verdict:
     """Speculative sampling: the emitted tokens are distributed exactly as the target's ``p``.
 
-    ``p``: (k+1, Vp) target probabilities (from ``probs_from_logits``); row i is the target's
+    ``p``: (k+1, Vp) target probabilities (from ``probs_from_logits``, or ``ProbRows``, which
+    computes only the rows read: those up to the first rejection); row i is the target's
     distribution at the position of ``draft[i]``, row k the bonus position.
-    ``q``: (k, Vq) draft probabilities the draft tokens were sampled from, or None for a
-    deterministic draft (n-gram lookup), which is treated as a one-hot on ``draft[i]``.
+    ``q``: (k, Vq) draft probabilities the draft tokens were sampled from (an array, or k
+    rows), or None for a deterministic draft (n-gram lookup), treated as a one-hot on
+    ``draft[i]``.
     Vq may differ from Vp (padded vocabularies): q's missing columns count as 0, its extra columns
     are ignored, and a draft id >= Vp has p = 0 so it is always rejected.
 
@@ -69,51 +72,74 @@ def verify_sampled(
     fixed proposal.
     """
     k = len(draft)
-    p2 = np.asarray(p, dtype=np.float64)
-    if p2.ndim == 1:
-        p2 = p2.reshape(1, -1)
-    if p2.ndim != 2 or p2.shape[0] != k + 1:
-        raise ValueError(f"p must have shape ({k + 1}, V) for a {k}-token draft (got {p2.shape})")
+    p2 = _rows(p, k + 1, "p", k)
     vp = p2.shape[1]
-    q2: np.ndarray | None = None
-    if q is not None:
-        q2 = np.asarray(q, dtype=np.float64)
-        if q2.ndim == 1 and k == 1:
-            q2 = q2.reshape(1, -1)
-        if q2.ndim != 2 or q2.shape[0] != k:
-            raise ValueError(f"q must have shape ({k}, V) for a {k}-token draft (got {q2.shape})")
+    q2 = None if q is None else _rows(q, k, "q", k)
 
     for i in range(k):
         x = int(draft[i])
         if x < 0:
             raise ValueError(f"draft token ids must be >= 0 (got {x} at position {i})")
-        px = float(p2[i, x]) if x < vp else 0.0
+        p_row = p2[i]
+        px = float(p_row[x]) if x < vp else 0.0
         qx = 1.0
         if q2 is not None:
-            qx = float(q2[i, x]) if x < q2.shape[1] else 0.0
+            qx = float(q2[i][x]) if x < q2[i].shape[0] else 0.0
 
         u = rng.random()
         if q2 is None or qx <= 0.0:  # deterministic proposal: accept with probability p(x)
             if u < px:
                 continue
-            residual = p2[i].copy()
+            residual = p_row.copy()
             if x < vp:
                 residual[x] = 0.0
         else:
             if u * qx < px:  # u < min(1, px / qx), without dividing
                 continue
-            qrow = q2[i, :vp]
-            residual = p2[i].copy()
+            qrow = q2[i][:vp]
+            residual = p_row.copy()
             residual[: qrow.shape[0]] -= qrow
             np.maximum(residual, 0.0, out=residual)
 
-        total = float(residual.sum())
-        if not total > 0.0:  # p == q up to rounding: the residual is empty, p itself is exact
-            return Verdict(n_accepted=i, next_token=sample(p2[i], rng))
-        residual /= total
-        return Verdict(n_accepted=i, next_token=sample(residual, rng))
+        if not float(residual.sum()) > 0.0:  # p == q up to rounding: p itself is exact
+            return Verdict(n_accepted=i, next_token=sample(p_row, rng))
+        return Verdict(n_accepted=i, next_token=sample(residual, rng))  # sample() normalises
 
     return Verdict(n_accepted=k, next_token=sample(p2[k], rng))
+
+
+class _Rows(Protocol):
+    """Rows of probabilities read one at a time: a 2-D array, or ``ProbRows``."""
+
+    shape: tuple[int, ...]
+
+    def __getitem__(self, i: int) -> np.ndarray: ...
+
+
+def _rows(x: np.ndarray | ProbRows | Sequence[np.ndarray], n: int, name: str, k: int) -> _Rows:
+    """`x` as n rows of equal length, float64, checked: a (V,) array is one row."""
+    if isinstance(x, ProbRows):
+        rows: _Rows = x
+    elif isinstance(x, np.ndarray) or not len(x) or not isinstance(x[0], np.ndarray):
+        a = np.asarray(x, dtype=np.float64)
+        rows = a.reshape(1, -1) if a.ndim == 1 and n == 1 else a
+    else:  # a list of 1-D rows (a drafter's, unstacked): one stacked copy saved a round
+        rows = _RowList([np.asarray(r, dtype=np.float64) for r in x])
+    if len(rows.shape) != 2 or rows.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n}, V) for a {k}-token draft "
+                         f"(got {rows.shape})")
+    return rows
+
+
+class _RowList:
+    """1-D rows kept as a list, ``shape`` as if stacked."""
+
+    def __init__(self, rows: list[np.ndarray]) -> None:
+        self._list = rows
+        self.shape = (len(rows), rows[0].shape[0]) if rows[0].ndim == 1 else (len(rows), -1, -1)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self._list[i]
 
 
 @dataclass(frozen=True)
@@ -150,7 +176,8 @@ def verify_tree_greedy(
 
 
 def verify_tree_sampled(
-    tokens: Sequence[int], parents: Sequence[int], p: np.ndarray, rng: np.random.Generator
+    tokens: Sequence[int], parents: Sequence[int], p: np.ndarray | ProbRows,
+    rng: np.random.Generator,
 ) -> TreeVerdict:
     """Deterministic candidate trees (n-gram drafts) under sampling, exactly lossless.
 
@@ -159,10 +186,9 @@ def verify_tree_sampled(
     all are rejected the token is drawn from r renormalised.  This is sampling from p by
     sequential elimination, so P(emit y) = p(y) for every y, children or not; an accepted
     child continues the walk with its own subtree.  Row 0 of ``p`` is the distribution
-    after the root, row i + 1 the distribution after node i."""
-    p2 = np.asarray(p, dtype=np.float64)
-    if p2.ndim != 2 or p2.shape[0] != len(tokens) + 1:
-        raise ValueError(f"p must have shape ({len(tokens) + 1}, V) (got {p2.shape})")
+    after the root, row i + 1 the distribution after node i (``ProbRows``: only the rows
+    of the nodes the walk reaches are computed)."""
+    p2 = _rows(p, len(tokens) + 1, "p", len(tokens))
     vp = p2.shape[1]
     kids = children_of(parents)
     path: list[int] = []

@@ -148,8 +148,10 @@ def test_sampling_reproducible_and_uses_draft_distributions(tiny_models):
     assert a.stats.accepted > 0
     draft = ModelDrafter(d).propose(prompt, 3, SamplingParams(temperature=1.0, seed=0),
                                     np.random.default_rng(0))
-    assert draft.probs is not None and draft.probs.shape == (len(draft.tokens), d.n_vocab)
-    assert np.allclose(draft.probs.sum(axis=1), 1.0)
+    assert draft.probs is not None
+    probs = np.stack(draft.probs)  # one row per drafted token, each q it was sampled from
+    assert probs.shape == (len(draft.tokens), d.n_vocab)
+    assert np.allclose(probs.sum(axis=1), 1.0)
 
 
 def test_tokenizers_are_compared_by_their_strings(tiny_models):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pytest
 
-from specli.sampling import SamplingParams, probs_from_logits, sample
+from specli.sampling import ProbRows, SamplingParams, probs_from_logits, sample
 from specli.verify import Verdict, verify_greedy, verify_sampled
 
 try:  # scipy is a test dependency; the fallback keeps the file runnable without it
@@ -604,3 +604,109 @@ def test_a_tiny_temperature_samples_as_greedy_instead_of_overflowing():
                 warnings.simplefilter("error")  # no overflow warning either
                 p = probs_from_logits(x, SamplingParams(temperature=t, top_k=k))
             assert p.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
+# ------------------------------------------------- full-vocabulary rows: searched by blocks
+# A 150k vocabulary is searched by blocks of 1024 (block maxima for top-k and top-p, block
+# sums for sampling): these rows are long enough for that path, and each case is checked
+# against the obvious full-sort or full-CDF answer.
+
+BIG_V = 20_000  # 20 blocks: the block path runs for k or a first nucleus guess up to 10
+
+
+def _big_rows() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    peaked = (rng.standard_normal(BIG_V) * 3).astype(np.float32)
+    peaked[[5, 9000, 19_999]] = [25.0, 24.0, 23.5]  # an LLM-like head, spread over blocks
+    ties = np.round(rng.standard_normal(BIG_V), 1).astype(np.float32)  # ties at every k
+    one_block = np.full(BIG_V, -30.0, dtype=np.float32)
+    one_block[3072:3072 + 50] = np.linspace(0, 5, 50)  # the whole head inside one block
+    return {"peaked": peaked, "flat": (rng.standard_normal(BIG_V) * 0.2).astype(np.float32),
+            "ties": ties, "uniform": np.zeros(BIG_V, dtype=np.float32), "one_block": one_block}
+
+
+@pytest.mark.parametrize("case", ["peaked", "flat", "ties", "uniform", "one_block"])
+def test_full_vocabulary_rows_match_a_full_sort(case: str) -> None:
+    row = _big_rows()[case]
+    for params in [SamplingParams(0.8), SamplingParams(1.0, top_k=1), SamplingParams(0.7, 8),
+                   SamplingParams(1.0, 40), SamplingParams(1.3, 5000),
+                   SamplingParams(1.0, top_p=0.5), SamplingParams(0.8, top_p=0.95),
+                   SamplingParams(0.7, 40, 0.9), SamplingParams(1.0, 9, 0.3)]:
+        out = probs_from_logits(row, params)
+        ref = _reference_probs(row, params)
+        np.testing.assert_array_equal(out > 0, ref > 0, err_msg=f"{case} {params}")
+        np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-15, err_msg=f"{case} {params}")
+
+
+def test_block_sampling_picks_the_index_a_full_cdf_picks() -> None:
+    rng = np.random.default_rng(8)
+    row = rng.random(BIG_V) ** 8  # mass everywhere, uneven
+    row[rng.random(BIG_V) < 0.5] = 0.0  # half the ids impossible
+    row[4096:6144] = 0.0  # two empty blocks
+    cdf = np.cumsum(row)
+    for u in [*rng.random(300), 0.0, 1.0 - 2.0**-53]:
+        want = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), BIG_V - 1)
+        want = want if row[want] > 0 else int(np.flatnonzero(row[:want])[-1])
+        got = sample(row, _FixedUniform(float(u)))  # type: ignore[arg-type]
+        assert row[got] > 0
+        assert got == want or abs(cdf[got] - u * cdf[-1]) < 1e-9 * cdf[-1], (u, got, want)
+
+
+def test_block_sampling_never_picks_a_zero_and_fits_its_row() -> None:
+    row = np.zeros(BIG_V)
+    ids = [0, 1023, 1024, 7000, 12_345, 19_999]  # block edges, the first and last id
+    row[ids] = [0.1, 0.05, 0.3, 0.2, 0.15, 0.2]
+    for u in (0.0, 1e-18, 1.0 - 2.0**-53):  # the extremes stay on ids of the row
+        assert sample(row, _FixedUniform(u)) in ids  # type: ignore[arg-type]
+    rng = np.random.default_rng(9)
+    counts = np.bincount([sample(row * 7.0, rng) for _ in range(30_000)], minlength=BIG_V)
+    assert_fits(counts[ids], row[ids])
+    assert counts.sum() == counts[ids].sum()
+
+
+def test_verifying_computes_target_rows_up_to_the_first_rejection_only(monkeypatch) -> None:
+    import specli.sampling
+
+    rng = np.random.default_rng(10)
+    logits = (rng.standard_normal((5, 3000)) * 2).astype(np.float32)
+    params = SamplingParams(0.9, 0, 0.95)
+    dense = probs_from_logits(logits, params)
+    rows = ProbRows(logits, params)
+    assert rows.shape == (5, 3000) and len(rows) == 5
+    for i in (3, 0, 4, 3):
+        np.testing.assert_array_equal(rows[i], dense[i])
+
+    computed: list[int] = []  # the ndim of each logits array turned into probabilities
+
+    def counting(x: np.ndarray, p: SamplingParams) -> np.ndarray:
+        computed.append(x.ndim)
+        return probs_from_logits(x, p)
+
+    monkeypatch.setattr(specli.sampling, "probs_from_logits", counting)
+    draft = [int(np.argmin(dense[0])), 1, 2, 3]  # p(draft[0]) is tiny: rejected at once
+    q = np.zeros((4, 3000))
+    q[np.arange(4), draft] = 1.0
+    for seed in range(20):
+        computed.clear()
+        v = verify_sampled(draft, ProbRows(logits, params), list(q), np.random.default_rng(seed))
+        assert computed == [1] * (v.n_accepted + 1), (v, computed)
+        assert v == verify_sampled(draft, dense, q, np.random.default_rng(seed))
+
+
+def test_a_greedy_drafts_confidence_is_its_softmax_probability_to_0_03_percent() -> None:
+    from specli.sampling import top_probability
+
+    rng = np.random.default_rng(11)
+    v = 150_000
+    bound = v * math.exp(-20.0)  # the terms left out, against a sum of at least 1
+    rows = [(rng.standard_normal(v) * 3).astype(np.float32),  # many terms near the top
+            np.concatenate([[8.0], rng.standard_normal(v - 1) * 0.5]).astype(np.float32),
+            np.concatenate([[0.0], np.full(v - 1, -20.5)]).astype(np.float32)]  # worst case
+    rows[0][123] = 14.0
+    for row in rows:
+        for tok in (int(np.argmax(row)), 1, 77):  # a guess need not be the argmax
+            x = row.astype(np.float64)
+            full = float(np.exp(x[tok] - x.max()) / np.exp(x - x.max()).sum())
+            got = top_probability(row, tok)
+            assert -1e-6 <= got / full - 1 <= bound + 1e-6, (tok, got, full)  # float32 sums
+    assert top_probability(rows[2], 0) / (1 / (1 + (v - 1) * math.exp(-20.5))) - 1 > 1e-4

@@ -23,7 +23,7 @@ class Draft:
     drafter has them (None: a deterministic guess, verified as a one-hot draft)."""
 
     tokens: list[int] = field(default_factory=list)
-    probs: np.ndarray | None = None  # (len(tokens), vocab) or None
+    probs: list[np.ndarray] | np.ndarray | None = None  # len(tokens) rows of vocab, or None
     confidence: list[float] = field(default_factory=list)  # drafter's p(token), per token
     # None: a chain (token i follows token i - 1).  Else a tree of candidates: token i
     # follows token parents[i] (-1: the context), parents before children (no probs).

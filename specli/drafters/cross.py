@@ -209,7 +209,7 @@ class CrossDrafter(BaseDrafter):
                 break
             logits = m.eval([x], [0])[0]
         self._drafted(drafted)
-        draft.probs = np.stack(rows)
+        draft.probs = rows
         return draft
 
     # -- the rest of the drafter interface ------------------------------------------------

@@ -75,7 +75,7 @@ class Drafted:
     parents: list[int] | None = None
 
     def as_draft(self, ready: bool = False) -> Draft:
-        probs = np.stack(self.rows) if self.rows and self.parents is None else None
+        probs = list(self.rows) if self.rows and self.parents is None else None
         return Draft(list(self.tokens), probs, list(self.confidence), self.parents,
                      ready=ready)
 

@@ -112,7 +112,7 @@ class ModelDrafter(BaseDrafter):
                 break
             if stop:
                 break
-        draft.probs = np.stack(rows) if rows else None
+        draft.probs = rows or None  # unstacked: verify reads a row at a time
         return draft
 
     def lag(self, context: Sequence[int]) -> int:
