@@ -136,6 +136,8 @@ def costs_fields(res: Result, fallback: CostModel | None = None) -> dict:
         "ms_per_draft_step": s.ms_per_draft_step or None,
         "draft_steps": s.draft_steps,
         "draft_batches": s.draft_batches if s.draft_steps else None,
+        # all of drafting, per drafted token: model steps and specli's own work around them
+        "ms_per_drafted_token": s.ms_per_drafted_token or None,
         "ms_per_round_other": s.ms_per_round_other or None,
         "calibrated_ms_per_pass": calibrated_pass_ms(s, cal) if cal is not None else None,
         # a step right after a target pass, as a drafting round pays it; and back to back
@@ -309,7 +311,7 @@ def _cell(rows: list[dict], ref: dict[int, dict], runs: list[dict]) -> dict:
 COST_KEYS = ("ms_per_pass", "pass_size", "calibrated_ms_per_pass", "ms_per_draft_step",
              "calibrated_ms_per_draft_step", "calibrated_ms_per_draft_step_back_to_back",
              "calibrated_ms_per_draft_step_beside",
-             "draft_batches", "ms_per_round_other")
+             "draft_batches", "ms_per_drafted_token", "ms_per_round_other")
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -368,14 +370,17 @@ def render_markdown(summary: dict, meta: dict) -> str:
         "prompts; a target pass of the run's mean size; a draft-model step calibrated right "
         "after a target pass, as a drafting round pays it, and back to back; evals of the "
         "draft model over "
-        "several tokens, its prompt and catch-ups, per prompt; the rest of a round, outside "
+        "several tokens, its prompt and catch-ups, per prompt; all of drafting per drafted "
+        "token, the model's steps and specli's work around them (beside a pass, only the "
+        "wait); the rest of a round, outside "
         "drafting and target passes: budgets, bookkeeping, the bench's own reading):",
         "",
     ]
     lines += _md_table(
         ["method", "target pass", "calibrated", "tokens per pass", "draft-model step",
          "calibrated after a pass", "step ratio", "calibrated back to back",
-         "calibrated beside a pass", "draft batches", "rest of a round"],
+         "calibrated beside a pass", "draft batches", "drafting per drafted token",
+         "rest of a round"],
         (_cost_cells(m, row["overall"]) for m, row in summary["table"].items()))
     return "\n".join(lines) + "\n"
 
@@ -398,7 +403,8 @@ def _cost_cells(method: str, o: dict) -> list[str]:
             f"{step / cal:.2f}x" if step and cal else "n/a",
             _fmt(o.get("calibrated_ms_per_draft_step_back_to_back"), ".2f"),
             _fmt(o.get("calibrated_ms_per_draft_step_beside"), ".2f"),
-            _fmt(o.get("draft_batches"), ".1f"), _fmt(o.get("ms_per_round_other"), ".3f")]
+            _fmt(o.get("draft_batches"), ".1f"), _fmt(o.get("ms_per_drafted_token"), ".2f"),
+            _fmt(o.get("ms_per_round_other"), ".3f")]
 
 
 def plot_speedup(summary: dict, path: Path) -> bool:

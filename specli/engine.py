@@ -89,6 +89,14 @@ class Stats:
         return 1000 * self.draft_step_s / self.draft_steps if self.draft_steps else 0.0
 
     @property
+    def ms_per_drafted_token(self) -> float:
+        """Milliseconds the loop waited for drafts, per drafted token: the draft model's
+        steps and everything around them (choosing each token, its confidence, the
+        sampled rows), so the gap to ms_per_draft_step is specli's own work; for duo,
+        only what a pass beside did not hide."""
+        return 1000 * self.draft_s / self.drafted if self.drafted else 0.0
+
+    @property
     def ms_per_round_other(self) -> float:
         """Milliseconds per round outside drafting and target passes: the loop's own work
         (budgets planning, bookkeeping) and the caller's between chunks.  On a GPU a plain
@@ -120,7 +128,8 @@ class Stats:
     def as_dict(self) -> dict[str, float | int]:
         d: dict[str, float | int] = asdict(self)
         for name in ("acceptance_rate", "mean_accepted", "prefill_tok_s", "decode_tok_s",
-                     "ms_per_pass", "pass_size", "ms_per_draft_step", "ms_per_round_other"):
+                     "ms_per_pass", "pass_size", "ms_per_draft_step", "ms_per_drafted_token",
+                     "ms_per_round_other"):
             d[name] = getattr(self, name)
         return d
 

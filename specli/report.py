@@ -66,6 +66,10 @@ def cost_lines(res: Result) -> list[str]:
                                       else " (in one batch)")
         step += f"; {s.draft_batches} evals over several tokens (prompt, catch-ups{way})"
         lines.append(step)
+    if s.drafted:
+        lines.append(f"drafting: {s.ms_per_drafted_token:.2f} ms per drafted token, all of "
+                     "it (model steps, choosing tokens, confidences, sampled rows; beside a "
+                     "pass, only the wait)")
     return lines
 
 
@@ -104,6 +108,7 @@ def result_json(
             "pass_size": s.pass_size,
             "draft_steps": s.draft_steps,
             "ms_per_draft_step": s.ms_per_draft_step,
+            "ms_per_drafted_token": s.ms_per_drafted_token,
             "draft_batches": s.draft_batches,
             "ms_per_round_other": s.ms_per_round_other,
         },

@@ -153,6 +153,9 @@ def test_bench_smoke_writes_everything(tiny_paths, env, prompts_file, tmp_path):
             assert r["ms_per_pass"] > 0 and r["pass_size"] >= 1.0
     fixed = [r for r in rows if r["method"] == "draft@fixed:3"]
     assert all(r["draft_steps"] > 0 and r["ms_per_draft_step"] > 0 for r in fixed)
+    # all of drafting per drafted token holds the model's steps and the work around them
+    assert all(r["ms_per_drafted_token"] * r["drafted"] > r["ms_per_draft_step"] * r["draft_steps"]
+               for r in fixed if r["drafted"])
     # a fixed length has no budget of its own: its pair is calibrated for the comparison
     assert all(r["calibrated_ms_per_draft_step"] >= r["calibrated_ms_per_draft_step_back_to_back"]
                > 0 for r in fixed)
@@ -165,6 +168,7 @@ def test_bench_smoke_writes_everything(tiny_paths, env, prompts_file, tmp_path):
     md = (out / "summary.md").read_text()
     assert "| method | alpha | beta | overall |" in md and "| peer-none |" in md
     assert "Costs inside the pipeline beside the calibrated standalone costs" in md
+    assert "| drafting per drafted token | rest of a round |" in md
     assert md in p.stdout
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "speedup.png").stat().st_size > 1000

@@ -231,6 +231,11 @@ def test_stats_time_the_draft_model_steps_and_set_them_beside_the_calibration(ti
     rest = 1000 * (s.decode_s - s.draft_s - s.verify_s) / s.target_forwards
     assert s.ms_per_round_other == pytest.approx(rest) and 0 < rest < 1000 * s.decode_s
     assert f"the rest of a round (budgets, bookkeeping) {rest:.3f} ms" in text
+    # all of drafting per drafted token: the model's steps and the work around them
+    per_token = 1000 * s.draft_s / s.drafted
+    assert s.ms_per_drafted_token == pytest.approx(per_token)
+    assert s.ms_per_drafted_token > 1000 * s.draft_step_s / s.drafted  # model steps are a part
+    assert f"drafting: {per_token:.2f} ms per drafted token" in text
 
 
 def test_ctrl_c_while_llama_cpp_logs_a_load_stops_the_load(tiny_paths, monkeypatch, capfd):
