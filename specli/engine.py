@@ -91,9 +91,8 @@ class Stats:
     @property
     def ms_per_drafted_token(self) -> float:
         """Milliseconds the loop waited for drafts, per drafted token: the draft model's
-        steps and everything around them (choosing each token, its confidence, the
-        sampled rows), so the gap to ms_per_draft_step is specli's own work; for duo,
-        only what a pass beside did not hide."""
+        steps, its catch-up evals and specli's own work around them (choosing each token,
+        its confidence, the sampled rows); for duo, only what a pass beside did not hide."""
         return 1000 * self.draft_s / self.drafted if self.drafted else 0.0
 
     @property
