@@ -611,13 +611,13 @@ def test_a_tiny_temperature_samples_as_greedy_instead_of_overflowing():
 # sums for sampling): these rows are long enough for that path, and each case is checked
 # against the obvious full-sort or full-CDF answer.
 
-BIG_V = 20_000  # 20 blocks: the block path runs for k or a first nucleus guess up to 10
+BIG_V = 151_936  # Qwen2.5's: 149 blocks, so top-k up to 74 and top-p search by blocks
 
 
 def _big_rows() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(7)
     peaked = (rng.standard_normal(BIG_V) * 3).astype(np.float32)
-    peaked[[5, 9000, 19_999]] = [25.0, 24.0, 23.5]  # an LLM-like head, spread over blocks
+    peaked[[5, 9000, BIG_V - 1]] = [25.0, 24.0, 23.5]  # an LLM-like head, spread over blocks
     ties = np.round(rng.standard_normal(BIG_V), 1).astype(np.float32)  # ties at every k
     one_block = np.full(BIG_V, -30.0, dtype=np.float32)
     one_block[3072:3072 + 50] = np.linspace(0, 5, 50)  # the whole head inside one block
@@ -654,7 +654,7 @@ def test_block_sampling_picks_the_index_a_full_cdf_picks() -> None:
 
 def test_block_sampling_never_picks_a_zero_and_fits_its_row() -> None:
     row = np.zeros(BIG_V)
-    ids = [0, 1023, 1024, 7000, 12_345, 19_999]  # block edges, the first and last id
+    ids = [0, 1023, 1024, 7000, 12_345, BIG_V - 1]  # block edges, the first and last id
     row[ids] = [0.1, 0.05, 0.3, 0.2, 0.15, 0.2]
     for u in (0.0, 1e-18, 1.0 - 2.0**-53):  # the extremes stay on ids of the row
         assert sample(row, _FixedUniform(u)) in ids  # type: ignore[arg-type]
