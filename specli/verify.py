@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -50,7 +49,7 @@ def verify_greedy(draft: Sequence[int], target_argmax: Sequence[int]) -> Verdict
 def verify_sampled(
     draft: Sequence[int],
     p: np.ndarray | ProbRows,
-    q: np.ndarray | Sequence[np.ndarray] | None,
+    q: np.ndarray | list[np.ndarray] | None,
     rng: np.random.Generator,
 ) -> Verdict:
     """Speculative sampling: the emitted tokens are distributed exactly as the target's ``p``.
@@ -73,7 +72,7 @@ def verify_sampled(
     """
     k = len(draft)
     p2 = _rows(p, k + 1, "p", k)
-    vp = p2.shape[1]
+    vp = p2[0].shape[0]  # row 0 is always read
     q2 = None if q is None else _rows(q, k, "q", k)
 
     for i in range(k):
@@ -108,38 +107,27 @@ def verify_sampled(
     return Verdict(n_accepted=k, next_token=sample(p2[k], rng))
 
 
-class _Rows(Protocol):
-    """Rows of probabilities read one at a time: a 2-D array, or ``ProbRows``."""
-
-    shape: tuple[int, ...]
-
-    def __getitem__(self, i: int) -> np.ndarray: ...
+Rows = np.ndarray | ProbRows | list[np.ndarray]
 
 
-def _rows(x: np.ndarray | ProbRows | Sequence[np.ndarray], n: int, name: str, k: int) -> _Rows:
-    """`x` as n rows of equal length, float64, checked: a (V,) array is one row."""
+def _rows(x: Rows, n: int, name: str, k: int) -> Rows:
+    """`x` checked as n rows of probabilities, each read on its own: a 2-D float64 array
+    (a (V,) array is one row), a list of 1-D rows (a drafter's, unstacked: stacking
+    copied k full rows a round) or ``ProbRows``."""
     if isinstance(x, ProbRows):
-        rows: _Rows = x
-    elif isinstance(x, np.ndarray) or not len(x) or not isinstance(x[0], np.ndarray):
+        rows: Rows = x
+        ok = True
+    elif isinstance(x, list) and x and all(isinstance(r, np.ndarray) for r in x):
+        rows = [np.asarray(r, dtype=np.float64) for r in x]
+        ok = all(r.ndim == 1 for r in rows)
+    else:
         a = np.asarray(x, dtype=np.float64)
         rows = a.reshape(1, -1) if a.ndim == 1 and n == 1 else a
-    else:  # a list of 1-D rows (a drafter's, unstacked): one stacked copy saved a round
-        rows = _RowList([np.asarray(r, dtype=np.float64) for r in x])
-    if len(rows.shape) != 2 or rows.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n}, V) for a {k}-token draft "
-                         f"(got {rows.shape})")
+        ok = rows.ndim == 2
+    if not ok or len(rows) != n:
+        got = getattr(rows, "shape", f"{len(rows)} rows")
+        raise ValueError(f"{name} must have shape ({n}, V) for a {k}-token draft (got {got})")
     return rows
-
-
-class _RowList:
-    """1-D rows kept as a list, ``shape`` as if stacked."""
-
-    def __init__(self, rows: list[np.ndarray]) -> None:
-        self._list = rows
-        self.shape = (len(rows), rows[0].shape[0]) if rows[0].ndim == 1 else (len(rows), -1, -1)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self._list[i]
 
 
 @dataclass(frozen=True)
@@ -189,7 +177,7 @@ def verify_tree_sampled(
     after the root, row i + 1 the distribution after node i (``ProbRows``: only the rows
     of the nodes the walk reaches are computed)."""
     p2 = _rows(p, len(tokens) + 1, "p", len(tokens))
-    vp = p2.shape[1]
+    vp = p2[0].shape[0]  # row 0 is always read
     kids = children_of(parents)
     path: list[int] = []
     node = -1
