@@ -64,6 +64,7 @@ class Backend(Protocol):
     path: str
     n_vocab: int
     n_ctx: int
+    n_batch: int  # most tokens one forward pass takes (eval splits longer input)
     tokens: list[int]  # what the KV cache holds, in order
     bos: int | None  # the BOS token id, if the vocabulary has one
     placement: str  # where it runs, for --stats and --json ("llama.cpp CPU, 2 threads")

@@ -470,6 +470,13 @@ def serve(
         int, typer.Option("--max-tokens-cap", min=1,
                           help="Most tokens per answer (also the default max_tokens).")
     ] = 2048,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option("--cors-origin", metavar="ORIGIN",
+                     help="Let web pages from ORIGIN (e.g. http://localhost:3000) call the "
+                          "API from a browser; repeatable; '*' lets every site you visit "
+                          "use it, so pair it with --api-key. Default: none."),
+    ] = None,
     shared: dict[str, Any] | None = None,
 ) -> None:
     """Serve the models over an OpenAI-compatible HTTP API (/v1/chat/completions,
@@ -507,7 +514,7 @@ def serve(
     loaded = models.load(err)
     name = loaded.target_name
     settings = Settings(model_id(name), frozenset({name}), api_key or None, max_body_bytes,
-                        max_tokens_cap)
+                        max_tokens_cap, tuple(cors_origin or ()))
     err.print(f"specli serve: {settings.model_id} ({loaded.method}) on {url_of(sock)}"
               + ("" if api_key else " (no API key)"), markup=False)
     run_server(Worker(loaded, fit_draft_max(shared, loaded), queue), settings, sock)

@@ -11,7 +11,7 @@ loop with empty drafts, so both methods share every line that could differ.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -39,6 +39,10 @@ class GenerationConfig:
     params: SamplingParams = field(default_factory=SamplingParams)
     draft_max: int = 8  # most tokens drafted per round; the budget picks 0..draft_max
     reuse_prefix: bool = False  # keep a cached prompt prefix (chat turns)
+    # asked from another thread to stop (a server's client left, or shutdown): checked
+    # between prefill chunks, since a long prompt's prefill can outlast any grace period
+    # a server has; the caller checks between the chunks this yields
+    stop: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -236,7 +240,9 @@ class Engine:
         # Prefill everything but the last prompt token, with no logits at all.
         keep = min(common_prefix(t.tokens, prompt), len(prompt) - 1) if cfg.reuse_prefix else 0
         t.truncate(keep)
-        t.eval(prompt[keep:-1])
+        if not self._prefill(prompt[keep:-1], cfg.stop):
+            res.stop_reason = "interrupted"
+            return
         if team is not None and not cfg.reuse_prefix:
             team.reset()
         st.n_prompt, st.n_prefilled = len(prompt), len(prompt) - 1 - keep
@@ -293,6 +299,19 @@ class Engine:
             res.cost_note = team.describe_costs()  # as tracked online by the end
             res.drafter_note = team.describe()
             res.calibrated = calibrated_costs(team)
+
+    def _prefill(self, tokens: Sequence[int], stop: Callable[[], bool] | None) -> bool:
+        """Evaluate `tokens` with no logits; with `stop`, in chunks of the target's batch
+        and asked in between (False: stopped, the cache holds what was evaluated)."""
+        if stop is None:
+            self.target.eval(tokens)
+            return True
+        step = max(1, self.target.n_batch)
+        for i in range(0, len(tokens), step):
+            if stop():
+                return False
+            self.target.eval(tokens[i : i + step])
+        return True
 
     @staticmethod
     def _draft(picks: list[Pick], ctx: list[int], params: SamplingParams,

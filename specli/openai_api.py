@@ -98,8 +98,8 @@ def _integer(body: dict[str, Any], name: str) -> int | None:
 def _sampling(body: dict[str, Any]) -> SamplingParams:
     """temperature (default 1.0, as OpenAI's), top_p, top_k (an extension) and seed."""
     temperature = _number(body, "temperature", 1.0)
-    if temperature < 0:
-        raise _bad("temperature", "a number >= 0", temperature)
+    if not 0 <= temperature <= 2:  # OpenAI's range: past 2 an answer is noise
+        raise _bad("temperature", "a number from 0 to 2", temperature)
     top_p = _number(body, "top_p", 1.0)
     if not 0 < top_p <= 1:
         raise _bad("top_p", "a number in (0, 1]", top_p)
@@ -136,7 +136,7 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _content(v: Any, i: int) -> str:
-    """A message's content: a string, null, or a list of text parts."""
+    """A message's content: a string, a list of text parts, or (an assistant's) null."""
     if v is None:
         return ""
     if isinstance(v, str):
@@ -160,6 +160,9 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
             raise _bad(f"messages[{i}]", "an object with a string 'role'", m)
         if m["role"] not in ROLES:
             raise _bad(f"messages[{i}].role", "one of " + ", ".join(ROLES), m["role"])
+        # only an assistant's content may be null (it called a tool instead)
+        if m.get("content") is None and m["role"] != "assistant":
+            raise _bad(f"messages[{i}].content", "a string or a list of text parts", None)
         role = "system" if m["role"] == "developer" else m["role"]
         out.append({"role": role, "content": _content(m.get("content"), i)})
     return out
@@ -194,18 +197,33 @@ UNSUPPORTED: dict[str, Any] = {
 }
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
-    for name, used in UNSUPPORTED.items():
+# ...and in a completion request, where logprobs is a count (0 still asks for the
+# chosen token's); and the ones only ever set to ask for something other than text
+COMPLETION_UNSUPPORTED: dict[str, Any] = {
+    **UNSUPPORTED, "logprobs": lambda v: v is not None and v is not False}
+OUTPUT_UNSUPPORTED: dict[str, Any] = {
+    "modalities": lambda v: v is not None and v != ["text"],
+    "audio": lambda v: v is not None,
+}
+
+
+def _refuse_unsupported(body: dict[str, Any], kind: str) -> None:
+    rules = {**(COMPLETION_UNSUPPORTED if kind == "completion" else UNSUPPORTED),
+             **OUTPUT_UNSUPPORTED}
+    for name, used in rules.items():
         if name in body and used(body[name]):
             raise ApiError(400, f"specli serve does not support '{name}' (only its default)",
                            param=name, code="unsupported_parameter")
 
 
-def _include_usage(body: dict[str, Any]) -> bool:
+def _include_usage(body: dict[str, Any], stream: bool) -> bool:
     """stream_options.include_usage: a streamed answer then ends with a chunk of usage."""
     v = body.get("stream_options")
     if v is None:
         return False
+    if not stream:
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true",
+                       param="stream_options", code="invalid_value")
     if not isinstance(v, dict) or not isinstance(v.get("include_usage", False), bool):
         raise _bad("stream_options", 'an object like {"include_usage": true}', v)
     return bool(v.get("include_usage", False))
@@ -216,7 +234,7 @@ def parse_request(body: dict[str, Any], kind: str, max_tokens_cap: int) -> GenRe
     n = _integer(body, "n")
     if n not in (None, 1):
         raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_value")
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, kind)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream", "true or false", stream)
@@ -228,7 +246,7 @@ def parse_request(body: dict[str, Any], kind: str, max_tokens_cap: int) -> GenRe
         prompt=_prompt(body) if kind == "completion" else None,
         messages=_messages(body) if kind == "chat" else None,
         max_tokens=_max_tokens(body, max_tokens_cap), params=_sampling(body),
-        stop=_stop(body), stream=stream, model=model, include_usage=_include_usage(body))
+        stop=_stop(body), stream=stream, model=model, include_usage=_include_usage(body, stream))
 
 
 class StopScanner:
@@ -239,26 +257,31 @@ class StopScanner:
         self.stops = stops
         self.pending = ""
         self.hit = False
+        self.sent = 0  # characters returned so far
+        self.end = 0  # once hit: where the first stop string to complete ends, in characters
 
     def push(self, text: str) -> str:
         """The text safe to send now (everything before a stop string, once found)."""
         self.pending += text
         if not self.stops or self.hit:
-            out, self.pending = ("" if self.hit else self.pending), ""
-            return out
-        found = [i for s in self.stops if (i := self.pending.find(s)) >= 0]
+            return self._release(0 if self.hit else len(self.pending))
+        found = [(i, i + len(s)) for s in self.stops if (i := self.pending.find(s)) >= 0]
         if found:
             self.hit = True
-            out, self.pending = self.pending[: min(found)], ""
-            return out
+            self.end = self.sent + min(end for _, end in found)
+            return self._release(min(start for start, _ in found))
         hold = max((n for s in self.stops for n in range(1, len(s))
                     if self.pending.endswith(s[:n])), default=0)
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out
+        return self._release(len(self.pending) - hold, keep=True)
 
     def flush(self) -> str:
-        out, self.pending = ("" if self.hit else self.pending), ""
+        return self._release(0 if self.hit else len(self.pending))
+
+    def _release(self, cut: int, keep: bool = False) -> str:
+        """pending[:cut] is sent; the rest is kept (keep) or dropped."""
+        out = self.pending[:cut]
+        self.pending = self.pending[cut:] if keep else ""
+        self.sent += len(out)
         return out
 
 

@@ -9,6 +9,7 @@ error JSON for every refusal and never a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import signal
 import socket
@@ -20,6 +21,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -37,6 +39,7 @@ class Settings:
     api_key: str | None
     max_body_bytes: int
     max_tokens_cap: int
+    cors_origins: tuple[str, ...] = ()  # web pages whose scripts may call the API
 
 
 def model_id(name: str) -> str:
@@ -63,8 +66,11 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         return error_response(ApiError(e.status_code, str(e.detail), code=code))
 
     app.add_middleware(_QuietErrors)
+    if settings.cors_origins:  # outside _QuietErrors: it answers browsers' preflights
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": settings.model_id, "method": worker.loaded.method,
                 "busy": worker.busy(), "waiting": worker.jobs.qsize()}
@@ -99,7 +105,11 @@ class _QuietErrors:
     """An unexpected error: OpenAI's 500 JSON and one line on stderr.  An exception
     handler for Exception would not do (Starlette re-raises after it and uvicorn prints
     the whole traceback), nor would an "http" middleware (it hides a client's disconnect
-    from the running request).  Plain ASGI, so neither happens."""
+    from the running request).  Plain ASGI, so neither happens.
+
+    A request cancelled under it is the server going away before the request ended (a
+    second Ctrl-C, or a grace period run out): its client gets a 503 or, mid-stream, an
+    error event and [DONE], and uvicorn no traceback to print."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -108,15 +118,28 @@ class _QuietErrors:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
+        started, events = False, False
 
         async def send_(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            nonlocal started, events
+            if message["type"] == "http.response.start":
+                started = True
+                events = (b"content-type", b"text/event-stream") in [
+                    (k.lower(), v.split(b";")[0].strip()) for k, v in message["headers"]]
             await send(message)
 
         try:
             await self.app(scope, receive, send_)
+        except asyncio.CancelledError:
+            gone = ApiError(503, "the server is shutting down", kind="server_error",
+                            code="shutting_down")
+            with contextlib.suppress(Exception):
+                if not started:
+                    await error_response(gone)(scope, receive, send)
+                else:  # the answer is under way: end it (a JSON body is already sent)
+                    tail = sse(gone.body()) + SSE_DONE if events else ""
+                    await send({"type": "http.response.body", "body": tail.encode(),
+                                "more_body": False})
         except Exception as e:
             log_failure(e, "request failed")
             if not started:  # else the answer is under way: it just ends
@@ -257,7 +280,7 @@ def serve(worker: Worker, settings: Settings, sock: socket.socket) -> None:
     """Run until SIGINT/SIGTERM; then the running answer ends, the generation thread
     closes the models, and this returns (exit 0)."""
     app = create_app(worker, settings)
-    config = uvicorn.Config(app, log_level="warning", access_log=False,
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=10)
     server = _Server(config, worker)
     # uvicorn re-raises the signal that stopped it once done: let that one pass quietly

@@ -24,7 +24,7 @@ from .engine import Engine, GenerationConfig, Result
 from .errors import SpecliError
 from .openai_api import ApiError, GenRequest, StopScanner, finish_reason, specli_stats, usage
 from .runtime import Loaded
-from .tokens import TextStream, common_prefix
+from .tokens import TextStream, common_prefix, tokens_spelling
 
 RETRY_AFTER_S = 2  # what a 503 tells the client to wait
 SEAM = 4  # tokens at the end of a chat prompt that its next turn may spell differently
@@ -156,7 +156,8 @@ class Worker:
         reuse = not seeded and _extends(tokens, self.last_prompt)
         start = common_prefix(self.last_context, tokens) if reuse else 0
         cfg = GenerationConfig(max_tokens=job.req.max_tokens, params=job.req.params,
-                               draft_max=self.draft_max, reuse_prefix=reuse)
+                               draft_max=self.draft_max, reuse_prefix=reuse,
+                               stop=lambda: job.cancel.is_set() or self.stopping.is_set())
         res = Result(method=self.loaded.method)
         self.loaded.fit_threads()  # to the cores other processes left free meanwhile
         one_off = self.loaded.one_off_engine() if seeded else nullcontext(self.loaded.engine)
@@ -177,8 +178,11 @@ class Worker:
     def _generate(self, job: Job, engine: Engine, tokens: list[int], cfg: GenerationConfig,
                   res: Result) -> bool:
         """Stream the answer's text as events until done, a stop string, or cancelled
-        (the client left, or shutdown).  True when a stop string ended it."""
-        text = TextStream(self.loaded.target.token_bytes)
+        (the client left, or shutdown).  True when a stop string ended it; the answer's
+        tokens then end with the one that completed it (a round may have gone past: its
+        tokens are neither counted in usage nor remembered)."""
+        token_bytes = self.loaded.target.token_bytes
+        text = TextStream(token_bytes)
         stops = StopScanner(job.req.stop)
         gen = engine.stream(tokens, cfg, res)
         try:
@@ -186,14 +190,17 @@ class Worker:
                 _send(job, stops.push(text.push(chunk)))
                 self.loaded.keep_fit()  # a long answer follows the load on the cores
                 if stops.hit:
-                    return True
+                    break
                 if job.cancel.is_set() or self.stopping.is_set():
                     res.stop_reason = "interrupted"
                     return False
-            _send(job, stops.push(text.flush()) + stops.flush())
-            return stops.hit
+            else:
+                _send(job, stops.push(text.flush()) + stops.flush())
         finally:
             gen.close()  # the engine's own cleanup runs now, on this thread
+        if stops.hit:
+            del res.tokens[tokens_spelling(token_bytes, res.tokens, stops.end):]
+        return stops.hit
 
 
 

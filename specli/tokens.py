@@ -42,6 +42,19 @@ class TextStream:
         return ""
 
 
+def tokens_spelling(token_bytes: Callable[[int], bytes], tokens: Sequence[int],
+                    n_chars: int) -> int:
+    """The fewest leading tokens whose text (as TextStream decodes it) has at least
+    `n_chars` characters: how many tokens it took to write a text's first n_chars."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    have = 0
+    for i, tok in enumerate(tokens):
+        have += len(decoder.decode(token_bytes(tok)))
+        if have >= n_chars:
+            return i + 1
+    return len(tokens)
+
+
 def detokenize(token_bytes: Callable[[int], bytes], tokens: Iterable[int]) -> str:
     stream = TextStream(token_bytes)
     return stream.push(tokens) + stream.flush()

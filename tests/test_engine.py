@@ -10,7 +10,7 @@ from specli.backends.base import LoadOptions
 from specli.backends.gguf import GGUFModel, check_gguf_file
 from specli.drafters.cross import same_tokenizer
 from specli.drafters.model import ModelDrafter
-from specli.engine import Engine, GenerationConfig
+from specli.engine import Engine, GenerationConfig, Result
 from specli.errors import SpecliError
 from specli.fidelity import analyse, first_difference
 from specli.runtime import encode_prompt
@@ -130,6 +130,33 @@ def test_max_tokens_and_context_limit(tiny_paths):
     finally:
         small.close()
         draft.close()
+
+
+def test_a_stop_asked_during_prefill_ends_it_between_batches(tiny_paths):
+    """A server's shutdown or a client leaving must not wait for a long prompt's whole
+    prefill (it outlasted uvicorn's grace period: a 500 and a crash at exit).  Asked to
+    stop, the engine ends between batches; what was evaluated stays in the cache, and
+    a later run that reuses it writes the same tokens as a fresh one."""
+    t = GGUFModel(tiny_paths["target"],
+                  LoadOptions(n_ctx=512, n_batch=16, n_threads=1, flash_attn="off"))
+    try:
+        prompt = encode_prompt(t, PROMPT * 6)
+        assert len(prompt) > 4 * 16
+        asked = []
+        res = Result(method="none")
+        cfg = GenerationConfig(max_tokens=8, stop=lambda: asked.append(1) or len(asked) > 3)
+        assert list(Engine(t).stream(prompt, cfg, res)) == []
+        assert res.stop_reason == "interrupted" and res.tokens == []
+        assert t.tokens == prompt[: 3 * 16]  # three batches, then the stop
+        again = Engine(t).generate(prompt, GenerationConfig(max_tokens=8, reuse_prefix=True),
+                                   "none")
+        assert again.stats.n_prefilled == len(prompt) - 1 - 3 * 16
+        fresh = Engine(t).generate(prompt, GenerationConfig(max_tokens=8), "none")
+        assert again.tokens == fresh.tokens and len(fresh.tokens) == 8
+        never = GenerationConfig(max_tokens=8, stop=lambda: False)
+        assert Engine(t).generate(prompt, never, "none").tokens == fresh.tokens
+    finally:
+        t.close()
 
 
 def test_sampling_reproducible_and_uses_draft_distributions(tiny_models):

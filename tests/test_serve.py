@@ -138,16 +138,26 @@ def test_chat_and_completions_equal_generate(tiny_server, tiny_paths, menv):
 
 def test_stop_strings(tiny_server):
     c = tiny_server.client()
-    full = c.completions.create(model="target.gguf", prompt="Hello", max_tokens=24,
-                                temperature=0).choices[0].text
-    stop = full[10:13]
+
+    def text_of(n: int) -> str:
+        return c.completions.create(model="target.gguf", prompt="Hello", max_tokens=n,
+                                    temperature=0).choices[0].text
+
+    full, first = text_of(24), len(text_of(1))
+    stop = full[first + 1 : first + 4]  # completed by an early token of a long round
     cut = full[: full.index(stop)]
     r = c.completions.create(model="target.gguf", prompt="Hello", max_tokens=24,
                              temperature=0, stop=[stop, "\x00never"])
     assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
-    s = c.completions.create(model="target.gguf", prompt="Hello", max_tokens=24,
-                             temperature=0, stop=stop, stream=True)
-    assert "".join(ch.choices[0].text for ch in s) == cut
+    s = list(c.completions.create(model="target.gguf", prompt="Hello", max_tokens=24,
+                                  temperature=0, stop=stop, stream=True,
+                                  stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in s if ch.choices) == cut
+    # usage counts the tokens up to the one that completed the stop string, not the rest
+    # of its round (an audit saw 17 and 21 for 13): the fewest whose text holds it
+    need = next(n for n in range(1, 25) if text_of(n).startswith(cut + stop))
+    assert need < r.model_dump()["specli"]["tokens_per_pass"]  # the round went past it
+    assert r.usage.completion_tokens == s[-1].usage.completion_tokens == need
 
 
 def test_seeded_sampling_replays_and_chat_reuses_prefix(tiny_server):
@@ -231,6 +241,68 @@ def test_an_unexpected_error_is_a_500_and_one_line_not_a_traceback(capsys):
     assert "request failed: RuntimeError: a bug" in err and "Traceback" not in err
 
 
+def test_a_request_cancelled_by_shutdown_still_ends_properly():
+    """A second Ctrl-C (or a grace period run out) cancels the requests in flight:
+    uvicorn printed a CancelledError traceback and the client got a plain-text 500 or a
+    stream cut without [DONE].  Now a 503 in OpenAI's JSON, or an error event and [DONE]."""
+    import asyncio
+
+    from specli.serve import _QuietErrors
+
+    async def cut(app) -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await _QuietErrors(app)({"type": "http"}, None, send)  # nothing raised
+        return sent
+
+    async def before_any_answer(scope, receive, send) -> None:
+        raise asyncio.CancelledError
+
+    async def mid_stream(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+        raise asyncio.CancelledError
+
+    sent = asyncio.run(cut(before_any_answer))
+    assert sent[0]["status"] == 503
+    assert json.loads(sent[1]["body"])["error"]["code"] == "shutting_down"
+    sent = asyncio.run(cut(mid_stream))
+    last = sent[-1]
+    assert last["type"] == "http.response.body" and not last["more_body"]
+    events = last["body"].decode().split("\n\n")
+    assert json.loads(events[0].removeprefix("data: "))["error"]["code"] == "shutting_down"
+    assert events[1] == "data: [DONE]"
+
+
+def test_cors_and_head_health():
+    """Browsers' pages may call the API only from the origins --cors-origin names."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from specli.serve import Settings, create_app
+
+    worker = SimpleNamespace(busy=lambda: False, jobs=SimpleNamespace(qsize=lambda: 0),
+                             loaded=SimpleNamespace(method="none"))
+    pre = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization, content-type"}
+    for origins, allowed in (((), False), (("http://localhost:3000",), True),
+                             (("http://elsewhere",), False)):
+        app = create_app(worker, Settings("m", frozenset(), None, 1 << 20, 64, origins))  # type: ignore
+        c = TestClient(app)
+        r = c.options("/v1/chat/completions", headers=pre)
+        got = r.headers.get("access-control-allow-origin")
+        assert (got == "http://localhost:3000") == allowed, (origins, r.status_code, got)
+        r = c.get("/v1/models", headers={"Origin": "http://localhost:3000"})
+        assert r.status_code == 200
+        assert ("access-control-allow-origin" in r.headers) == allowed
+        assert c.head("/health").status_code == 200
+
+
 @pytest.mark.parametrize("extra", [
     {"logprobs": True}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]},
     {"functions": [{"name": "f"}]}, {"tool_choice": "required"},
@@ -279,6 +351,20 @@ def test_request_rules_found_by_the_audit():
     assert e.param == "messages[0].content" and "lone surrogate" in e.message
     assert refused({"prompt": "\ud83d", "max_tokens": 2}, "completion").param == "prompt"
     assert refused({**chat, "stop": ["ok", "\ud800"]}).code == "invalid_value"
+    # a second audit: each was answered (200) where OpenAI's API says 400
+    assert refused({**chat, "temperature": 5}).param == "temperature"
+    assert parse_request({**chat, "temperature": 2}, "chat", 64).params.temperature == 2
+    for role in ("user", "system"):
+        assert refused({"messages": [{"role": role}]}).param == "messages[0].content"
+    ok = [*CHAT, {"role": "assistant", "content": None}, {"role": "user", "content": "?"}]
+    assert parse_request({"messages": ok}, "chat", 64).messages[1]["content"] == ""
+    e = refused({**chat, "stream_options": {"include_usage": True}})
+    assert e.param == "stream_options" and "only allowed when 'stream' is true" in e.message
+    e = refused({"prompt": "hi", "logprobs": 0}, "completion")  # 0: the chosen token's
+    assert e.code == "unsupported_parameter" and e.param == "logprobs"
+    assert refused({**chat, "modalities": ["text", "audio"]}).param == "modalities"
+    assert refused({**chat, "audio": {"voice": "alloy", "format": "wav"}}).param == "audio"
+    assert parse_request({**chat, "modalities": ["text"], "logprobs": 0}, "chat", 64)
     for raw in (b'{"prompt":' + b"[" * 50000 + b"]" * 50000 + b"}", b"\xff\xfe{}"):
         with pytest.raises(ApiError) as err:
             parse_json(raw)
