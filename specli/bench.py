@@ -441,6 +441,28 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu_name()} ({platform.machine()})"
 
 
+OUTPUTS = ("results.jsonl", "summary.json", "summary.md", "speedup.png")
+
+
+def keep_previous(out: Path) -> Path | None:
+    """An earlier bench's files in `out` moved to out/previous-<its time> (a rerun
+    into the same folder, a Makefile target run twice a day, used to overwrite them)."""
+    first = out / OUTPUTS[0]
+    if not first.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(first.stat().st_mtime))
+    dest = out / f"previous-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = out / f"previous-{stamp}-{n}"
+    dest.mkdir()
+    for name in OUTPUTS:
+        if (out / name).exists():
+            (out / name).rename(dest / name)
+    return dest
+
+
 def write_summary(rows: list[dict], plan: Plan, console: Console) -> dict:
     summary = {"meta": plan.meta, **summarize(rows)}
     (plan.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
@@ -488,6 +510,9 @@ def run(loaded: Loaded, plan: Plan, console: Console) -> tuple[dict, bool]:
     t_runs = time.perf_counter()
 
     plan.out.mkdir(parents=True, exist_ok=True)
+    if (kept := keep_previous(plan.out)) is not None:
+        console.print(f"note: {plan.out} held an earlier bench's results: moved to {kept}",
+                      markup=False)
     rows: list[dict] = []
     interrupted = False
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -21,6 +21,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -416,11 +417,24 @@ def _load_or_measure(
         "draft_model": draft.path if draft is not None else None,
         "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1), "utf-8")
-    os.replace(tmp, path)
+    _save(path, record, note)
     return _applied(cost, draft), True
+
+
+def _save(path: Path, record: dict, note: Callable[[str], None] | None) -> None:
+    """Write a calibration atomically.  The cache only saves measuring next time, so a
+    place it cannot be written ($SPECLI_HOME under a file, read-only) is a warning."""
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, indent=1), "utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        with suppress(OSError):
+            tmp.unlink()
+        if note is not None:
+            note(f"warning: cannot save the calibration to {path}: {e.strerror or e}; "
+                 "it is used but measured again next time")
 
 
 def disturbed(before: CpuTimes | None, after: CpuTimes | None) -> float | None:

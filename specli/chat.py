@@ -43,6 +43,7 @@ class ChatSession:
         self.err = err
         self.messages: list[dict[str, str]] = []
         self.last: Result | None = None
+        self.strict = False  # a turn that cannot be answered raises (a script's)
         self.reset()
 
     def reset(self) -> None:
@@ -50,7 +51,12 @@ class ChatSession:
         self.learned = 0  # conversation tokens a drafter with memory has already seen
 
     def run(self, stdin: TextIO) -> None:
+        """Turns from a terminal, or one per line from a script.  A script's turn that
+        cannot be answered (a line longer than the context) ends it with that error, as
+        generate would: a pipeline must not carry on, exit 0, as if it had been answered."""
         interactive = stdin.isatty()
+        self._check_system()
+        self.strict = not interactive
         if interactive:
             self.err.print(f"specli chat ({self.loaded.method}); {HELP}", markup=False)
         while True:
@@ -80,6 +86,17 @@ class ChatSession:
             self.answer(line)
         if interactive:
             self.err.print("bye", markup=False)
+
+    def _check_system(self) -> None:
+        """A --system message that leaves no room for a turn fails once, at the start
+        (it used to fail every turn, one error per line)."""
+        if not self.system:
+            return
+        target = self.loaded.target
+        n = len(encode_messages(target, [*self.messages, {"role": "user", "content": "Hi"}]))
+        if n >= target.n_ctx:
+            raise SpecliError(f"the --system message and a one-word turn are {n} tokens; "
+                              f"the context holds {target.n_ctx}: raise --ctx or shorten it")
 
     def _fit(self) -> list[int]:
         """The conversation's tokens, its oldest turns dropped (the system message kept)
@@ -129,7 +146,9 @@ class ChatSession:
             tokens = self._fit()
         except SpecliError as e:
             self.messages.pop()
-            self.err.print(f"specli: {e}", markup=False)
+            if self.strict:
+                raise
+            self.err.print(f"specli: {e} (not sent)", markup=False)
             return
         res = Result(method=loaded.method)
         loaded.fit_threads()  # to the cores other processes left free meanwhile

@@ -7,6 +7,7 @@ to stdout as it is accepted, statistics to stderr, so pipelines stay clean.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import json
 import os
@@ -26,6 +27,7 @@ from .budget import parse_budget
 from .engine import GenerationConfig, Result
 from .entry import exit_code_for_interrupt, interrupt
 from .errors import SpecliError
+from .ngram import corpus_path
 from .report import result_json, stats_lines
 from .runtime import Loaded
 from .sampling import SamplingParams
@@ -51,6 +53,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+# the click typer runs on, for its usage errors: recent typer vendors one (typer._click),
+# older ones use click itself
+click = getattr(typer, "_click", None) or importlib.import_module("click")
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # ":100:" stays text
 DEFAULT_DRAFT_MAX = 8
 MAX_DRAFT_MAX = 64  # the most tokens one round drafts (-k, --budget fixed:K)
@@ -109,9 +114,12 @@ DraftOpt = Annotated[
         "Default: the target's registered same-tokenizer draft.",
     ),
 ]
+# more threads than CPUs only slows llama.cpp down (its threads wait for each other
+# after every op): 10000 on 2 cores did not finish a 4-token answer in 5 minutes
+CPUS = os.cpu_count() or 1
 ThreadsOpt = Annotated[
     int | None,
-    typer.Option("--threads", min=1,
+    typer.Option("--threads", min=1, max=CPUS,
                  help="CPU threads per model. Default: all cores less those other "
                  "processes keep busy, looked at again every second of an answer (2 for "
                  "a target entirely on the GPU: its CPU only feeds it)."),
@@ -134,7 +142,7 @@ DeviceOpt = Annotated[
 ]
 DraftThreadsOpt = Annotated[
     int | None,
-    typer.Option("--draft-threads", min=1,
+    typer.Option("--draft-threads", min=1, max=CPUS,
                  help="CPU threads for the draft model. Default: --threads, else all "
                  "cores, or for duo's drafter beside a GPU target the cores left (at most 8)."),
 ]
@@ -186,6 +194,10 @@ BudgetOpt = Annotated[
     ),
 ]
 
+
+DEVICES = ("auto", "cpu", "gpu", "npu")  # backends/onnx.py's, without importing it
+BENCH_METHODS = "none,draft,peer-none,peer-pld"
+BENCH_METHODS_NO_DRAFT = "none,hd,peer-none,peer-pld"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -257,8 +269,23 @@ def fit_draft_max(shared: dict[str, Any], loaded: Loaded) -> int:
 
 
 def model_options(model: str | None, draft: str | None, method: str, shared: dict[str, Any],
-                  history: bool, tree: bool | None = None) -> ModelOptions:
-    """The shared options as the one object the loading path takes."""
+                  history: bool, tree: bool | None = None, asked: str = "") -> ModelOptions:
+    """The shared options as the one object the loading path takes, after the checks
+    that need no model: a flag that would be silently ignored says so.  `asked`: the
+    flag that chose `method` (generate's -m; bench's --methods), for that note."""
+    if draft is not None and not draft.strip():
+        raise SpecliError("--draft is empty: give a GGUF path or a registry name "
+                          "(specli models)")
+    if draft and not method_table.get(method).draft_model:
+        err.print(f"note: {asked or '-m ' + method} uses no draft model: --draft {draft} "
+                  "is not loaded", markup=False)
+    corpus = shared["corpus"]
+    if corpus and not (where := corpus_path(corpus)).is_file():  # not after a load
+        raise SpecliError(f"no corpus index named {corpus!r} (looked for {where}); build "
+                          f"one with: specli index build FILE... -o {corpus}")
+    if shared["device"] not in DEVICES:
+        raise SpecliError(f"unknown --device {shared['device']!r}; choose from "
+                          f"{', '.join(DEVICES)}")
     keys = ("ctx", "threads", "gpu_layers", "device", "branches", "budget", "corpus",
             "draft_threads", "draft_gpu_layers")
     return ModelOptions(model, draft, method, history=history, tree=tree,
@@ -314,6 +341,9 @@ class _StdoutConsole(Console):
 def _write(text: str) -> None:
     if not text:
         return
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        raise SpecliError("stdout is closed: the text has nowhere to go (redirect it: "
+                          "> out.txt, or > /dev/null)")
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -352,10 +382,9 @@ def generate(
 
     Examples:
 
+    \b
       specli generate -p 'Write a haiku about CPUs.'
-
       cat notes.txt | specli generate qwen2.5-coder-1.5b-instruct --system 'Summarise.'
-
       specli generate model.gguf --draft small.gguf -f prompt.txt --json
     """
 
@@ -366,7 +395,14 @@ def generate(
     text_in = _read_prompt(prompt, file)
     if blank(text_in):
         raise SpecliError("empty prompt: give text with -p, -f FILE or on stdin")
-    loaded = models.load(err)
+    try:
+        loaded = models.load(err)
+    except KeyboardInterrupt:  # a script that timed out a first run's load or
+        if as_json:  # calibration still reads one object: nothing written, interrupted
+            names = runtime.choose_models(model, draft, method)
+            _write(json.dumps(result_json(Result(method=method, stop_reason="interrupted"),
+                                          "", *names)) + "\n")
+        raise
     tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
     loaded.engine.check_prompt(tokens)
     cfg = GenerationConfig(max_tokens=max_tokens, params=params,
@@ -379,6 +415,10 @@ def generate(
                 _write("\n")
             _print_stats(stats, loaded, res)
             raise typer.Exit(130)
+    except _PipeClosed:  # the reader left (`| head`): stderr may still be read
+        res.stop_reason = "interrupted"
+        _print_stats(stats, loaded, res)
+        raise
     finally:
         loaded.finish(tokens, res)  # drafters with a memory (hd) learn from what was written
     _print_stats(stats, loaded, res)
@@ -484,20 +524,20 @@ def serve(
 
     Examples:
 
+    \b
       specli serve            # default pair, http://127.0.0.1:8080/v1
-
       specli serve qwen2.5-coder-1.5b-instruct --port 9000 --api-key secret
 
     Requests default to temperature 1.0, as OpenAI's API does (send 0 for greedy;
     `specli generate` is greedy by default). A client names the model /v1/models
     lists; its API key is any string unless --api-key is set:
 
+    \b
       curl localhost:8080/v1/completions -d '{"prompt": "Hi", "temperature": 0}'
 
+    \b
       from openai import OpenAI
-
       c = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none")
-
       c.completions.create(model="NAME", prompt="Hi", temperature=0)
     """
     try:
@@ -523,7 +563,8 @@ def serve(
 
 @app.command()
 def pull(
-    names: Annotated[list[str], typer.Argument(help="Registry names (see `specli models`).")],
+    names: Annotated[list[str], typer.Argument(
+        help="Registry model or pair names (see `specli models`); a pair pulls both.")],
     force: Annotated[
         bool, typer.Option("--force", help="Download again and re-verify even if present.")
     ] = False,
@@ -538,7 +579,9 @@ def pull(
     from .registry import load_registry
 
     reg = load_registry()
-    entries = [reg.get(n) for n in names]  # fail on a typo before downloading anything
+    # a model or a pair's two (names as `specli models` lists them); a typo fails
+    # before anything downloads
+    entries = list({e.name: e for n in names for e in reg.entries_for(n)}.values())
     for entry in entries:
         path = pull_model(entry, console=err, force=force)
         err.print(f"{entry.name}: {path}")
@@ -568,7 +611,7 @@ def calibrate(
     from .budget import describe_costs
 
     models = ModelOptions(model, draft, "auto", ctx=ctx, threads=threads, gpu_layers=gpu_layers,
-                          device=device, budget="fixed:1")
+                          device=device, budget="fixed:1", history=False)  # needs none
     loaded = models.load(err)
     cost = loaded.cost_model(err, force=True)
     print(describe_costs(cost))
@@ -706,12 +749,10 @@ def export_cmd(
 
     Examples:
 
+    \b
       specli export qwen2.5-coder-0.5b-instruct
-
       specli export model.gguf -o model-onnx --quant none
-
       specli export ./hf-model-folder --name mymodel
-
       specli export qwen2.5-coder-1.5b-instruct --static --window 8   # Intel NPU
     """
     import time
@@ -723,20 +764,28 @@ def export_cmd(
 
     if not static and (window, prefill) != (8, 64):
         raise SpecliError("--window and --prefill shape static exports: add --static")
+    if force and reuse:
+        raise SpecliError("--force replaces an existing export and --reuse keeps it: "
+                          "give one of them")
     bars = Progress(TextColumn("{task.description}"), BarColumn(),
                     TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=err)
     tasks: dict[str, int] = {}
 
     def progress(step: str, done: int, total: int) -> None:
+        if not tasks:  # shown from the first step: an early error is then its only line
+            bars.start()
         if step not in tasks:
             tasks[step] = bars.add_task(step, total=max(total, 1))
         bars.update(tasks[step], completed=done, total=max(total, 1))
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    with bars:
+    try:
         spec = StaticSpec(window, prefill) if static else None
         entry = export_model(source, out, quant=quant, name=name, exporter=exporter, force=force,
                              reuse=reuse, progress=progress, static=spec)
+    finally:
+        if tasks:  # (stopping one never started prints an empty line)
+            bars.stop()
     size = sum(f.stat().st_size for f in Path(entry.path).iterdir() if f.is_file())
     made = "exported" if entry.created >= started else "kept the existing export"
     err.print(f"{made} {entry.name} ({entry.quant}, {size / 2**30:.2f} GiB) in {entry.path}",
@@ -753,12 +802,13 @@ def bench(
     model: ModelArg = None,
     draft: DraftOpt = None,
     methods: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--methods",
-            help=method_table.bench_help(),
+            help=method_table.bench_help() + f" Default: {BENCH_METHODS}, or with no draft "
+            f"model for the target: {BENCH_METHODS_NO_DRAFT}.",
         ),
-    ] = "none,draft,peer-none,peer-pld",
+    ] = None,
     categories: Annotated[
         str | None,
         typer.Option("--categories", help="Comma list of prompt categories. Default: all."),
@@ -803,6 +853,7 @@ def bench(
 
     Example:
 
+    \b
       specli bench --categories coding,summarization --limit 2 -n 64 --out bench-out
     """
     import time
@@ -811,6 +862,14 @@ def bench(
     from .backends.gguf import default_threads
     from .prompts import load_prompts, pick
 
+    if methods is None:
+        methods = BENCH_METHODS
+        try:
+            runtime.choose_models(model, draft, "draft")
+        except SpecliError:  # a target with no registered draft and no --draft
+            methods = BENCH_METHODS_NO_DRAFT
+            err.print(f"note: no draft model for this target (--draft gives one): "
+                      f"benching {methods}", markup=False)
     method_list = bm.parse_methods(methods)
     if limit < 1:
         raise SpecliError(f"--limit must be at least 1 (got {limit})")
@@ -831,7 +890,8 @@ def bench(
             else "duo" if "duo" in bases else "none")
     # benchmark prompts never enter the user's history
     assert shared is not None  # given by shares_model_options
-    models = model_options(model, draft, used, shared, False, bm.uses_tree(method_list))
+    models = model_options(model, draft, used, shared, False, bm.uses_tree(method_list),
+                           asked=f"--methods {methods}")
     t_load = time.perf_counter()
     loaded = models.load(err)
     plan = bm.Plan(chosen, method_list, max_tokens, params, fit_draft_max(shared, loaded),
@@ -888,6 +948,7 @@ def index_build(
 
     Example:
 
+    \b
       specli index build docs/*.md --model qwen2.5-coder-1.5b-instruct -o mydocs
     """
     from .backends.gguf import GGUFModel
@@ -932,9 +993,14 @@ def main() -> None:
 
 
 def _main() -> None:
-    """Usage errors, --help and exit codes are click's (standalone mode)."""
+    """Runs the command; click's own errors (a bad flag or value) are raised to here
+    (not standalone mode) and printed in one line like every other error, exit 2."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click.ClickException as e:
+        _usage_error(e)
+    except typer.Abort:  # EOF at a prompt click asked
+        sys.exit(130)
     except SpecliError as e:
         err.print(f"specli: error: {e}", markup=False)
         sys.exit(1)
@@ -956,6 +1022,19 @@ def _main() -> None:
             markup=False,
         )
         sys.exit(70)
+    if isinstance(code, int) and code:  # typer.Exit(code), Ctrl-C's 130 included
+        sys.exit(code)
+
+
+def _usage_error(e: Any) -> None:
+    """One line naming the command's --help, not click's usage block of four."""
+    if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # `specli`: help
+        e.show()
+        sys.exit(e.exit_code)
+    ctx = getattr(e, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    err.print(f"specli: error: {e.format_message()}{hint}", markup=False)
+    sys.exit(e.exit_code)
 
 
 def _silence_stdout() -> None:

@@ -55,6 +55,8 @@ class Lineup:
         # SPECLI_TRACE=FILE: one JSON line per round with every budget's state, to see why
         # a lineup drafts what it does on hardware one cannot sit at (the GPU check)
         self._trace = os.environ.get("SPECLI_TRACE") or None
+        if self._trace:  # a path that cannot be written fails now, not after the answer
+            open(self._trace, "a").close()
         # kept in memory and written when the generation pauses: serialising and writing
         # a line every round cost ~165 us a round (auto, this 2-core VM), 3% of a GPU
         # step, in exactly the bench whose speed the trace is there to explain

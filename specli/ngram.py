@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sqlite3
 import struct
 import time
@@ -29,14 +28,13 @@ from rich.console import Console
 from .backends.base import Backend
 from .drafters.base import Draft, KeepGoing
 from .errors import SpecliError
-from .registry import specli_home
+from .registry import check_plain_name, specli_home
 
 N_MAX = 4  # longest n-gram indexed
 TOTAL = -1  # pseudo-token: the row holding a key's total count (exact shares after pruning)
 SCHEMA_VERSION = "1"
 DEFAULT_MAX_ROWS = 2_000_000
 BUSY_TIMEOUT_MS = 5000
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 # key -> (token, its count, the key's total count), or None when the key was never seen
 Lookup = Callable[[Sequence[int]], tuple[int, float, float] | None]
@@ -152,12 +150,7 @@ def history_path(fingerprint: str) -> Path:
 
 
 def corpus_path(name: str) -> Path:
-    if not _NAME_RE.match(name):
-        raise SpecliError(
-            f"invalid corpus name {name!r}: use letters, digits, '.', '_' or '-' "
-            "(not starting with '.' or '-')"
-        )
-    return specli_home() / "corpora" / f"{name}.sqlite"
+    return specli_home() / "corpora" / f"{check_plain_name(name, 'corpus')}.sqlite"
 
 
 def pack_key(tokens: Sequence[int]) -> bytes:
@@ -296,7 +289,8 @@ class NgramStore:
             meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
         except (sqlite3.Error, OSError) as e:
             self.close()
-            raise SpecliError(f"cannot open n-gram store {self.path}: {e}") from None
+            why = getattr(e, "strerror", None) or e  # OSError: without the path again
+            raise SpecliError(f"cannot open n-gram store {self.path}: {why}") from None
         if meta.get("schema") != SCHEMA_VERSION:
             self.close()
             raise SpecliError(
@@ -316,6 +310,21 @@ class NgramStore:
     def open_history(cls, fingerprint: str, max_rows: int = DEFAULT_MAX_ROWS) -> NgramStore:
         """This user's generation history for one tokenizer (created on first use)."""
         return cls(history_path(fingerprint), fingerprint, max_rows=max_rows)
+
+    @classmethod
+    def open_history_or_none(
+        cls, fingerprint: str, note: Callable[[str], None] | None = None
+    ) -> NgramStore | None:
+        """The user's history, or None after a one-line warning to `note` when it cannot
+        be opened (not a directory, not a database, another tokenizer's): history only
+        speeds hd up, so a broken store must not stop a generation."""
+        try:
+            return cls.open_history(fingerprint)
+        except SpecliError as e:
+            if note is not None:
+                note(f"warning: {e}; going on without your history (delete that file to "
+                     "start a new history; --no-history silences this)")
+            return None
 
     @classmethod
     def open_corpus(cls, name: str, fingerprint: str) -> NgramStore:

@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import SpecliError
+from .textin import check_text, decode_utf8
 
 SPEC_BENCH_CATEGORIES = (
     "writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities",
@@ -29,10 +30,10 @@ def load_prompts(path: str | Path | None = None) -> list[Prompt]:
         where = "Spec-Bench"
     else:
         try:
-            raw = Path(path).read_text(encoding="utf-8")
+            data = Path(path).read_bytes()
         except OSError as e:
             raise SpecliError(f"cannot read prompts {path}: {e.strerror or e}") from None
-        where = str(path)
+        raw, where = decode_utf8(data, f"prompts file {path}"), str(path)
     out = []
     for n, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
@@ -41,10 +42,12 @@ def load_prompts(path: str | Path | None = None) -> list[Prompt]:
             row = json.loads(line)
             turns = row["turns"]
             text = turns[0] if isinstance(turns, list) else str(turns)
+            if not isinstance(text, str):
+                raise TypeError(text)
             qid, cat = str(row.get("question_id", n)), str(row.get("category", "all"))
-            out.append(Prompt(qid, cat, text))
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise SpecliError(f"{where}:{n}: expected JSON with 'turns' (and 'category')") from None
+        out.append(Prompt(qid, cat, check_text(text, f"{where}:{n}")))
     if not out:
         raise SpecliError(f"no prompts in {where}")
     return out

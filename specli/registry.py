@@ -26,6 +26,8 @@ SOURCE_KINDS = ("huggingface", "pypi-wheels")
 TOKENIZER_RELATIONS = ("same", "different")
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# A name that becomes a file or folder under $SPECLI_HOME (a corpus, an export).
+_PLAIN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # A pinned pip requirement: only "name==version" is accepted so that a pull is reproducible.
 _PINNED_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 
@@ -36,6 +38,17 @@ def specli_home() -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "specli"
+
+
+def check_plain_name(name: str, what: str) -> str:
+    """`name`, if it is a plain name: it names a file or folder under $SPECLI_HOME, so
+    a path separator or '..' would put it elsewhere."""
+    if not _PLAIN_NAME_RE.fullmatch(name):
+        raise SpecliError(
+            f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, at most 100)"
+        )
+    return name
 
 
 def models_dir() -> Path:
@@ -151,15 +164,31 @@ class Registry:
 
     def get_pair(self, name: str) -> Pair:
         """Look a pair up by name; unknown names suggest close ones."""
+        pair = self.find_pair(name)
+        if pair is None:
+            raise SpecliError(_unknown("pair", name, list(self.pairs)))
+        return pair
+
+    def find_pair(self, name: str) -> Pair | None:
+        """A pair by name (case-insensitive), or None."""
         if name in self.pairs:
             return self.pairs[name]
-        lowered = {k.lower(): v for k, v in self.pairs.items()}
-        if name.lower() in lowered:
-            return lowered[name.lower()]
-        raise SpecliError(_unknown("pair", name, list(self.pairs)))
+        return {k.lower(): v for k, v in self.pairs.items()}.get(name.lower())
+
+    def entries_for(self, name: str) -> list[ModelEntry]:
+        """What `specli pull NAME` fetches: a model, or a pair's target and draft
+        (`specli models` lists both kinds of name).  A model name wins over a pair's."""
+        entry = self.find(name)
+        if entry is not None:
+            return [entry]
+        pair = self.find_pair(name)
+        if pair is None:
+            raise SpecliError(_unknown("model or pair", name, [*self.models, *self.pairs],
+                                       "models and pairs"))
+        return [self.models[pair.target], self.models[pair.draft]]
 
 
-def _unknown(what: str, name: str, known: list[str]) -> str:
+def _unknown(what: str, name: str, known: list[str], plural: str | None = None) -> str:
     """One-line 'unknown X' message with the likeliest intended names."""
     low = name.lower()
     close = difflib.get_close_matches(low, [k.lower() for k in known], n=3, cutoff=0.5)
@@ -169,7 +198,7 @@ def _unknown(what: str, name: str, known: list[str]) -> str:
         suggestions += [k for k in known if low in k.lower() and k not in suggestions]
     if suggestions:
         return f"unknown {what} '{name}'; did you mean: {', '.join(suggestions[:3])}?"
-    return f"unknown {what} '{name}'; known {what}s: {', '.join(sorted(known))}"
+    return f"unknown {what} '{name}'; known {plural or what + 's'}: {', '.join(sorted(known))}"
 
 
 # --------------------------------------------------------------------------- loading

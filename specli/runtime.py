@@ -6,7 +6,7 @@ Shared by `generate`, `chat` and `bench` so the three load and encode alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence, Set
+from collections.abc import Callable, Iterator, Sequence, Set
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,11 +34,12 @@ from .drafters.lookup import LookupDrafter
 from .drafters.model import ModelDrafter
 from .engine import Engine, Result
 from .errors import SpecliError
+from .export import catalog
 from .lineup import Lineup, Member
 from .methods import Method
 from .ngram import NgramStore, tokenizer_fingerprint
 from .pull import resolve_model
-from .registry import load_registry
+from .registry import Pair, Registry, load_registry
 from .threads import (
     cores_note,
     default_cores,
@@ -75,6 +76,8 @@ class Loaded:
     _models: list[Backend] = field(default_factory=list, init=False, repr=False)  # draft/NAME
     _watch: Watch = field(default_factory=Watch, init=False, repr=False)  # others' CPU use
     _fitted_at: float = field(default_factory=time.monotonic, init=False, repr=False)
+    # one-line notes to the user (stderr), e.g. a history store that cannot be used
+    note: Callable[[str], None] | None = field(default=None, init=False, repr=False)
 
     def cost_model(self, console: Console | None = None, force: bool = False) -> CostModel:
         """Calibrated costs for this target/draft pair, measured once per machine setup."""
@@ -303,7 +306,8 @@ class Loaded:
 
     def _hd_drafter(self, branches: int | None = None) -> HierarchyDrafter:
         fp = tokenizer_fingerprint(self.target)
-        history = NgramStore.open_history(fp) if self.history else None
+        history = NgramStore.open_history_or_none(fp, self.note) if self.history else None
+        self.history = history is not None  # unusable: warned once, not tried again
         static = NgramStore.open_corpus(self.corpus, fp) if self.corpus else None
         b = self.target.max_branches if branches is None else branches
         return HierarchyDrafter(history, static, branches=b)
@@ -346,15 +350,17 @@ def _parse_budget(spec: str) -> int | None:
 
 
 def choose_models(model: str | None, draft: str | None, method: str) -> tuple[str, str | None]:
-    """No MODEL: the registry's default pair.  A registry target with no --draft:
-    its registered same-tokenizer draft, for the methods that use one."""
+    """No MODEL: the registry's default pair; a pair's name (`specli models`): that pair.
+    A registry target with no --draft: its registered same-tokenizer draft, for the
+    methods that use one."""
     m = methods.get(method)
     reg = load_registry()
     wants_draft = m.draft_model
-    if model is None:
-        model = reg.default_pair.target
+    pair = reg.default_pair if model is None else _pair_named(model, reg)
+    if pair is not None:
+        model = pair.target
         if draft is None and wants_draft:
-            draft = reg.default_pair.draft
+            draft = pair.draft
     elif draft is None and wants_draft and (entry := reg.find(model)) is not None:
         draft = next(
             (p.draft for p in reg.pairs.values() if p.target == entry.name and p.same_tokenizer),
@@ -366,6 +372,15 @@ def choose_models(model: str | None, draft: str | None, method: str) -> tuple[st
         raise SpecliError(f"the {method} method needs a draft model: pass --draft "
                           "PATH_OR_NAME")
     return model, draft
+
+
+def _pair_named(name: str, reg: Registry) -> Pair | None:
+    """The registry pair `name` stands for, unless it names a file, a model or an
+    export (those came first and keep their meaning)."""
+    pair = reg.find_pair(name)
+    if pair is None or reg.find(name) is not None or Path(name).expanduser().exists():
+        return None
+    return None if catalog.find(name) is not None else pair
 
 
 def load(
@@ -416,6 +431,7 @@ def load(
     loaded = Loaded(target, dm, used, model, draft, opts, budget, corpus, history, duo,
                     duo_told=draft_gpu_layers is not None)
     loaded.cross = dm is not None and not same_tokenizer(target, dm)
+    loaded.note = _printer(console)
     # Calibrated here, with a spinner, on first use: for a budget to plan with, and for
     # a draft model on a GPU even at a fixed length (how it best reads a short catch-up
     # is measured there: calibrate.measure_catch_up).

@@ -11,11 +11,15 @@ from typing import BinaryIO, TextIO
 
 from .errors import SpecliError
 
+BOM = "\ufeff"
+
 
 def decode_utf8(data: bytes, source: str) -> str:
-    """`data` as text, or a one-line error naming `source` and the first bad byte."""
+    """`data` as text, or a one-line error naming `source` and the first bad byte.
+    One leading byte-order mark (Windows editors write it) is dropped: it is no text,
+    and left in it would become prompt tokens, or a prompt of its own."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as e:
         raise SpecliError(
             f"{source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
@@ -29,7 +33,11 @@ def check_text(text: str, source: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        data = text.encode("utf-8", errors="surrogateescape")
+        try:
+            data = text.encode("utf-8", errors="surrogateescape")
+        except UnicodeEncodeError as e:  # a surrogate no byte stands for (JSON "\ud800")
+            raise SpecliError(f"{source} holds an unpaired surrogate (U+{ord(text[e.start]):04X}"
+                              f" at character {e.start}): not text") from None
         return decode_utf8(data, source)
     return text
 

@@ -209,6 +209,30 @@ def test_bench_draft_model_method_needs_no_draft_flag(tiny_paths, env, prompts_f
     assert any(r["drafted"] > 0 for r in rows if r["method"].startswith("draft/"))
 
 
+def test_bench_defaults_without_a_draft_model_and_a_rerun_keeps_the_first(tiny_paths, env,
+                                                                        prompts_file, tmp_path):
+    """The default methods held `draft`: a target with no registered draft and no -d
+    failed ("the draft method needs a draft model").  It now benches what can run."""
+    out = tmp_path / "out"
+    args = bench_args(tiny_paths, prompts_file, out, "--categories", "beta")
+    at = args.index("--draft")
+    del args[at:at + 2]
+    p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "note: no draft model for this target" in p.stderr
+    rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows[:4]] == ["none", "hd", "peer-none", "peer-pld"]
+    # the same --out again: the first run's files are kept aside, not overwritten
+    first = (out / "summary.json").read_text()
+    p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    (kept,) = out.glob("previous-*")
+    assert f"held an earlier bench's results: moved to {kept}" in p.stderr
+    assert (kept / "summary.json").read_text() == first
+    assert (kept / "results.jsonl").read_text().count("\n") == len(rows)
+    assert (out / "results.jsonl").exists() and (out / "summary.md").exists()
+
+
 def test_bench_sampled_has_no_identity(tiny_paths, env, prompts_file, tmp_path):
     out = tmp_path / "out"
     args = bench_args(tiny_paths, prompts_file, out, "--methods", "none,peer-none",
@@ -264,3 +288,37 @@ def test_bench_missing_prompts_file(tiny_paths, env, tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode != 0 and len(lines) == 1 and "cannot read prompts" in lines[0], p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_prompts_files_are_read_as_prompt_files_are(tmp_path):
+    """--prompts: a non-UTF-8 file is a one-line error naming it; a leading byte-order
+    mark is dropped (json.loads refused the first row); bad rows name their line."""
+    from specli.prompts import load_prompts
+
+    rows = [{"category": "a", "turns": ["Résumé"]}, {"category": "b", "turns": ["Hi"]}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(text.encode("latin-1"))
+    with pytest.raises(SpecliError, match="is not UTF-8 text") as e:
+        load_prompts(latin)
+    assert str(latin) in str(e.value) and "\n" not in str(e.value)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [(p.category, p.text) for p in load_prompts(bom)] == [("a", "Résumé"), ("b", "Hi")]
+    for bad, needle in (('{"turns": [5]}', "expected JSON"), ("[1]", "expected JSON"),
+                        ('{"turns": ["\\ud800"]}', "unpaired surrogate"),
+                        ('{"turns": ["\\udcff"]}', "not UTF-8 text")):
+        f = tmp_path / "bad.jsonl"
+        f.write_text('{"turns": ["fine"]}\n' + bad + "\n", encoding="utf-8")
+        with pytest.raises(SpecliError, match=needle) as e:
+            load_prompts(f)
+        assert f"{f}:2" in str(e.value)
+
+
+def test_bench_prompts_not_utf8_is_one_line(tiny_paths, env, prompts_file, tmp_path):
+    prompts_file.write_bytes(prompts_file.read_bytes() + "Résumé".encode("latin-1"))
+    args = bench_args(tiny_paths, prompts_file, tmp_path / "out")
+    p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert "is not UTF-8 text" in lines[0] and str(prompts_file) in lines[0], p.stderr

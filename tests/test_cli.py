@@ -171,6 +171,18 @@ def test_closed_pipe_exits_quietly(tiny_paths, env, args):
     assert len(p.stdout.encode()) <= 10
 
 
+def test_stats_survive_a_closed_pipe(tiny_paths, env):
+    """`| head` closing stdout lost --stats (stderr) too."""
+    cmd = (f"set -o pipefail; '{SPECLI}' generate '{tiny_paths['target']}' -m none -n 400 "
+           "-p 'Once upon a time' --stats | head -c 10")
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "method none, stop: interrupted" in p.stderr and "Traceback" not in p.stderr
+    cmd = f"'{SPECLI}' generate '{tiny_paths['target']}' -m none -n 4 -p 'Hi' >&-"
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=60)
+    assert_one_line_error(p, "stdout is closed")  # was an internal error (exit 70)
+
+
 def test_a_long_chat_drops_its_oldest_turns_instead_of_refusing(tiny_paths, env):
     """Once the conversation fills --ctx, every turn used to be refused ("context holds")
     while the script went on, exit 0.  The oldest turns now leave instead."""
@@ -181,6 +193,21 @@ def test_a_long_chat_drops_its_oldest_turns_instead_of_refusing(tiny_paths, env)
     assert "context holds" not in p.stderr
     assert "left the conversation to fit --ctx 128" in p.stderr
     assert p.stdout.count("\n") >= 8  # every turn answered (an answer may hold more)
+
+
+def test_a_scripted_chat_turn_that_cannot_fit_fails_the_script(tiny_paths, env):
+    """A piped line longer than the context printed an error, went on and exited 0; a
+    --system message that leaves no room failed once per line, exit 0."""
+    t = str(tiny_paths["target"])
+    long = "word " * 400
+    p = run(["chat", t, "-m", "none", "-n", "8", "--ctx", "128"], env,
+            stdin=f"Hello!\n{long}\nnever answered\n")
+    assert_one_line_error(p, "specli: error:", "context holds 128")
+    assert p.stdout.count("\n") >= 1  # the first turn was answered, and kept
+    p = run(["chat", t, "-m", "none", "-n", "8", "--ctx", "128", "--system", long], env,
+            stdin="Hello!\nAgain\n")
+    assert_one_line_error(p, "specli: error: the --system message", "context holds 128")
+    assert p.stdout == ""
 
 
 def test_chat_is_scriptable(tiny_paths, env):
@@ -194,6 +221,57 @@ def test_chat_is_scriptable(tiny_paths, env):
     assert "unknown command /bogus" in p.stderr
 
 
+def test_a_bad_flag_or_value_is_one_line_too(env):
+    """click's usage errors were four lines (Usage, Try, a blank, Error); --threads had
+    no ceiling (10000 on 2 cores did not finish 4 tokens in 5 minutes)."""
+    cases = [
+        (["generate", "-n", "abc", "-p", "hi"], "'--max-tokens' / '-n'", "generate --help"),
+        (["generate", "-n", "-1", "-p", "hi"], "'--max-tokens' / '-n'", "generate --help"),
+        (["generate", "--threads", str((os.cpu_count() or 1) + 1), "-p", "hi"],
+         "'--threads'", "generate --help"),
+        (["chat", "--draft-threads", "100000"], "'--draft-threads'", "chat --help"),
+        (["chat", "--json"], "No such option: --json", "chat --help"),
+        (["pull"], "Missing argument", "pull --help"),
+        (["bogus"], "No such command 'bogus'", "specli --help"),
+    ]
+    for args, *needles in cases:
+        p = run(args, env)
+        assert_one_line_error(p, "specli: error:", *needles)
+        assert p.returncode == 2 and p.stdout == ""
+    p = run([], env)  # no command: the help, as before
+    assert p.returncode == 2 and "Usage: specli" in p.stdout + p.stderr
+
+
+def test_flags_that_would_be_ignored_say_so(tiny_paths, env):
+    """--draft '' ran as if absent, --device tpu on a GGUF and -m none --draft X ran
+    without a word."""
+    t = str(tiny_paths["target"])
+    assert_one_line_error(run(["generate", t, "--draft", "", "-p", "hi"], env),
+                          "--draft is empty")
+    assert_one_line_error(run(["generate", t, "--device", "tpu", "-p", "hi"], env),
+                          "unknown --device 'tpu'; choose from auto, cpu, gpu, npu")
+    p = run(["generate", t, "-m", "none", "--draft", "nosuch", "-p", "hi", "-n", "2"], env)
+    assert p.returncode == 0 and p.stdout.strip(), p.stderr
+    assert p.stderr.strip() == "note: -m none uses no draft model: --draft nosuch is not loaded"
+    # checked before the models load and calibrate (and not after the answer)
+    p = run(["generate", t, "-m", "hd", "--corpus", "nosuch", "-p", "hi"], env)
+    assert_one_line_error(p, "no corpus index named 'nosuch'")
+    assert "loading" not in p.stderr
+    p = run(["generate", t, "-m", "auto", "-p", "hi", "-n", "2"],
+            {**env, "SPECLI_TRACE": "/nonexistent/dir/trace"})
+    assert_one_line_error(p, "/nonexistent/dir/trace")
+    assert p.stdout == ""  # it generated the whole answer first
+
+
+def test_export_errors_are_one_line_with_nothing_before(env, tmp_path):
+    """Every export error began with a blank line (an empty progress display)."""
+    p = run(["export", str(tmp_path / "nosuch.gguf")], env)
+    assert_one_line_error(p, "model file not found")
+    assert p.stderr.startswith("specli: error:"), repr(p.stderr)
+    p = run(["export", str(tmp_path / "nosuch.gguf"), "--force", "--reuse"], env)
+    assert_one_line_error(p, "give one of them")
+
+
 def test_help_teaches(env):
     p = run(["--help"], env)
     assert p.returncode == 0 and "speculative" in p.stdout and "generate" in p.stdout
@@ -202,6 +280,16 @@ def test_help_teaches(env):
                  "--seed", "--system", "--raw", "--draft-max", "--threads", "--ctx", "--stats",
                  "--json"):
         assert flag in p.stdout, flag
+    # examples stay one command a line in a narrow terminal (they wrapped mid-command)
+    for cmd, example in (
+            ("generate", "cat notes.txt | specli generate qwen2.5-coder-1.5b-instruct "
+                         "--system 'Summarise.'"),
+            ("export", "specli export qwen2.5-coder-1.5b-instruct --static --window 8   "
+                       "# Intel NPU"),
+            ("bench", "specli bench --categories coding,summarization --limit 2 -n 64 "
+                      "--out bench-out")):
+        p = run([cmd, "--help"], {**env, "COLUMNS": "60"})
+        assert any(ln.strip() == example for ln in p.stdout.splitlines()), p.stdout
 
 
 def test_models_lists_registry(env):
@@ -319,28 +407,31 @@ def test_generate_chat_bench_and_calibrate_load_through_model_options(monkeypatc
         raise SpecliError("stop before loading")
 
     monkeypatch.setattr(ModelOptions, "load", stop)
-    shared = ["m.gguf", "-d", "d.gguf", "--threads", "3", "-ngl", "2", "--device", "cpu",
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
+    (tmp_path / "corpora").mkdir()
+    (tmp_path / "corpora" / "c.sqlite").touch()  # --corpus is checked before the load
+    shared = ["m.gguf", "-d", "d.gguf", "--threads", "1", "-ngl", "2", "--device", "cpu",
               "--draft-threads", "1", "-ngld", "0"]
     runner = CliRunner()
     for args in (["generate", *shared, "-m", "hd", "-p", "hi", "--branches", "2",
                   "--corpus", "c", "--no-history"],
                  ["chat", *shared, "-m", "draft", "--budget", "fixed:2"],
                  ["bench", *shared, "--methods", "none,hd", "--out", str(tmp_path / "b")],
-                 ["calibrate", "m.gguf", "-d", "d.gguf", "--threads", "3", "-ngl", "2",
+                 ["calibrate", "m.gguf", "-d", "d.gguf", "--threads", "1", "-ngl", "2",
                   "--device", "cpu"]):
         result = runner.invoke(app, args)
         assert isinstance(result.exception, SpecliError), (args, result.output)
     gen, chat, bench, cal = seen
     for o in (gen, chat, bench, cal):
         assert (o.model, o.draft, o.threads, o.gpu_layers, o.device) == \
-            ("m.gguf", "d.gguf", 3, 2, "cpu")
+            ("m.gguf", "d.gguf", 1, 2, "cpu")
     assert (gen.method, gen.ctx, gen.branches, gen.corpus, gen.history, gen.tree) == \
         ("hd", 4096, 2, "c", False, None)
     assert (gen.draft_threads, gen.draft_gpu_layers) == (1, 0)
     assert (chat.method, chat.ctx, chat.budget, chat.history, chat.branches) == \
         ("draft", 8192, "fixed:2", True, 3)
     assert (bench.method, bench.ctx, bench.history, bench.tree) == ("none", 4096, False, True)
-    assert (cal.method, cal.budget, cal.branches, cal.history) == ("auto", "fixed:1", 1, True)
+    assert (cal.method, cal.budget, cal.branches, cal.history) == ("auto", "fixed:1", 1, False)
 
 
 def test_stream_text_writes_whole_characters_and_stops_on_ctrl_c():
@@ -398,6 +489,29 @@ def test_generate_json_after_ctrl_c_still_prints_what_was_generated(capsys):
     obj = json.loads(capsys.readouterr().out)
     assert obj["text"] == "hello world" and obj["tokens"] == [1, 2]
     assert obj["stop_reason"] == res.stop_reason == "interrupted"
+
+
+def test_generate_json_after_ctrl_c_during_the_load_prints_an_object(monkeypatch, tmp_path):
+    """A first run loads and calibrates for many seconds: `timeout 5 specli generate
+    --json | jq` got empty input.  Now one object, nothing written, and still 130."""
+    from typer.testing import CliRunner
+
+    from specli.cli import app
+    from specli.session import ModelOptions
+
+    def interrupted(self, console):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ModelOptions, "load", interrupted)
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
+    model = tmp_path / "t.gguf"
+    r = CliRunner().invoke(app, ["generate", str(model), "-m", "none", "-p", "hi", "--json"])
+    assert r.exit_code == 130
+    obj = json.loads(r.stdout)
+    assert obj["stop_reason"] == "interrupted" and obj["text"] == "" and obj["tokens"] == []
+    assert obj["model"] == str(model) and obj["method"] == "none"
+    r = CliRunner().invoke(app, ["generate", str(model), "-m", "none", "-p", "hi"])
+    assert r.exit_code == 130 and r.stdout == ""
 
 
 def test_generate_and_chat_stream_the_same_answer(tiny_paths, env):

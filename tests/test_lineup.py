@@ -115,8 +115,9 @@ def test_specli_trace_writes_each_round_with_every_budget_state(tmp_path, monkey
         team.observe(pick, Outcome([0.9], 0, 1, (0.001, 0.005), caught_up=3) if pick
                      else Outcome([], 0, 0, (0.0, 0.005), plain_before=3))
     # kept in memory while the generation runs (a line written every round cost ~165 us
-    # a round, 3% of a GPU step), written when it pauses
-    assert not trace.exists()
+    # a round, 3% of a GPU step), written when it pauses (the file is made at the start:
+    # a path that cannot be written fails then, not after the answer)
+    assert trace.read_text() == ""
     team.pause()
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
     assert [x["round"] for x in lines] == [1, 2, 3, 4]

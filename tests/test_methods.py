@@ -89,3 +89,48 @@ def test_a_new_drafter_is_one_class_and_one_entry(repeat_method, tiny_paths, tmp
     rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
     assert [r["method"] for r in rows] == ["none", "repeat@fixed:3", "repeat"]
     assert all(r["identical"] for r in rows) and rows[1]["drafted"] > 0
+
+
+def test_a_broken_history_leaves_the_default_method_working(tiny_paths, tmp_path,
+                                                            monkeypatch):
+    """$SPECLI_HOME under a file, or a corrupt history: auto and hd generate, with one
+    warning on the console, and the same tokens as plain decoding."""
+    opts = LoadOptions(n_ctx=512, n_threads=1, flash_attn="off", kv_type="f32")
+    target = str(tiny_paths["target"])
+    cfg = GenerationConfig(max_tokens=12)
+    (tmp_path / "file.gguf").write_bytes(b"x")
+    corrupt = tmp_path / "corrupt"
+    for home in (tmp_path / "file.gguf" / "sub", corrupt):
+        monkeypatch.setenv("SPECLI_HOME", str(home))
+        for method, budget in (("auto", "auto"), ("hd", "fixed:3")):
+            if home == corrupt:  # a garbage file where the history belongs
+                corrupt.joinpath("history").mkdir(parents=True, exist_ok=True)
+                for stale in corrupt.joinpath("history").iterdir():
+                    stale.unlink()
+                fp = _fingerprint(target, opts)
+                corrupt.joinpath("history", f"{fp}.sqlite").write_bytes(b"garbage" * 500)
+            out = Console(record=True, width=400)
+            loaded = runtime.load(target, None, method, opts, console=out, budget=budget)
+            try:
+                tokens = runtime.encode_prompt(loaded.target, "Once upon a time")
+                res = loaded.engine.generate(tokens, cfg, method)
+                with loaded.one_off_engine():
+                    pass
+                plain = runtime.Engine(loaded.target).generate(tokens, cfg, "none")
+            finally:
+                loaded.close()
+            assert res.tokens == plain.tokens
+            warned = [ln for ln in out.export_text().splitlines() if "your history" in ln]
+            assert len(warned) == 1 and warned[0].startswith("warning: ")
+            assert "--no-history" in warned[0] and ".sqlite" in warned[0]
+
+
+def _fingerprint(path: str, opts: LoadOptions) -> str:
+    from specli.backends.gguf import GGUFModel
+    from specli.ngram import tokenizer_fingerprint
+
+    model = GGUFModel(path, opts)
+    try:
+        return tokenizer_fingerprint(model)
+    finally:
+        model.close()

@@ -172,6 +172,24 @@ def test_store_persists_and_checks_the_tokenizer(home):
         NgramStore.open_corpus("../x", FP)
 
 
+def test_an_unusable_history_is_a_warning_not_an_error(tmp_path, monkeypatch):
+    """History only speeds hd up: a corrupt file, or a home under a file, warns once."""
+    bad = tmp_path / "home"
+    (bad / "history").mkdir(parents=True)
+    monkeypatch.setenv("SPECLI_HOME", str(bad))
+    history_path(FP).write_bytes(b"this is not an sqlite file at all" * 100)
+    notes: list[str] = []
+    assert NgramStore.open_history_or_none(FP, notes.append) is None
+    assert len(notes) == 1 and "\n" not in notes[0]
+    assert str(history_path(FP)) in notes[0] and "--no-history" in notes[0]
+    assert "delete" in notes[0]
+    (tmp_path / "file.gguf").write_bytes(b"x")
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path / "file.gguf" / "sub"))
+    assert NgramStore.open_history_or_none(FP, notes.append) is None
+    assert len(notes) == 2 and str(history_path(FP)) in notes[1]
+    assert NgramStore.open_history_or_none(FP) is None  # no one to tell: silent
+
+
 def test_size_bound_evicts_the_least_recently_seen(home):
     s = store(home, max_rows=60)
     s.add([100, 101, 102, 103, 104, 105])  # 28 rows (continuations + totals), seen at time 1

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from specli.backends import open_model
 from specli.backends.base import LoadOptions
@@ -211,6 +212,50 @@ def test_broken_export_folders_are_one_line_errors(onnx_dirs, tmp_path):
     (bad / "model.onnx").write_bytes((onnx_dirs["none"] / "model.onnx").read_bytes())
     with pytest.raises(SpecliError, match="tokenizer.json"):
         ONNXModel(bad, OPTS)
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "../x", "a/b", "..", ".", "", ".hidden",
+                                  "a\\b", "x" * 101])
+def test_export_names_are_plain_names(name, tiny_paths, tmp_path, monkeypatch):
+    """--name names a folder under $SPECLI_HOME/exports: it must not lead out of it."""
+    from specli.export import catalog
+    from specli.export.exporter import export_model
+
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path / "a" / "home"))
+    with pytest.raises(SpecliError, match="invalid export name") as e:
+        export_model(str(tiny_paths["target"]), quant="none", name=name, force=True)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "a" / "escaped").exists() and not (tmp_path / "a" / "x").exists()
+    assert catalog.load() == {}
+
+
+@pytest.mark.parametrize("raw", [[1, 2], {"a": 5}, {"a": {"name": "a"}}, "text", None,
+                                 {"a": {"name": "a", "path": 3, "source": "s", "quant": "none",
+                                        "exporter": "e", "batch_invariant": True}}])
+def test_a_bad_exports_list_is_one_line_naming_the_file(raw, tmp_path, monkeypatch):
+    """exports.json edited by hand or by another program: `specli models` and every
+    model name resolution fail in one line that says what to do, not with a crash."""
+    from specli.export import catalog
+    from specli.pull import render_models, resolve_model
+    from specli.registry import load_registry
+
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
+    (tmp_path / "exports.json").write_text(json.dumps(raw), encoding="utf-8")
+    for call in (catalog.load, lambda: resolve_model("nosuch", registry=load_registry()),
+                 lambda: render_models(load_registry(), Console(quiet=True))):
+        with pytest.raises(SpecliError, match="not a valid exports list") as e:
+            call()
+        assert str(tmp_path / "exports.json") in str(e.value) and "delete it" in str(e.value)
+
+
+def test_an_exports_list_from_a_later_specli_still_reads(tmp_path, monkeypatch):
+    from specli.export import catalog
+
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
+    entry = {"name": "a", "path": "p", "source": "s", "quant": "none", "exporter": "e",
+             "batch_invariant": True, "created": "", "added_later": 1}
+    (tmp_path / "exports.json").write_text(json.dumps({"a": entry}), encoding="utf-8")
+    assert catalog.load()["a"].path == "p"
 
 
 def _cli(args, env, timeout=120):

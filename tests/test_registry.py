@@ -207,6 +207,27 @@ def test_registry_env_override_and_get_suggestions(env: Path) -> None:
     assert reg.get_pair("fake").draft == "fake-draft"
 
 
+def test_pair_names_from_specli_models_work(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`specli models` lists pairs: `specli pull PAIR` pulls its two models, and a pair as
+    MODEL means its target drafted by its draft (a model, file or export keeps its name)."""
+    from specli.runtime import choose_models
+
+    reg = load_registry()
+    assert reg.find_pair("FAKE") is reg.get_pair("fake") and reg.find_pair("x") is None
+    assert [e.name for e in reg.entries_for("Fake")] == ["fake-model", "fake-draft"]
+    assert [e.name for e in reg.entries_for("fake-draft")] == ["fake-draft"]
+    with pytest.raises(SpecliError, match="unknown model or pair 'fak'; did you mean: fake"):
+        reg.entries_for("fak")
+    with pytest.raises(SpecliError, match="known models and pairs: fake, fake-draft"):
+        reg.entries_for("zzz")
+    assert choose_models("fake", None, "auto") == ("fake-model", "fake-draft")
+    assert choose_models("FAKE", "other.gguf", "draft") == ("fake-model", "other.gguf")
+    assert choose_models("fake", None, "hd") == ("fake-model", None)
+    monkeypatch.chdir(env)
+    (env / "fake").write_bytes(b"GGUF")  # a file of that name: the file, as before
+    assert choose_models("fake", None, "auto") == ("fake", None)
+
+
 def test_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("SPECLI_HOME", raising=False)
     assert specli_home() == Path.home() / ".cache" / "specli"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import SpecliError
@@ -53,9 +53,38 @@ def load() -> dict[str, Export]:
         return {}
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
-        return {name: Export(**entry) for name, entry in raw.items()}
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise SpecliError(f"cannot read the export catalog {p}: {e}") from None
+    why = _invalid(raw)
+    if why is not None:
+        raise SpecliError(f"{p} is not a valid exports list ({why}); delete it and run "
+                          "`specli export` again (--reuse re-registers an export still there)")
+    return {name: _export(entry) for name, entry in raw.items()}
+
+
+_FIELD_TYPES = {"str": str, "bool": bool}
+
+
+def _invalid(raw: object) -> str | None:
+    """What is wrong with a parsed exports.json, or None: a hand edit or another
+    program's file must be a one-line error, not a crash in whoever reads it."""
+    if not isinstance(raw, dict):
+        return f"expected an object of name: export, not {type(raw).__name__}"
+    for name, entry in raw.items():
+        if not isinstance(entry, dict):
+            return f"{name!r} is {type(entry).__name__}, not an object"
+        for f in fields(Export):
+            value = entry.get(f.name)
+            if f.name not in entry and f.default is MISSING:
+                return f"{name!r} has no {f.name!r}"
+            if f.name in entry and not isinstance(value, _FIELD_TYPES[str(f.type)]):
+                return f"{name!r}: {f.name!r} is not a {f.type}"
+    return None
+
+
+def _export(entry: dict) -> Export:
+    """An Export from a checked entry, fields a later specli may add left out."""
+    return Export(**{f.name: entry[f.name] for f in fields(Export) if f.name in entry})
 
 
 def register(entry: Export) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..backends.openvino_static import StaticSpec, read_static, write_static
 from ..errors import SpecliError
+from ..registry import check_plain_name
 from . import catalog
 
 Progress = Callable[[str, int, int], None]  # (step, done, total)
@@ -73,6 +74,8 @@ def export_model(
         raise SpecliError(f"unknown --exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
     if static is not None:
         static.check()
+    if name is not None:  # it names a folder under $SPECLI_HOME/exports
+        check_plain_name(name, "export")
     kind, path, label = classify(source)
     if kind == "hf" and exporter == "specli":
         raise SpecliError("specli's own exporter reads GGUF files; a Hugging Face folder "
