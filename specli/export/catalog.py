@@ -62,7 +62,7 @@ def load() -> dict[str, Export]:
     return {name: _export(entry) for name, entry in raw.items()}
 
 
-_FIELD_TYPES = {"str": str, "bool": bool}
+_FIELD_TYPES = {"str": str, "bool": bool}  # Export's field types (others: not checked)
 
 
 def _invalid(raw: object) -> str | None:
@@ -77,7 +77,7 @@ def _invalid(raw: object) -> str | None:
             value = entry.get(f.name)
             if f.name not in entry and f.default is MISSING:
                 return f"{name!r} has no {f.name!r}"
-            if f.name in entry and not isinstance(value, _FIELD_TYPES[str(f.type)]):
+            if f.name in entry and not isinstance(value, _FIELD_TYPES.get(str(f.type), object)):
                 return f"{name!r}: {f.name!r} is not a {f.type}"
     return None
 
