@@ -23,6 +23,16 @@ from .textin import check_text, read_line
 HELP = "commands: /stats  /reset  /exit   (Ctrl-C stops an answer, Ctrl-D quits)"
 
 
+def _line_editing() -> None:
+    """GNU readline for the typed turns, where Python has it: arrows edit the line and
+    recall earlier turns, and a pasted line is read whole (without it the terminal's
+    line discipline cut one at 4095 bytes, silently)."""
+    try:
+        import readline  # noqa: F401  (importing it is what turns it on for input())
+    except ImportError:  # Windows, or a Python built without it
+        pass
+
+
 class ChatSession:
     def __init__(
         self,
@@ -58,10 +68,11 @@ class ChatSession:
         self._check_system()
         self.strict = not interactive
         if interactive:
+            _line_editing()
             self.err.print(f"specli chat ({self.loaded.method}); {HELP}", markup=False)
         while True:
             try:
-                line = input(">>> ") if interactive else read_line(stdin)
+                line = self._ask() if interactive else read_line(stdin)
                 if interactive:
                     line = check_text(line, "that line")
             except EOFError:
@@ -86,6 +97,14 @@ class ChatSession:
             self.answer(line)
         if interactive:
             self.err.print("bye", markup=False)
+
+    def _ask(self) -> str:
+        """A turn typed at the terminal.  The prompt goes to stderr when stdout is not
+        the terminal (`specli chat > answers.txt`): stdout carries only the answers."""
+        if sys.stdout.isatty():
+            return input(">>> ")
+        self.err.print(">>> ", end="", markup=False)
+        return input()
 
     def _check_system(self) -> None:
         """A --system message that leaves no room for a turn fails once, at the start
@@ -160,4 +179,7 @@ class ChatSession:
         self.last = res
         if res.stop_reason == "interrupted":
             self.err.print("(stopped)", markup=False)
+        elif res.stop_reason == "context":
+            self.err.print(f"(the context is full: the answer stops here; /reset, or a "
+                           f"larger --ctx than {loaded.target.n_ctx})", markup=False)
         sys.stdout.flush()

@@ -269,27 +269,37 @@ def fit_draft_max(shared: dict[str, Any], loaded: Loaded) -> int:
 
 
 def model_options(model: str | None, draft: str | None, method: str, shared: dict[str, Any],
-                  history: bool, tree: bool | None = None, asked: str = "") -> ModelOptions:
+                  history: bool, tree: bool | None = None, asked: str = "",
+                  ngrams: bool | None = None) -> ModelOptions:
     """The shared options as the one object the loading path takes, after the checks
-    that need no model: a flag that would be silently ignored says so.  `asked`: the
-    flag that chose `method` (generate's -m; bench's --methods), for that note."""
-    if draft is not None and not draft.strip():
-        raise SpecliError("--draft is empty: give a GGUF path or a registry name "
-                          "(specli models)")
-    if draft and not method_table.get(method).draft_model:
-        err.print(f"note: {asked or '-m ' + method} uses no draft model: --draft {draft} "
-                  "is not loaded", markup=False)
-    corpus = shared["corpus"]
-    if corpus and not (where := corpus_path(corpus)).is_file():  # not after a load
-        raise SpecliError(f"no corpus index named {corpus!r} (looked for {where}); build "
-                          f"one with: specli index build FILE... -o {corpus}")
-    if shared["device"] not in DEVICES:
-        raise SpecliError(f"unknown --device {shared['device']!r}; choose from "
-                          f"{', '.join(DEVICES)}")
+    that need no model (check_model_flags)."""
+    check_model_flags(draft, method, shared["device"], shared["corpus"], asked, ngrams)
     keys = ("ctx", "threads", "gpu_layers", "device", "branches", "budget", "corpus",
             "draft_threads", "draft_gpu_layers")
     return ModelOptions(model, draft, method, history=history, tree=tree,
                         **{k: shared[k] for k in keys})
+
+
+def check_model_flags(draft: str | None, method: str, device: str, corpus: str | None = None,
+                      asked: str = "", ngrams: bool | None = None) -> None:
+    """What can be told wrong before any model loads; a flag the method would silently
+    ignore says so.  `asked`: the flag that chose `method` (bench's --methods), for that;
+    `ngrams`: whether one of them drafts from n-gram stores (default: `method` does)."""
+    if draft is not None and not draft.strip():
+        raise SpecliError("--draft is empty: give a GGUF path or a registry name "
+                          "(specli models)")
+    chosen = method_table.get(method)
+    if draft and not chosen.draft_model:
+        err.print(f"note: {asked or '-m ' + method} uses no draft model: --draft {draft} "
+                  "is not loaded", markup=False)
+    if corpus and not (where := corpus_path(corpus)).is_file():  # not after a load
+        raise SpecliError(f"no corpus index named {corpus!r} (looked for {where}); build "
+                          f"one with: specli index build FILE... -o {corpus}")
+    if corpus and not (chosen.ngrams if ngrams is None else ngrams):
+        err.print(f"note: {asked or '-m ' + method} drafts from no n-gram index: --corpus "
+                  f"{corpus} is not used (hd, draft+hd and auto use it)", markup=False)
+    if device not in DEVICES:
+        raise SpecliError(f"unknown --device {device!r}; choose from {', '.join(DEVICES)}")
 
 
 def _history(no_history: bool, params: SamplingParams) -> bool:
@@ -421,6 +431,9 @@ def generate(
         raise
     finally:
         loaded.finish(tokens, res)  # drafters with a memory (hd) learn from what was written
+    if res.stop_reason == "context":  # cut, not finished: say so (not only in --stats)
+        err.print(f"note: the context is full (--ctx {loaded.target.n_ctx}): the answer "
+                  "stops here; a larger --ctx lets it go on", markup=False)
     _print_stats(stats, loaded, res)
 
 
@@ -610,6 +623,7 @@ def calibrate(
     """
     from .budget import describe_costs
 
+    check_model_flags(draft, "auto", device)
     models = ModelOptions(model, draft, "auto", ctx=ctx, threads=threads, gpu_layers=gpu_layers,
                           device=device, budget="fixed:1", history=False)  # needs none
     loaded = models.load(err)
@@ -697,10 +711,11 @@ def export_cmd(
         str,
         typer.Option(
             "--quant", "-q",
-            help="int8 (default: 8-bit weights, writes what the GGUF writes), int4 (4-bit "
-            "weights: smaller and ~25% faster, but re-quantising a GGUF's 4/5-bit weights "
-            "drifts from it) or none (fp32). All three are weight-only, so a token's logits "
-            "do not depend on the batch: verification stays lossless.",
+            help="int8 (default: 8-bit weights, close to the GGUF: greedy text may part from "
+            "it at a near-tie), int4 (4-bit weights: smaller and ~25% faster, but "
+            "re-quantising a GGUF's 4/5-bit weights drifts from it) or none (fp32). All "
+            "three are weight-only, so a token's logits do not depend on the batch: "
+            "verification stays lossless.",
         ),
     ] = "int8",
     name: Annotated[
@@ -891,7 +906,8 @@ def bench(
     # benchmark prompts never enter the user's history
     assert shared is not None  # given by shares_model_options
     models = model_options(model, draft, used, shared, False, bm.uses_tree(method_list),
-                           asked=f"--methods {methods}")
+                           asked=f"--methods {methods}",
+                           ngrams=any(s.method is not None and s.method.ngrams for s in specs))
     t_load = time.perf_counter()
     loaded = models.load(err)
     plan = bm.Plan(chosen, method_list, max_tokens, params, fit_draft_max(shared, loaded),

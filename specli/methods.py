@@ -35,6 +35,7 @@ class Method:
     needs_draft: bool = False  # and cannot run without one
     same_tokenizer: bool = False  # its draft model must share the target's tokenizer
     trees: bool = False  # may verify candidate trees (the target holds --branches sequences)
+    ngrams: bool = False  # drafts from hd's n-gram stores (--corpus, your history)
     fixed_budget: bool = True  # METHOD@fixed:K makes sense (it drafts)
 
 

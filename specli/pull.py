@@ -190,7 +190,8 @@ def resolve_model(
     if exported is not None:
         if not exported.present:
             raise SpecliError(f"export {exported.name} is gone from {exported.path}; "
-                              f"run specli export again")
+                              f"export it again: specli export {exported.source} --name "
+                              f"{exported.name} --force")
         return Path(exported.path)
 
     seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())

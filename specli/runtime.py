@@ -512,16 +512,16 @@ for _method in (
     Method("auto", "each round, whichever of hd, draft and draft+hd (the last two with a "
            "draft model; also duo with the target on a GPU) is expected to pay most, or a "
            "plain step", lambda loaded, budget: loaded._auto_engine(budget),
-           draft_model=True, trees=True, fixed_budget=False),
+           draft_model=True, trees=True, fixed_budget=False, ngrams=True),
     Method("none", "plain decoding (the reference)", _none, fixed_budget=False),
     Method("draft", "speculative decoding with the draft model (--draft)", _draft,
            draft_model=True, needs_draft=True),
     Method("lookup", "draft by copying from the prompt and output so far (no draft model)",
            _lookup),
     Method("hd", "hierarchy drafting from the context, your past generations and a "
-           "--corpus index", _hd, trees=True),
+           "--corpus index", _hd, trees=True, ngrams=True),
     Method("draft+hd", "the draft model, with hd guessing its tokens (a cascade)", _cascade,
-           draft_model=True, needs_draft=True, same_tokenizer=True),
+           draft_model=True, needs_draft=True, same_tokenizer=True, ngrams=True),
     Method("duo", "the draft model drafts the next round in its own thread while the target "
            "verifies this one (DuoDecoding; pays when the target sits on a GPU: -ngl), or in "
            "turn where the measured costs say overlapping cannot pay", _duo_engine,

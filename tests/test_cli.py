@@ -210,6 +210,39 @@ def test_a_scripted_chat_turn_that_cannot_fit_fails_the_script(tiny_paths, env):
     assert p.stdout == ""
 
 
+def test_typed_chat_keeps_its_prompt_off_a_redirected_stdout(tiny_paths, env):
+    """`specli chat > answers.txt` at a terminal: the `>>> ` prompts went into the file."""
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([SPECLI, "chat", str(tiny_paths["target"]), "-m", "none", "-n", "8"],
+                            stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    os.close(follower)
+    try:
+        os.write(leader, b"Hello there\n")
+        os.write(leader, b"\x04")  # Ctrl-D at the next prompt: leave
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out.strip() and b">>>" not in out
+    assert err.count(b">>> ") == 2 and b"bye" in err
+
+
+def test_an_answer_the_context_cuts_says_so(tiny_paths, env):
+    """It stopped mid-sentence, exit 0, with nothing said unless --stats was asked."""
+    t = str(tiny_paths["target"])
+    p = run(["generate", t, "-m", "none", "-n", "1000", "--ctx", "48", "-p", "Hello"], env)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.strip() == ("note: the context is full (--ctx 48): the answer stops "
+                                "here; a larger --ctx lets it go on")
+    p = run(["chat", t, "-m", "none", "-n", "1000", "--ctx", "64"], env, stdin="Hello\n")
+    assert p.returncode == 0 and "(the context is full: the answer stops here" in p.stderr
+
+
 def test_chat_is_scriptable(tiny_paths, env):
     t, d = str(tiny_paths["target"]), str(tiny_paths["draft"])
     script = "Hello!\n/stats\nTell me more.\n/reset\n/bogus\nAgain\n/exit\nnever read\n"
@@ -253,6 +286,15 @@ def test_flags_that_would_be_ignored_say_so(tiny_paths, env):
     p = run(["generate", t, "-m", "none", "--draft", "nosuch", "-p", "hi", "-n", "2"], env)
     assert p.returncode == 0 and p.stdout.strip(), p.stderr
     assert p.stderr.strip() == "note: -m none uses no draft model: --draft nosuch is not loaded"
+    corpora = Path(env["SPECLI_HOME"]) / "corpora"
+    corpora.mkdir(parents=True)
+    (corpora / "docs.sqlite").touch()  # never opened by -m none
+    p = run(["generate", t, "-m", "none", "--corpus", "docs", "-p", "hi", "-n", "2"], env)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.strip() == ("note: -m none drafts from no n-gram index: --corpus docs is "
+                                "not used (hd, draft+hd and auto use it)")
+    assert_one_line_error(run(["calibrate", t, "--device", "tpu"], env), "unknown --device")
+    assert_one_line_error(run(["calibrate", t, "-d", ""], env), "--draft is empty")
     # checked before the models load and calibrate (and not after the answer)
     p = run(["generate", t, "-m", "hd", "--corpus", "nosuch", "-p", "hi"], env)
     assert_one_line_error(p, "no corpus index named 'nosuch'")

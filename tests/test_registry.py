@@ -485,3 +485,25 @@ def test_a_killed_pull_leaves_nothing_after_the_next_pull_or_models(env: Path) -
         sleeper.kill()
         for proc in [sleeper, *killed]:
             proc.wait()
+
+
+def test_a_half_deleted_export_says_how_to_export_it_again(tmp_path, monkeypatch):
+    """The advice was "run specli export again", which then refused: the folder was not
+    empty.  It now gives the command that works."""
+    from specli.errors import SpecliError
+    from specli.export import catalog
+    from specli.pull import resolve_model
+    from specli.registry import load_registry
+
+    monkeypatch.setenv("SPECLI_HOME", str(tmp_path))
+    folder = tmp_path / "exports" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.json").write_text("{}")  # model.onnx removed by hand
+    catalog.register(catalog.Export("mine", str(folder), "/models/x.gguf", "int8",
+                                    "specli-gguf", True))
+    try:
+        resolve_model("mine", registry=load_registry())
+    except SpecliError as e:
+        assert str(e).endswith("specli export /models/x.gguf --name mine --force"), e
+    else:
+        raise AssertionError("a half-deleted export resolved")
