@@ -52,13 +52,13 @@ class ChatSession:
         self.write = write
         self.err = err
         self.messages: list[dict[str, str]] = []
-        self.last: Result | None = None
         self.strict = False  # a turn that cannot be answered raises (a script's)
         self.reset()
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.learned = 0  # conversation tokens a drafter with memory has already seen
+        self.last: Result | None = None  # /stats after /reset: nothing yet, not the old
 
     def run(self, stdin: TextIO) -> None:
         """Turns from a terminal, or one per line from a script.  A script's turn that

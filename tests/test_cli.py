@@ -245,13 +245,15 @@ def test_an_answer_the_context_cuts_says_so(tiny_paths, env):
 
 def test_chat_is_scriptable(tiny_paths, env):
     t, d = str(tiny_paths["target"]), str(tiny_paths["draft"])
-    script = "Hello!\n/stats\nTell me more.\n/reset\n/bogus\nAgain\n/exit\nnever read\n"
+    script = ("Hello!\n/stats\nTell me more.\n/reset\n/stats\n/bogus\nAgain\n/exit\n"
+              "never read\n")
     p = run(["chat", t, "-d", d, "-n", "8"], env, stdin=script)
     assert p.returncode == 0, p.stderr
     assert len([ln for ln in p.stdout.splitlines()]) >= 3  # three answers
     assert "method auto" in p.stderr  # /stats
     assert "conversation cleared" in p.stderr
     assert "unknown command /bogus" in p.stderr
+    assert "(no answer yet)" in p.stderr  # /stats after /reset: not the forgotten answer
 
 
 def test_a_bad_flag_or_value_is_one_line_too(env):
