@@ -14,6 +14,17 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import SpecliError
+
+DEVICES = ("auto", "cpu", "gpu", "npu")  # --device: where an ONNX model runs
+
+
+def check_device(device: str) -> str:
+    """`device` if --device knows it, else a one-line error listing what it knows."""
+    if device not in DEVICES:
+        raise SpecliError(f"unknown --device {device!r}; choose from {', '.join(DEVICES)}")
+    return device
+
 
 @dataclass(frozen=True)
 class LoadOptions:

@@ -28,9 +28,8 @@ import numpy as np
 from ..chat_template import render_chat
 from ..errors import SpecliError
 from ..threads import cores_note, default_cores
-from .base import LoadOptions, StepClock
+from .base import LoadOptions, StepClock, check_device
 
-DEVICES = ("auto", "cpu", "gpu", "npu")
 # execution providers that put a whole model on a GPU, best first
 GPU_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider")
 OPENVINO = "OpenVINOExecutionProvider"
@@ -74,8 +73,7 @@ def choose_providers(
     OpenVINO's CPU plugin when onnxruntime-openvino is installed, else the default CPU
     provider.  auto: a GPU if one is there (never the NPU, which needs static shapes),
     else the CPU provider, which is the fastest CPU path measured here."""
-    if device not in DEVICES:
-        raise SpecliError(f"unknown --device {device!r}; choose from {', '.join(DEVICES)}")
+    check_device(device)
     ov = OPENVINO in available
     ov_has = {d.split(".")[0].upper() for d in openvino_devices}
     cpu = (CPU, {})

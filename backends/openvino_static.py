@@ -40,8 +40,8 @@ import numpy as np
 
 from ..errors import SpecliError
 from ..threads import default_cores
-from .base import LoadOptions
-from .onnx import DEVICES, ONNXModel, _one_line
+from .base import LoadOptions, check_device
+from .onnx import ONNXModel, _one_line
 
 STATIC_FILE = "static.json"  # written by `specli export --static` into the export folder
 DEFAULT_WINDOW = 8  # K: matches --draft-max's default, so the budget may draft up to it
@@ -115,9 +115,7 @@ def pick_device(device: str, available: Sequence[str]) -> str:
     names = {d.split(".")[0].upper() for d in available}
     if device == "auto":
         return "NPU" if "NPU" in names else "CPU"
-    if device not in _OV_DEVICE:
-        raise SpecliError(f"unknown --device {device!r}; choose from {', '.join(DEVICES)}")
-    want = _OV_DEVICE[device]
+    want = _OV_DEVICE[check_device(device)]
     if want not in names:
         fix = (" (install Intel's NPU driver; on an AI PC, update it), or run the same "
                "static graphs on the CPU with --device cpu" if want == "NPU" else "")

@@ -22,12 +22,12 @@ from rich.console import Console
 
 from . import methods as method_table  # the methods' table (runtime registers them)
 from . import runtime
-from .backends.base import LoadOptions
+from .backends.base import LoadOptions, check_device
 from .budget import parse_budget
 from .engine import GenerationConfig, Result
 from .entry import exit_code_for_interrupt, interrupt
 from .errors import SpecliError
-from .ngram import corpus_path
+from .ngram import existing_corpus
 from .report import result_json, stats_lines
 from .runtime import Loaded
 from .sampling import SamplingParams
@@ -195,7 +195,6 @@ BudgetOpt = Annotated[
 ]
 
 
-DEVICES = ("auto", "cpu", "gpu", "npu")  # backends/onnx.py's, without importing it
 BENCH_METHODS = "none,draft,peer-none,peer-pld"
 BENCH_METHODS_NO_DRAFT = "none,hd,peer-none,peer-pld"
 
@@ -292,14 +291,12 @@ def check_model_flags(draft: str | None, method: str, device: str, corpus: str |
     if draft and not chosen.draft_model:
         err.print(f"note: {asked or '-m ' + method} uses no draft model: --draft {draft} "
                   "is not loaded", markup=False)
-    if corpus and not (where := corpus_path(corpus)).is_file():  # not after a load
-        raise SpecliError(f"no corpus index named {corpus!r} (looked for {where}); build "
-                          f"one with: specli index build FILE... -o {corpus}")
+    if corpus:
+        existing_corpus(corpus)  # not after a load
     if corpus and not (chosen.ngrams if ngrams is None else ngrams):
         err.print(f"note: {asked or '-m ' + method} drafts from no n-gram index: --corpus "
                   f"{corpus} is not used (hd, draft+hd and auto use it)", markup=False)
-    if device not in DEVICES:
-        raise SpecliError(f"unknown --device {device!r}; choose from {', '.join(DEVICES)}")
+    check_device(device)
 
 
 def _history(no_history: bool, params: SamplingParams) -> bool:

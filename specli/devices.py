@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends.onnx import DEVICES, choose_providers, openvino_devices
+from .backends.base import DEVICES
+from .backends.onnx import choose_providers, openvino_devices
 from .cpu_load import census
 from .errors import SpecliError
 from .threads import available_cores, cpu_quota, default_cores

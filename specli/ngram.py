@@ -153,6 +153,17 @@ def corpus_path(name: str) -> Path:
     return specli_home() / "corpora" / f"{check_plain_name(name, 'corpus')}.sqlite"
 
 
+def existing_corpus(name: str) -> Path:
+    """The file of the corpus index `name`, or a one-line error saying how to build it."""
+    path = corpus_path(name)
+    if not path.is_file():
+        raise SpecliError(
+            f"no corpus index named {name!r} (looked for {path}); "
+            f"build one with: specli index build FILE... -o {name}"
+        )
+    return path
+
+
 def pack_key(tokens: Sequence[int]) -> bytes:
     """An n-gram as little-endian int32 bytes (n is implied by the length)."""
     return struct.pack(f"<{len(tokens)}i", *tokens)
@@ -329,13 +340,7 @@ class NgramStore:
     @classmethod
     def open_corpus(cls, name: str, fingerprint: str) -> NgramStore:
         """A corpus built by `specli index build`, read-only."""
-        path = corpus_path(name)
-        if not path.is_file():
-            raise SpecliError(
-                f"no corpus index named {name!r} (looked for {path}); "
-                f"build one with: specli index build FILE... -o {name}"
-            )
-        return cls(path, fingerprint, readonly=True)
+        return cls(existing_corpus(name), fingerprint, readonly=True)
 
     def _open(self, fingerprint: str) -> sqlite3.Connection:
         if self.readonly:

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from .errors import SpecliError
 from .openai_api import SSE_DONE, Answer, ApiError, parse_json, parse_request, sse
-from .serve_worker import Job, Worker, log_failure
+from .serve_worker import Job, Worker, log_failure, shutting_down
 
 POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is there
 
@@ -131,8 +131,7 @@ class _QuietErrors:
         try:
             await self.app(scope, receive, send_)
         except asyncio.CancelledError:
-            gone = ApiError(503, "the server is shutting down", kind="server_error",
-                            code="shutting_down")
+            gone = shutting_down()
             with contextlib.suppress(Exception):
                 if not started:
                     await error_response(gone)(scope, receive, send)

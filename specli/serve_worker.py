@@ -30,6 +30,12 @@ RETRY_AFTER_S = 2  # what a 503 tells the client to wait
 SEAM = 4  # tokens at the end of a chat prompt that its next turn may spell differently
 
 
+def shutting_down() -> ApiError:
+    """The 503 every request the stopping server cannot answer gets."""
+    return ApiError(503, "the server is shutting down", kind="server_error",
+                    code="shutting_down")
+
+
 @dataclass
 class Job:
     """One request on its way through the generation thread.  Events, in order:
@@ -68,8 +74,7 @@ class Worker:
     def submit(self, job: Job) -> None:
         """Queue `job`, or refuse at once (503 and Retry-After) when full or stopping."""
         if self.stopping.is_set():
-            raise ApiError(503, "the server is shutting down", kind="server_error",
-                           code="shutting_down")
+            raise shutting_down()
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -100,8 +105,7 @@ class Worker:
             except queue.Empty:
                 return
             if job is not None:
-                job.emit("error", ApiError(503, "the server is shutting down",
-                                           kind="server_error", code="shutting_down"))
+                job.emit("error", shutting_down())
 
     def join(self, timeout: float | None = None) -> bool:
         self.thread.join(timeout)

@@ -46,10 +46,9 @@ def tokens_spelling(token_bytes: Callable[[int], bytes], tokens: Sequence[int],
                     n_chars: int) -> int:
     """The fewest leading tokens whose text (as TextStream decodes it) has at least
     `n_chars` characters: how many tokens it took to write a text's first n_chars."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    have = 0
+    stream, have = TextStream(token_bytes), 0
     for i, tok in enumerate(tokens):
-        have += len(decoder.decode(token_bytes(tok)))
+        have += len(stream.push([tok]))
         if have >= n_chars:
             return i + 1
     return len(tokens)
