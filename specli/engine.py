@@ -316,18 +316,21 @@ class Engine:
     @staticmethod
     def _draft(picks: list[Pick], ctx: list[int], params: SamplingParams,
                rng: np.random.Generator) -> tuple[Pick | None, Draft, int]:
-        """The first picked drafter that finds a draft (None: a plain step), its draft, a
-        tree pruned by its budget to the candidates that pay, and the tokens it drafts
-        beside the pass that verifies it (duo)."""
+        """The first picked drafter that finds a draft worth verifying (None: a plain
+        step), its draft (a tree pruned by its budget to the candidates that pay, a chain
+        trimmed to the prefix that pays, a probe's whole), and the tokens it drafts beside
+        the pass that verifies it (duo)."""
         for pick in picks:
             d, budget, plan = pick.member.drafter, pick.member.budget, pick.plan
             if not plan.in_turn:
                 d.prepare_beside()
             draft = d.propose(ctx, plan.k, params, rng, budget.keep_going)
-            if not draft.tokens:
-                continue
             if draft.parents is not None:
                 draft = draft.subtree(budget.prune_tree(draft.parents, draft.confidence))
+            elif not plan.probe and draft.tokens and len(draft.confidence) == len(draft.tokens):
+                draft = draft.prefix(budget.trim(draft.confidence))  # (none given: whole)
+            if not draft.tokens:
+                continue
             draft.source = draft.source or pick.member.name
             beside = 0 if plan.in_turn else d.start_beside(ctx, draft, plan.k, params,
                                                           plan.background)

@@ -17,6 +17,7 @@ from . import methods
 from .backends import open_model
 from .backends.base import Backend, LoadOptions
 from .budget import (
+    Acceptance,
     AdaptiveBudget,
     Budget,
     CostModel,
@@ -153,13 +154,16 @@ class Loaded:
             f"{speedups[place]:.2f}x expected" for place in places)
         self.duo_placement = f"{chosen.placement} (placed by measurement: {measured})"
 
-    def make_budget(self, spec: str, free_drafts: bool = False) -> Budget:
-        """`free_drafts`: the drafter costs ~nothing (n-gram lookup), only verification."""
+    def make_budget(self, spec: str, free_drafts: bool = False,
+                    calibrated: bool = False) -> Budget:
+        """`free_drafts`: the drafter costs ~nothing (n-gram lookup), only verification.
+        `calibrated`: its confidences are acceptance probabilities (hd's)."""
         k = _parse_budget(spec)
         if k is not None:
             return FixedBudget(k)
         cost = self.cost_model()
-        return AdaptiveBudget(CostModel(cost.verify, 0.0) if free_drafts else cost)
+        return AdaptiveBudget(CostModel(cost.verify, 0.0) if free_drafts else cost,
+                              Acceptance(calibrated=calibrated))
 
     def make_engine(self, method: str, budget: str = "auto") -> Engine:
         """An engine for `method` (a name in specli.methods) on the loaded models."""
@@ -258,7 +262,8 @@ class Loaded:
             raise SpecliError("--method auto sizes its drafts itself: use --budget auto, "
                               "or a method (draft, lookup, hd, draft+hd) with fixed:K")
         hd = self._hd_drafter()
-        members = [Member("hd", hd, self.make_budget("auto", free_drafts=True))]
+        members = [Member("hd", hd, self.make_budget("auto", free_drafts=True,
+                                                     calibrated=True))]
         if self.draft is not None:
             members.append(Member("draft", self._model_drafter(), self.make_budget("auto")))
         if self.draft is not None and not self.cross:
@@ -493,7 +498,8 @@ def _lookup(loaded: Loaded, budget: str) -> Engine:
 
 
 def _hd(loaded: Loaded, budget: str) -> Engine:
-    return Engine(loaded.target, loaded._hd_drafter(), loaded.make_budget(budget, True))
+    return Engine(loaded.target, loaded._hd_drafter(),
+                  loaded.make_budget(budget, free_drafts=True, calibrated=True))
 
 
 def _cascade(loaded: Loaded, budget: str) -> Engine:

@@ -683,3 +683,43 @@ def test_the_engine_tells_the_budget_how_many_plain_steps_came_since_a_draft(tin
         assert before == plain
         plain = 0 if n else plain + 1
     assert [b for _, b in seen[:4]] == [0, 1, 2, 0]
+
+
+def test_calibrated_confidences_judge_each_token_by_its_own_and_the_text_so_far():
+    """hd's confidence is a probability of acceptance (`ngram.confidence`).  A budget
+    that learnt per bin of it, as for a draft model, learnt the mix of tokens a text
+    drafted: after a summary copying its source (tokens seen once after the last four,
+    0.73, right 19 times in 20) the bin holding them also judged tokens seen once after
+    the last two (0.49 calibrated) and the next answer began with rejected drafts.
+    Calibrated, each token keeps its own confidence, its log-odds shifted by how far
+    this text's tokens have been from theirs, which a new text mostly forgets."""
+    fresh = Acceptance(calibrated=True)
+    assert fresh.by_confidence(0.4, 3) == pytest.approx(0.4)  # nothing learnt: as said
+    assert fresh.by_confidence(1.0, 0) == 1.0
+    acc = Acceptance(calibrated=True)
+    for _ in range(20):
+        acc.update([0.73, 0.73, 0.73], 3)  # a copy: right more often than said
+    easy = acc.by_confidence(0.73, 0)
+    assert easy > 0.85
+    assert 0.25 < acc.by_confidence(0.25, 0) < acc.by_confidence(0.3, 0) < easy  # order kept
+    acc.new_text()
+    assert 0.73 < acc.by_confidence(0.73, 0) < easy  # the next text: mostly forgotten
+    for _ in range(4):
+        acc.update([0.49, 0.63, 0.73], 0)  # this one does not copy
+    assert acc.by_confidence(0.49, 0) < 0.4  # four misses undo the last text's lead
+    assert acc.by_confidence(0.73, 0) < 0.65
+
+
+def test_trim_verifies_only_the_prefix_of_a_free_chain_that_pays():
+    """hd's plan is made before its draft exists, and the stop rule weighs each token
+    but the first.  On the 2-core AMX machine a first token seen once after the last
+    token (0.25) cannot pay for its share of a pass (a pass over 2 tokens is 1.52 plain
+    steps); a copy's tokens (0.73 and up) do.  Other drafters' chains stay whole."""
+    free = CostModel(AMX_CPU.verify, 0.0)
+    hd = AdaptiveBudget(free, Acceptance(calibrated=True))
+    assert hd.trim([0.25, 0.49, 0.63]) == 0
+    assert hd.trim([0.73, 0.73, 0.9]) == 3
+    assert hd.trim([0.9, 0.9, 0.9, 0.05]) == 3  # a tail that cannot pay is left out
+    assert hd.trim([]) == 0
+    assert AdaptiveBudget(free).trim([0.25, 0.49, 0.63]) == 3  # confidences not calibrated
+    assert FixedBudget(4).trim([0.25, 0.1]) == 2

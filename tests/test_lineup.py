@@ -223,3 +223,30 @@ def test_a_round_goes_to_the_next_member_when_the_first_finds_no_draft():
     assert hd.asked >= 1  # asked first until the draft model's estimates beat free drafts
     assert st.rounds_by.get("draft", 0) >= st.target_forwards - 2, st.rounds_by
     assert st.n_generated / st.target_forwards > 4  # long drafts, all accepted
+
+
+def test_hd_verifies_no_draft_its_confidences_say_will_fail():
+    """The 2-core AMX machine (2026-11-29): on a 23-token Spec-Bench qa answer, auto's hd
+    verified drafts whose first token had been seen once after the last token (right 1
+    time in 4 in Spec-Bench answers), each a pass over 2-4 tokens costing 1.5-1.6 plain
+    steps, and every one was rejected: 0.88x.  Here the target's tokens never repeat the
+    context's continuations, so every draft hd finds is such a guess.  Now the budget
+    trims each chain to the prefix its confidences say pays: none, so every round is a
+    plain step.  (Old code: hd verified drafts from the first rounds.  Seeded sampling:
+    the budget plans from the given costs, not from this near-free model's timings.)"""
+    from specli.drafters.hierarchy import HierarchyDrafter
+    from specli.engine import Engine, GenerationConfig, Result
+    from specli.sampling import SamplingParams
+
+    amx_steps = [0.001 * x for x in (62.6, 95.3, 102.1, 102.1, 132.5, 151.9, 171.2, 180.9)]
+    budget = AdaptiveBudget(CostModel(amx_steps, 0.0), Acceptance(calibrated=True))
+    hd = HierarchyDrafter(branches=1)
+    engine = Engine(Echo(), hd, budget)
+    res = Result(method="hd")
+    cfg = GenerationConfig(max_tokens=24, params=SamplingParams(temperature=1.0, seed=1))
+    prompt = [3, 17, 5, 17, 9, 40, 5, 22, 31, 9, 12, 3, 40]
+    for _ in engine.stream(prompt, cfg, res):
+        pass
+    st = res.stats
+    assert st.n_generated == 24
+    assert st.drafted == 0 and st.target_forwards == 24, st.rounds_by

@@ -66,6 +66,17 @@ def test_confidence_rises_with_match_length_and_share():
     assert confidence(2, 1, 10) < confidence(2, 9, 10)
 
 
+def test_confidence_is_the_chance_the_token_is_right():
+    """A probability the budget can act on before it has learnt anything of this text
+    (fitted on Spec-Bench answers: scripts/hd_confidence.py).  A token seen once
+    after the last token was right 1 time in 4 there, once after the last four 7 in 10;
+    the old number put both near 0.4 (0.375 and 0.45)."""
+    assert confidence(1, 1, 1) == pytest.approx(0.25)
+    assert confidence(4, 1, 1) == pytest.approx(0.727, abs=0.001)
+    assert confidence(4, 20, 20) > 0.95  # many unanimous sightings: near certain
+    assert confidence(1, 2, 10) < 0.2  # a minority continuation of one token
+
+
 def test_context_longest_match_first_and_chaining():
     ctx = [1, 2, 3, 4, 5, 9, 9, 2, 3, 4, 6, 7, 8, 9, 2, 3, 4]
     d = draft(ContextIndex(), ctx, 3)

@@ -31,6 +31,14 @@ class Draft:
     source: str = ""  # which drafter made it, when an engine holds several (auto)
     ready: bool = False  # drafted beside the previous pass: only verifying it costs now
 
+    def prefix(self, n: int) -> Draft:
+        """A chain's first n tokens as a draft of their own."""
+        assert self.parents is None
+        if n >= len(self.tokens):
+            return self
+        probs = None if self.probs is None else self.probs[:n]
+        return Draft(self.tokens[:n], probs, self.confidence[:n], None, self.source, self.ready)
+
     def subtree(self, keep: Sequence[int]) -> Draft:
         """The nodes `keep` (sorted, closed under parents) as a draft of their own: a
         chain when they form one."""
