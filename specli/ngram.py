@@ -325,12 +325,20 @@ class NgramStore:
             )
         if meta.get("fingerprint") != fingerprint:
             self.close()
-            raise SpecliError(
-                f"n-gram store {self.path} belongs to tokenizer {meta.get('fingerprint')}, "
-                f"not to this model's tokenizer {fingerprint}"
-            )
+            raise SpecliError(self._other_tokenizer(meta, fingerprint))
         self.fingerprint = fingerprint
         self.n_max = int(meta.get("n_max", N_MAX))
+
+    def _other_tokenizer(self, meta: dict[str, str], fingerprint: str) -> str:
+        """The one-line error for a store of another tokenizer: a corpus built for another
+        model says which and how to rebuild it (token ids mean nothing across models)."""
+        if self.readonly:  # a corpus (`specli index build`); a history is read-write
+            built = meta.get("model") or f"tokenizer {meta.get('fingerprint')}"
+            return (f"corpus index {self.path.stem!r} was built for another tokenizer "
+                    f"({built}) than this model's; rebuild it for this model: specli index "
+                    f"build FILE... --model MODEL -o {self.path.stem}")
+        return (f"n-gram store {self.path} belongs to tokenizer {meta.get('fingerprint')}, "
+                f"not to this model's tokenizer {fingerprint}")
 
     @classmethod
     def open_history(cls, fingerprint: str, max_rows: int = DEFAULT_MAX_ROWS) -> NgramStore:
@@ -579,7 +587,8 @@ def build_corpus(
                 "INSERT INTO meta (key, value) VALUES (?, ?)",
                 [("schema", SCHEMA_VERSION), ("fingerprint", fingerprint),
                  ("n_max", str(N_MAX)), ("clock", "0"), ("rows", str(len(rows))),
-                 ("files", str(len(files))), ("tokens", str(sum(map(len, seqs))))],
+                 ("files", str(len(files))), ("tokens", str(sum(map(len, seqs)))),
+                 ("model", Path(getattr(backend, "path", "") or "").name)],
             )
             conn.executemany(
                 "INSERT INTO ngrams (key, token, count, last_seen) VALUES (?, ?, ?, ?)", rows

@@ -379,8 +379,12 @@ def test_index_build_then_hd_drafts_from_the_corpus(tiny_paths, tiny_models, hom
     assert d.tokens == toks[i + 5 : i + 11]
     assert hd.last_source == "static"
     static.close()
-    with pytest.raises(SpecliError, match="belongs to tokenizer"):
+    # another model: which one it was built for, and how to rebuild it, in one line
+    with pytest.raises(SpecliError) as e:
         NgramStore.open_corpus("notes", tokenizer_fingerprint(tiny_models["other"]))
+    msg = str(e.value)
+    assert f"({tiny_paths['target'].name})" in msg and "\n" not in msg
+    assert "specli index build FILE... --model MODEL -o notes" in msg
 
 
 def test_index_build_bad_input_is_one_line(tiny_paths, home, tmp_path):
