@@ -28,12 +28,12 @@ import argparse
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from specli.backends.base import LoadOptions
 from specli.backends.gguf import GGUFModel
 from specli.budget import Acceptance, AdaptiveBudget, CostModel
-from specli.ngram import N_MAX, ContextIndex, confidence
+from specli.ngram import ContextIndex, chain_draft, confidence
 from specli.prompts import load_prompts
 from specli.pull import resolve_model
 from specli.registry import load_registry
@@ -73,26 +73,35 @@ def answers(path: str, prompts: str | None,
     return out
 
 
+def chain_at(index: ContextIndex, ctx: list[int], rest: list[int]) -> list[Look]:
+    """The chain hd finds after `ctx` (`ngram.chain_draft` over the context index, as hd
+    drafts), each token judged against `rest`, the answer from here; it ends at its first
+    wrong token (later ones are never verified)."""
+    hits: list[tuple[int, float, float]] = []
+
+    def look(key: Sequence[int]) -> tuple[int, float, float] | None:
+        hit = index.lookup(key)
+        if hit is not None:  # chain_draft takes the first hit, longest key first
+            hits.append((len(key), hit[1], hit[2]))
+        return hit
+
+    draft = chain_draft(look, ctx, min(CHAIN, len(rest)), None)
+    chain: list[Look] = []
+    for (n, count, total), tok, want in zip(hits, draft.tokens, rest, strict=False):
+        chain.append((n, count, total, tok == want))
+        if tok != want:
+            break
+    return chain
+
+
 def chains(pairs: list[tuple[str, list[int], list[int]]]) -> list[Text]:
-    """The chain hd would find at every position of every answer, each token judged; a
-    chain ends at its first wrong token (later ones are never verified)."""
+    """The chain hd would find at every position of every answer."""
     texts: list[Text] = []
     for category, prompt, answer in pairs:
         ctx, index, found = list(prompt), ContextIndex(), []
         for t in range(len(answer)):
             index.update(ctx)
-            tail, chain = ctx[-N_MAX:], []
-            for j in range(min(CHAIN, len(answer) - t)):
-                hit = next(((n, *f) for n in range(min(N_MAX, len(tail)), 0, -1)
-                            if (f := index.lookup(tail[-n:])) is not None), None)
-                if hit is None:
-                    break
-                n, tok, count, total = hit
-                chain.append((n, count, total, tok == answer[t + j]))
-                if tok != answer[t + j]:
-                    break
-                tail = [*tail, tok][-N_MAX:]
-            found.append(chain)
+            found.append(chain_at(index, ctx, answer[t:]))
             ctx.append(answer[t])
         texts.append((category, found))
     return texts

@@ -424,9 +424,10 @@ class Acceptance:
         Calibrated, how far the confidences were off counts for `keep_said`: that is the
         text's own (a summary copies its source, a story does not), and without it the
         confidences are an honest start."""
+        info = self.shift_info
         self._decay(keep)
         self.shift *= keep_said
-        self.shift_info *= keep_said / keep
+        self.shift_info = info * keep_said
 
 
 SHIFT_MAX = 4.0  # log-odds: a confidence of 0.5 moves to 0.02..0.98 at most

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from test_budget import GPU_TARGET
+from test_budget import AMX_CPU, GPU_TARGET
 
 from specli.budget import Acceptance, AdaptiveBudget, CostModel, Outcome
 from specli.drafters.base import BaseDrafter, Draft
@@ -238,8 +238,7 @@ def test_hd_verifies_no_draft_its_confidences_say_will_fail():
     from specli.engine import Engine, GenerationConfig, Result
     from specli.sampling import SamplingParams
 
-    amx_steps = [0.001 * x for x in (62.6, 95.3, 102.1, 102.1, 132.5, 151.9, 171.2, 180.9)]
-    budget = AdaptiveBudget(CostModel(amx_steps, 0.0), Acceptance(calibrated=True))
+    budget = AdaptiveBudget(CostModel(AMX_CPU.verify, 0.0), Acceptance(calibrated=True))
     hd = HierarchyDrafter(branches=1)
     engine = Engine(Echo(), hd, budget)
     res = Result(method="hd")
