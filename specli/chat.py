@@ -16,7 +16,7 @@ from rich.console import Console
 from .engine import GenerationConfig, Result
 from .errors import SpecliError
 from .report import stats_lines
-from .runtime import Loaded, encode_messages
+from .runtime import Loaded, encode_messages, more_context
 from .session import blank, stream_text
 from .textin import check_text, read_line
 
@@ -180,6 +180,7 @@ class ChatSession:
         if res.stop_reason == "interrupted":
             self.err.print("(stopped)", markup=False)
         elif res.stop_reason == "context":
-            self.err.print(f"(the context is full: the answer stops here; /reset, or a "
-                           f"larger --ctx than {loaded.target.n_ctx})", markup=False)
+            self.err.print(f"(the context is full: the answer stops here; /reset starts "
+                           f"afresh; --ctx is {loaded.target.n_ctx}: {more_context(loaded)})",
+                           markup=False)
         sys.stdout.flush()

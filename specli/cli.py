@@ -124,7 +124,8 @@ ThreadsOpt = Annotated[
                  "processes keep busy, looked at again every second of an answer (2 for "
                  "a target entirely on the GPU: its CPU only feeds it)."),
 ]
-CtxOpt = Annotated[int, typer.Option("--ctx", min=16, help="Context size in tokens.")]
+CtxOpt = Annotated[int, typer.Option(
+    "--ctx", min=16, help="Context size in tokens (at most what the model was trained for).")]
 GpuLayersOpt = Annotated[
     int,
     typer.Option(
@@ -430,7 +431,7 @@ def generate(
         loaded.finish(tokens, res)  # drafters with a memory (hd) learn from what was written
     if res.stop_reason == "context":  # cut, not finished: say so (not only in --stats)
         err.print(f"note: the context is full (--ctx {loaded.target.n_ctx}): the answer "
-                  "stops here; a larger --ctx lets it go on", markup=False)
+                  f"stops here; {runtime.more_context(loaded)}", markup=False)
     _print_stats(stats, loaded, res)
 
 
@@ -943,8 +944,8 @@ def index_build(
         str | None,
         typer.Option(
             "--model",
-            help="Model whose tokenizer the index uses: GGUF path or registry name. "
-            "Default: the default target.",
+            help="Model whose tokenizer the index uses: GGUF path, registry name, pair "
+            "name or ONNX export (`specli export`). Default: the default target.",
         ),
     ] = None,
     min_count: Annotated[
@@ -964,7 +965,7 @@ def index_build(
     \b
       specli index build docs/*.md --model qwen2.5-coder-1.5b-instruct -o mydocs
     """
-    from .backends.gguf import GGUFModel
+    from .backends import open_model
     from .ngram import build_corpus, corpus_path, store_counts
     from .pull import resolve_model
     from .registry import human_size, load_registry
@@ -977,9 +978,9 @@ def index_build(
             raise SpecliError(f"not a file: {f}")
         if f.stat().st_size == 0:
             raise SpecliError(f"{f} is empty: nothing to index")
-    reg = load_registry()
-    path = resolve_model(model or reg.default_pair.target, registry=reg, console=err)
-    backend = GGUFModel(path, LoadOptions(n_ctx=512, n_threads=1))  # for its tokenizer
+    target, _ = runtime.choose_models(model, None, "none")  # a pair's name: its target
+    path = resolve_model(target, registry=load_registry(), console=err)
+    backend = open_model(path, LoadOptions(n_ctx=512, n_threads=1))  # for its tokenizer
     try:
         out = build_corpus(backend, files, output, console=err, min_count=min_count)
     finally:

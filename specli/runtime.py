@@ -340,6 +340,15 @@ def _duo_opts(draft_opts: LoadOptions, gpu_layers: int | None = None) -> LoadOpt
     return replace(draft_opts, branches=1, n_gpu_layers=gpu_layers or 0)
 
 
+def more_context(loaded: Loaded) -> str:
+    """What would let a generation cut by a full context go on: a larger --ctx, unless
+    the backend already capped it at what the model was trained for."""
+    if loaded.target.n_ctx < loaded.opts.n_ctx:
+        return (f"{Path(loaded.target.path).name} was trained for {loaded.target.n_ctx} "
+                "tokens, so a larger --ctx cannot help; a shorter prompt can")
+    return "a larger --ctx lets it go on"
+
+
 def on_accelerator(opts: LoadOptions) -> bool:
     """Whether the target runs (partly) on a GPU: layers asked for and a build that can."""
     import llama_cpp

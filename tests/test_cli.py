@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tinymodel import write_tiny_model
 
 SPECLI = str(Path(sys.executable).parent / "specli")
 
@@ -241,6 +242,19 @@ def test_an_answer_the_context_cuts_says_so(tiny_paths, env):
                                 "here; a larger --ctx lets it go on")
     p = run(["chat", t, "-m", "none", "-n", "1000", "--ctx", "64"], env, stdin="Hello\n")
     assert p.returncode == 0 and "(the context is full: the answer stops here" in p.stderr
+    assert "--ctx is 64: a larger --ctx lets it go on" in p.stderr
+
+
+def test_a_context_the_model_caps_does_not_ask_for_a_larger_ctx(tmp_path, env):
+    """--ctx above what the model was trained for is capped by the runtime: the note then
+    names that limit instead of asking for the --ctx the user already gave."""
+    t = write_tiny_model(tmp_path / "short.gguf", seed=1, n_ctx_train=64)
+    p = run(["generate", str(t), "-m", "none", "-n", "1000", "--ctx", "4096", "-p", "Hello"],
+            env)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.strip() == ("note: the context is full (--ctx 64): the answer stops here; "
+                                "short.gguf was trained for 64 tokens, so a larger --ctx "
+                                "cannot help; a shorter prompt can")
 
 
 def test_chat_is_scriptable(tiny_paths, env):

@@ -293,6 +293,23 @@ def test_cli_export_register_generate_mixed_pair(tiny_paths, env, tmp_path):
     assert p.returncode != 0 and "npu" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_index_build_for_an_onnx_export(tiny_paths, onnx_target, env, tmp_path):
+    """An ONNX model drafts from a corpus only if the index holds its tokenizer's ids:
+    `index build --model` takes an export by path or by name, as generate does."""
+    from specli.ngram import NgramStore, tokenizer_fingerprint
+
+    p = _cli(["export", str(tiny_paths["target"]), "--quant", "none", "--name", "ix"], env)
+    assert p.returncode == 0, p.stderr
+    notes = tmp_path / "notes.txt"
+    notes.write_text(PROMPT + "\n", encoding="utf-8")
+    for model, name in ((p.stdout.strip(), "by-path"), ("ix", "by-name")):
+        p = _cli(["index", "build", str(notes), "--model", model, "-o", name], env)
+        assert p.returncode == 0 and "continuations of" in p.stderr, p.stderr
+        store = NgramStore(Path(p.stdout.strip()), tokenizer_fingerprint(onnx_target),
+                           readonly=True)  # opens: the export's tokenizer
+        store.close()
+
+
 def test_cli_devices_reports_both_runtimes(env):
     p = _cli(["devices", "--json"], env)
     assert p.returncode == 0, p.stderr

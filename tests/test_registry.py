@@ -223,6 +223,7 @@ def test_pair_names_from_specli_models_work(env: Path, monkeypatch: pytest.Monke
     assert choose_models("fake", None, "auto") == ("fake-model", "fake-draft")
     assert choose_models("FAKE", "other.gguf", "draft") == ("fake-model", "other.gguf")
     assert choose_models("fake", None, "hd") == ("fake-model", None)
+    assert choose_models("fake", None, "none") == ("fake-model", None)  # index build
     monkeypatch.chdir(env)
     (env / "fake").write_bytes(b"GGUF")  # a file of that name: the file, as before
     assert choose_models("fake", None, "auto") == ("fake", None)
