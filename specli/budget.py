@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .tree import depths
@@ -94,6 +94,14 @@ class CostModel:
         return lag * (self.draft if lag <= self.catch_up_stepwise else self.catch_up)
 
 
+def with_costs(cost: CostModel, **changes: float | list[float]) -> CostModel:
+    """`dataclasses.replace(cost, **changes)`, for the budgets' hot paths: replace goes
+    through __init__ and took ~8 us a call on a 2-core VM, asked several times a round."""
+    copy = CostModel.__new__(CostModel)
+    copy.__dict__.update(cost.__dict__, **changes)
+    return copy
+
+
 def expected_tokens(p: Sequence[float]) -> float:
     """Tokens one round yields when draft token i is accepted with probability p[i]
     (given its predecessors were): the target's own token plus the accepted prefix."""
@@ -124,8 +132,10 @@ def best_length(
     survive, tokens = 1.0, 1.0  # carried from one length to the next (asked every round)
     catch_up, horizon = cost.catch_up_cost(lag), max(horizon, 1.0)
     k_top = min(k_max, len(p))
+    draft, verify, n_verify = cost.draft, cost.verify, len(cost.verify)
     for k in range(1, k_top + 1):
-        spent = cost.round_cost(k)
+        # cost.round_cost(k), inlined: asked several times a round, every round
+        spent = k * draft + (verify[k] if k < n_verify else cost.verify_cost(k + 1))
         # no longer draft can beat the best so far: each adds at most `survive` tokens
         # and costs no less than this one (calibration keeps pass costs nondecreasing),
         # so stopping here picks what trying every length picks; a round the estimates
@@ -235,11 +245,16 @@ def best_overlap_length(
     late_share = cost.draft / beside if beside > 0 else 0.0
     catch_up_all, horizon = cost.catch_up_cost(lag), max(horizon, 1.0)
     survive, tokens = 1.0, 1.0  # prod(p[:k]) and expected_tokens(p[:k])
+    slow = max(cost.overlap_verify, 1.0)
+    hidden = 1.0 - 1.0 / slow
+    passes, n_passes = cost.verify, len(cost.verify)
     for k in range(1, min(k_max, len(p) - 1) + 1):
         survive *= p[k - 1]
         tokens += survive
         busy = (k + 1) * beside
-        verify = overlapped_verify(cost, k + 1, busy)
+        # overlapped_verify(cost, k + 1, busy), inlined
+        w = passes[k] if k < n_passes else cost.verify_cost(k + 1)
+        verify = min(w * slow, w + busy * hidden)
         hit = survive * p[k]
         late = max(0.0, busy - verify) * late_share
         catch_up = catch_up_all * min(1.0, tokens / horizon)
@@ -334,13 +349,20 @@ class Acceptance:
     shift: float = 0.0  # calibrated: added to each confidence's log-odds
     shift_info: float = 0.0  # calibrated: what the judged tokens said of it (decayed)
     said_weight: float = 3.0  # calibrated: tokens' worth of belief in the confidences
+    # Asked several times a round (the plan, the stop rule per drafted token) and costing
+    # a loop over positions each time: on a GPU a round the budget declines is a few
+    # milliseconds, and its planning is paid on top.  So the positions ever judged are
+    # counted (the rest hold zeros, which decaying and relaxing leave as they are) and
+    # by_position's answer is kept until the counts change.
+    reached: int = 0  # positions 0..reached-1 have been judged at least once
+    _by_pos: list[float] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("pos_hits", "pos_tries", "slow_hits", "slow_tries"):
             setattr(self, name, getattr(self, name) or [0.0] * self.positions)
-
-    def _mean(self, hits: float, tries: float, prior: float) -> float:
-        return (hits + prior * self.prior_weight) / (tries + self.prior_weight)
+        tried = [i for i, counts in enumerate(zip(self.pos_hits, self.pos_tries, self.slow_hits,
+                                                  self.slow_tries, strict=True)) if any(counts)]
+        self.reached = max(self.reached, tried[-1] + 1 if tried else 0)
 
     def by_position(self, k: int) -> list[float]:
         """p_i for i = 1..k from position statistics (conditional on reaching i).  A
@@ -348,12 +370,29 @@ class Acceptance:
         drafter that was only ever asked for one token (duo on a GPU, at first) would
         otherwise keep every deeper position at the prior and never be asked for more."""
         n = min(k, self.positions)
-        out: list[float] = []
-        prior = self.prior_mean
-        for i in range(n):
-            prior = self._mean(self.pos_hits[i], self.pos_tries[i], prior)
-            out.append(prior)
-        return out + [out[-1]] * (k - n) if out else []
+        if n <= 0:
+            return []
+        out = self._first(n)
+        return out[:n] + [out[n - 1]] * (k - n)
+
+    def at_position(self, i: int) -> float:
+        """by_position(i + 1)[i]: the estimate for draft position i alone."""
+        n = min(i + 1, self.positions)
+        return self._first(n)[n - 1]
+
+    def _first(self, n: int) -> list[float]:
+        """At least the first n position estimates (0 < n <= positions), kept until the
+        counts change."""
+        out = self._by_pos
+        if len(out) < n:
+            out = []
+            prior, weight = self.prior_mean, self.prior_weight
+            for hits, tries in zip(self.pos_hits[:n], self.pos_tries[:n], strict=True):
+                # beta-smoothed: the prior (the position before) worth `weight` tries
+                prior = (hits + prior * weight) / (tries + weight)
+                out.append(prior)
+            self._by_pos = out
+        return out
 
     def by_confidence(self, conf: float, position: int) -> float:
         """p for a drafted token: its confidence bin, falling back toward the
@@ -362,7 +401,7 @@ class Acceptance:
             return _shifted(conf, self.shift)
         b = conf_bin(conf)
         tries = self.conf_tries[b]
-        pos = self.by_position(position + 1)[-1]
+        pos = self.at_position(position)
         if tries <= 0:
             return pos
         w = tries / (tries + 4.0)  # trust the bin more as it fills
@@ -372,8 +411,9 @@ class Acceptance:
         """Draft tokens 0..n_accepted-1 were accepted, token n_accepted (if drafted)
         rejected, later ones never judged."""
         self._decay()
-        _scale((self.slow_hits, self.slow_tries), self.slow_decay)
+        _scale((self.slow_hits, self.slow_tries), self.slow_decay, self.reached)
         judged = min(len(confidences), n_accepted + 1)
+        self.reached = max(self.reached, min(judged, self.positions))
         for i in range(min(judged, self.positions)):
             hit = 1.0 if i < n_accepted else 0.0
             self.pos_tries[i] += 1
@@ -398,25 +438,31 @@ class Acceptance:
     def snapshot(self) -> Acceptance:
         """A copy that later updates leave alone (for a drafter's thread); its lists copied
         one by one, since copy.deepcopy took ~65 us a drafting round for the same."""
-        return replace(self, **{name: list(getattr(self, name)) for name in _COUNTS})
+        copy = Acceptance.__new__(Acceptance)  # not replace: __post_init__ scans the counts
+        copy.__dict__.update(self.__dict__, **{name: list(getattr(self, name))
+                                               for name in _COUNTS})
+        return copy  # sharing _by_pos: it is replaced, never changed in place
 
     def _decay(self, factor: float | None = None) -> None:
         factor = self.decay if factor is None else factor
-        _scale((self.pos_hits, self.pos_tries, self.conf_hits, self.conf_tries), factor)
+        _scale((self.pos_hits, self.pos_tries), factor, self.reached)
+        _scale((self.conf_hits, self.conf_tries), factor)
         self.shift_info *= factor
+        self._by_pos = []
 
     def relax(self) -> None:
         """A round without a draft: each position's estimate below its long-memory mean
         moves `relax_rate` of the way up to it (same weight).  A dip that was noise heals
         in a few dozen idle rounds; a real change, which the long memory saw too, keeps it
         down.  Never down: the bias this undoes (stopping at a dip) only ever lowers."""
-        hits, rate_ = self.pos_hits, self.relax_rate
+        hits, rate_, n = self.pos_hits, self.relax_rate, self.reached
         for i, (tries, s_hits, s_tries) in enumerate(
-                zip(self.pos_tries, self.slow_hits, self.slow_tries, strict=True)):
+                zip(self.pos_tries[:n], self.slow_hits[:n], self.slow_tries[:n], strict=True)):
             if s_tries > 0 and tries > 0:
                 target = s_hits / s_tries * tries
                 if target > hits[i]:
                     hits[i] += rate_ * (target - hits[i])
+                    self._by_pos = []
 
     def new_text(self, keep: float = 0.5, keep_said: float = 0.25) -> None:
         """A new generation: what the last text taught counts for `keep` as much, so a
@@ -441,10 +487,11 @@ def _shifted(conf: float, shift: float) -> float:
     return 1.0 / (1.0 + (1.0 - c) / c * math.exp(-shift))
 
 
-def _scale(arrays: Sequence[list[float]], factor: float) -> None:
+def _scale(arrays: Sequence[list[float]], factor: float, n: int | None = None) -> None:
+    """Multiply each array's first `n` entries (all: None) by `factor`, in place."""
     for arr in arrays:
-        for i in range(len(arr)):
-            arr[i] *= factor
+        m = len(arr) if n is None else n
+        arr[:m] = [x * factor for x in arr[:m]]
 
 
 def conf_bin(conf: float) -> int:
@@ -647,6 +694,7 @@ class AdaptiveBudget:
         self._rounds = 0  # rounds planned in this generation (the probe's horizon)
         self._idle = 0  # rounds planned without a draft since this budget's last verified one
         self._scaled: tuple[tuple, CostModel] | None = None  # `cost` and what it was built of
+        self._free: CostModel | None = None  # `free_cost`, built with `cost`
 
     def begin(self) -> None:
         self.acc.new_text()
@@ -662,14 +710,24 @@ class AdaptiveBudget:
         if self._scaled is None or self._scaled[0] != key:
             cost = self._drafting(self.draft_scale, self._verify(self.multi_scale))
             self._scaled = (key, cost)
+            self._free = None
         return self._scaled[1]
+
+    @property
+    def free_cost(self) -> CostModel:
+        """`cost` with drafting free: for tokens drafted already (a draft made beside the
+        last pass, an n-gram chain to trim, a tree to prune), only verifying them costs."""
+        cost = self.cost
+        if self._free is None:
+            self._free = with_costs(cost, draft=0.0)
+        return self._free
 
     def _drafting(self, scale: float, verify: list[float]) -> CostModel:
         """The calibrated costs with these passes, and drafting at `scale` beyond the
         plain steps' own scale."""
         s, b = scale * self.verify_scale, self.base
-        return replace(b, verify=verify, draft=b.draft * s, catch_up=b.catch_up * s,
-                       overlap_draft=b.overlap_draft * s)
+        return with_costs(b, verify=verify, draft=b.draft * s, catch_up=b.catch_up * s,
+                          overlap_draft=b.overlap_draft * s)
 
     @property
     def multi_scale(self) -> float:
@@ -765,7 +823,7 @@ class AdaptiveBudget:
         return best_tree(cost, parents, exclusive(parents, p, confidences), self.min_gain)
 
     def keep_going(self, confidences: Sequence[float], ready: bool = False) -> bool:
-        cost = replace(self.cost, draft=0.0) if ready else self.cost
+        cost = self.free_cost if ready else self.cost
         return _keep(cost, self.acc, confidences)
 
     def trim(self, confidences: Sequence[float]) -> int:
@@ -778,7 +836,7 @@ class AdaptiveBudget:
         if not self.acc.calibrated or not confidences:
             return len(confidences)
         p = [self.acc.by_confidence(c, i) for i, c in enumerate(confidences)]
-        return best_length(replace(self.cost, draft=0.0), p, len(p), min_gain=self.min_gain)
+        return best_length(self.free_cost, p, len(p), min_gain=self.min_gain)
 
     def observe(self, outcome: Outcome) -> None:
         n = outcome.n_verified
@@ -853,13 +911,13 @@ class OverlapBudget(AdaptiveBudget):
         beside the target costs what it slows the pass down."""
         cost = self.cost
         slow = max(cost.overlap_verify, 1.0)
-        frozen = replace(cost, draft=cost.beside_draft() * (1.0 - 1.0 / slow))
+        frozen = with_costs(cost, draft=cost.beside_draft() * (1.0 - 1.0 / slow))
         acc = self.acc.snapshot()
         return lambda confidences, ready=False: _keep(frozen, acc, confidences)
 
     def prune_tree(self, parents: Sequence[int], confidences: Sequence[float]) -> list[int]:
         # the candidates are drafted already (mostly in the background): only verifying costs
-        return self._prune(replace(self.cost, draft=0.0), parents, confidences)
+        return self._prune(self.free_cost, parents, confidences)
 
     def observe(self, outcome: Outcome) -> None:
         n = outcome.n_verified
@@ -898,4 +956,4 @@ def _settled(outcome: Outcome) -> bool:
 def _keep(cost: CostModel, acc: Acceptance, confidences: Sequence[float]) -> bool:
     i = len(confidences)
     p = [acc.by_confidence(c, j) for j, c in enumerate(confidences)]
-    return keep_drafting(cost, p, acc.by_position(i + 1)[-1])
+    return keep_drafting(cost, p, acc.at_position(i))

@@ -627,6 +627,52 @@ def test_an_acceptance_snapshot_is_equal_and_moves_with_nothing():
     assert repr(snap) == frozen and snap != acc
 
 
+def _by_position_from_counts(acc: Acceptance, k: int) -> list[float]:
+    """by_position as its docstring defines it, from the counts as they stand now."""
+    out, prior = [], acc.prior_mean
+    for i in range(min(k, acc.positions)):
+        prior = (acc.pos_hits[i] + prior * acc.prior_weight) / (acc.pos_tries[i]
+                                                                + acc.prior_weight)
+        out.append(prior)
+    return out + [out[-1]] * (k - len(out)) if out else []
+
+
+def test_position_estimates_kept_between_rounds_follow_every_change_of_the_counts():
+    """The estimates are kept between questions (asked several times a round, on a GPU
+    every microsecond of a declined round is lost) and only the positions ever judged are
+    decayed and relaxed: each answer must still be what the counts say at that moment,
+    after learning, decaying, relaxing and a new text, and a snapshot's too."""
+    import random
+
+    r = random.Random(7)
+    acc = Acceptance(positions=12)
+    snaps = []
+    for step in range(600):
+        what = r.random()
+        if what < 0.35:
+            conf = [r.random() for _ in range(r.choice([1, 3, 9, 14]))]
+            acc.update(conf, r.randint(0, len(conf)))
+        elif what < 0.7:
+            acc.relax()
+        elif what < 0.75:
+            acc.new_text()
+        elif what < 0.8:
+            snaps.append((acc.snapshot(), _by_position_from_counts(acc, 16)))
+        k = r.choice([1, 2, 5, 12, 16])
+        assert acc.by_position(k) == _by_position_from_counts(acc, k), step
+        i = r.randrange(16)
+        assert acc.at_position(i) == _by_position_from_counts(acc, i + 1)[i], step
+    assert acc.reached == 12  # drafts of 14 judged up to the last position it keeps
+    for snap, then in snaps:  # frozen as they were taken
+        assert snap.by_position(16) == then
+    fresh = Acceptance()
+    fresh.update([0.9] * 5, 5)  # all five judged (and right)
+    fresh.new_text(keep=0.5)
+    assert fresh.pos_tries[:6] == [0.5] * 5 + [0.0] and fresh.pos_hits[:5] == [0.5] * 5
+    fresh.update([0.9] * 2, 0)  # the first judged (wrong), the second never reached
+    assert fresh.slow_tries[:6] == [1.995] + [0.995] * 4 + [0.0]
+
+
 def test_plain_steps_right_after_a_draft_do_not_set_the_bar_drafting_must_beat():
     """On the 2-core AMX VM (small timing pair, 3051 settled plain steps at 4.84 ms) the
     first plain step after a drafting round took 5.74 ms, the second 5.41: the draft
