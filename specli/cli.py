@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import io
 import json
 import os
 import signal
@@ -346,12 +347,34 @@ class _StdoutConsole(Console):
         raise _PipeClosed
 
 
+class _ClosedStream(io.TextIOBase):
+    """What a stdin or stdout the shell closed (`<&-`, `>&-`) becomes: Python makes it
+    None, and reading or writing it was an internal error (or, print's way, output lost
+    with exit 0); now it is one line and exit 1, when and only when it is used."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__()
+        self._why = why
+
+    def isatty(self) -> bool:
+        return False
+
+    def read(self, size: int | None = -1) -> str:
+        raise SpecliError(self._why)
+
+    def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
+        raise SpecliError(self._why)
+
+    def write(self, text: str) -> int:
+        raise SpecliError(self._why)
+
+    def flush(self) -> None:  # Python's exit-time flush: nothing was written
+        pass
+
+
 def _write(text: str) -> None:
     if not text:
         return
-    if sys.stdout is None:  # started with stdout closed (`>&-`)
-        raise SpecliError("stdout is closed: the text has nowhere to go (redirect it: "
-                          "> out.txt, or > /dev/null)")
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -998,6 +1021,12 @@ def main() -> None:
     """Console-script entry (through specli.entry): every expected failure becomes one
     line and an exit code; an interrupt exits 130 (Ctrl-C) or 143 (`kill`)."""
     signal.signal(signal.SIGTERM, interrupt)
+    if sys.stdin is None:  # started with `<&-`
+        sys.stdin = _ClosedStream("stdin is closed: there is nothing to read (pipe text "
+                                  "in; generate also takes -p TEXT or -f FILE)")
+    if sys.stdout is None:  # started with `>&-`
+        sys.stdout = _ClosedStream("stdout is closed: the output has nowhere to go "
+                                   "(redirect it: > out.txt, or > /dev/null)")
     try:
         _main()
     except SystemExit as e:

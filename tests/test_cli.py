@@ -184,6 +184,25 @@ def test_stats_survive_a_closed_pipe(tiny_paths, env):
     assert_one_line_error(p, "stdout is closed")  # was an internal error (exit 70)
 
 
+@pytest.mark.parametrize(("args", "redirect", "needle"), [
+    ("generate '{target}' -n 4", "<&-", "stdin is closed"),
+    ("generate '{target}' -n 4 -f -", "<&-", "stdin is closed"),
+    ("chat '{target}' -n 4", "<&-", "stdin is closed"),
+    ("models", ">&-", "stdout is closed"),
+    ("index build '{corpus}' --model '{target}' -o notes", ">&-", "stdout is closed"),
+])
+def test_a_closed_stdin_or_stdout_is_one_line(tiny_paths, env, tmp_path, args, redirect,
+                                              needle):
+    """Python makes a stream the shell closed None: reading it was an internal error
+    (exit 70), and printing to it lost the output with exit 0 (index build's path)."""
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("the people said hello to the world\n" * 3)
+    cmd = f"'{SPECLI}' {args.format(corpus=corpus, **tiny_paths)} {redirect}"
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 1
+    assert_one_line_error(p, needle)
+
+
 def test_a_long_chat_drops_its_oldest_turns_instead_of_refusing(tiny_paths, env):
     """Once the conversation fills --ctx, every turn used to be refused ("context holds")
     while the script went on, exit 0.  The oldest turns now leave instead."""
