@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import tree
 from ..chat_template import render_chat
-from ..errors import SpecliError
+from ..errors import NoChatTemplate, SpecliError
 from ..threads import cores_note, default_cores, target_threads
 from .amx import plan_weights
 from .base import LoadOptions, StepClock
@@ -278,9 +278,7 @@ class GGUFModel:
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         template = self.chat_template()
         if not template:
-            raise SpecliError(
-                f"{Path(self.path).name} has no chat template; use --raw to send the prompt as is"
-            )
+            raise NoChatTemplate(Path(self.path).name)
         return render_chat(
             template, messages, source=Path(self.path).name,
             eos_token=self._token_text(llama_cpp.llama_vocab_eos(self._vocab)),

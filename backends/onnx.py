@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..chat_template import render_chat
-from ..errors import SpecliError
+from ..errors import NoChatTemplate, SpecliError
 from ..threads import cores_note, default_cores
 from .base import LoadOptions, StepClock, check_device
 
@@ -117,9 +117,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise SpecliError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecliError(f"cannot read {path}: expected a JSON object, got "
+                          f"{type(data).__name__}")
+    return data
 
 
 def _bytes_to_unicode() -> dict[str, int]:
@@ -357,8 +361,7 @@ class ONNXModel:
             template = next((t["template"] for t in template if t.get("name") == "default"),
                             None)
         if not template:
-            raise SpecliError(f"{Path(self.path).name} has no chat template; use --raw "
-                              "to send the prompt as is")
+            raise NoChatTemplate(Path(self.path).name)
         cfg = self._tok_cfg
 
         def text_of(t: Any) -> str:

@@ -14,7 +14,7 @@ from typing import TextIO
 from rich.console import Console
 
 from .engine import GenerationConfig, Result
-from .errors import SpecliError
+from .errors import NoChatTemplate, SpecliError
 from .report import stats_lines
 from .runtime import Loaded, encode_messages, more_context
 from .session import blank, stream_text
@@ -107,13 +107,15 @@ class ChatSession:
         return input()
 
     def _check_system(self) -> None:
-        """A --system message that leaves no room for a turn fails once, at the start
-        (it used to fail every turn, one error per line)."""
-        if not self.system:
-            return
+        """A model with no chat template, and a --system message that leaves no room for a
+        turn, fail once, at the start (a --system message used to fail every turn)."""
         target = self.loaded.target
-        n = len(encode_messages(target, [*self.messages, {"role": "user", "content": "Hi"}]))
-        if n >= target.n_ctx:
+        try:
+            n = len(encode_messages(target, [*self.messages, {"role": "user", "content": "Hi"}]))
+        except NoChatTemplate as e:  # its advice, --raw, is generate's: chat has no such flag
+            raise SpecliError(f"{e.model} has no chat template, which chat needs; to send "
+                              "text as is: specli generate --raw") from None
+        if self.system and n >= target.n_ctx:
             raise SpecliError(f"the --system message and a one-word turn are {n} tokens; "
                               f"the context holds {target.n_ctx}: raise --ctx or shorten it")
 

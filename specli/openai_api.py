@@ -235,7 +235,8 @@ def parse_request(body: dict[str, Any], kind: str, max_tokens_cap: int) -> GenRe
     if n not in (None, 1):
         raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_value")
     _refuse_unsupported(body, kind)
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream  # null: the default, as OpenAI's schema has it
     if not isinstance(stream, bool):
         raise _bad("stream", "true or false", stream)
     model = body.get("model")

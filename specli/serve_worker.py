@@ -21,7 +21,7 @@ from typing import Any
 
 from . import runtime
 from .engine import Engine, GenerationConfig, Result
-from .errors import SpecliError
+from .errors import NoChatTemplate, SpecliError
 from .openai_api import ApiError, GenRequest, StopScanner, finish_reason, specli_stats, usage
 from .runtime import Loaded
 from .tokens import TextStream, common_prefix, tokens_spelling
@@ -141,6 +141,10 @@ class Worker:
                 assert req.prompt is not None
                 tokens = runtime.encode_prompt(target, req.prompt, raw=True)
             self.loaded.engine.check_prompt(tokens)
+        except NoChatTemplate as e:  # its advice, --raw, is a flag no client can pass
+            raise ApiError(400, f"{e.model} has no chat template, so it takes no messages; "
+                           "send text as is to /v1/completions", param=param,
+                           code="invalid_prompt") from None
         except SpecliError as e:  # OpenAI's code for a prompt the context cannot hold
             long = len(tokens) >= target.n_ctx
             raise ApiError(400, str(e), param=param, code="context_length_exceeded" if long

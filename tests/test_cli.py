@@ -203,6 +203,15 @@ def test_a_closed_stdin_or_stdout_is_one_line(tiny_paths, env, tmp_path, args, r
     assert_one_line_error(p, needle)
 
 
+def test_chat_with_a_model_that_has_no_chat_template_fails_once_pointing_to_generate(
+        tmp_path, env):
+    """It said "use --raw", which chat does not have, and said it for every line."""
+    plain = write_tiny_model(tmp_path / "plain.gguf", seed=0, chat_template=False)
+    p = run(["chat", str(plain), "-m", "none", "-n", "4"], env, stdin="Hello\nAgain\n")
+    assert_one_line_error(p, "plain.gguf has no chat template", "specli generate --raw")
+    assert p.returncode == 1 and p.stdout == ""
+
+
 def test_a_long_chat_drops_its_oldest_turns_instead_of_refusing(tiny_paths, env):
     """Once the conversation fills --ctx, every turn used to be refused ("context holds")
     while the script went on, exit 0.  The oldest turns now leave instead."""

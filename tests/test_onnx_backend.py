@@ -212,6 +212,12 @@ def test_broken_export_folders_are_one_line_errors(onnx_dirs, tmp_path):
     (bad / "model.onnx").write_bytes((onnx_dirs["none"] / "model.onnx").read_bytes())
     with pytest.raises(SpecliError, match="tokenizer.json"):
         ONNXModel(bad, OPTS)
+    import shutil
+
+    listed = shutil.copytree(onnx_dirs["none"], tmp_path / "listed")
+    (listed / "config.json").write_text("[1, 2]")  # JSON, but not an object (was exit 70)
+    with pytest.raises(SpecliError, match="config.json: expected a JSON object, got list"):
+        ONNXModel(listed, OPTS)
 
 
 @pytest.mark.parametrize("name", ["../../escaped", "../x", "a/b", "..", ".", "", ".hidden",

@@ -333,6 +333,7 @@ def test_request_rules_found_by_the_audit():
                           "stream_options": {"include_usage": True}},
                          "completion", 64).include_usage
     assert not parse_request({"prompt": "hi", "stream": True}, "completion", 64).include_usage
+    assert not parse_request({"prompt": "hi", "stream": None}, "completion", 64).stream  # a 400
 
     def refused(body: dict, kind: str = "chat") -> ApiError:
         with pytest.raises(ApiError) as e:
@@ -405,6 +406,22 @@ def test_api_key(tiny_paths, menv, tmp_path):
         r = s.client(api_key="s3cret").chat.completions.create(
             model="target.gguf", messages=CHAT, max_tokens=4, temperature=0)
         assert r.usage.completion_tokens >= 1
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_model_with_no_chat_template_points_chat_clients_to_completions(menv, tmp_path):
+    """Its error told clients to "use --raw", a flag of generate's no request can pass."""
+    plain = write_tiny_model(tmp_path / "plain.gguf", seed=0, chat_template=False)
+    s = Server([str(plain), "-m", "none", "--no-history", "--ctx", "512", "--threads", "1"],
+               menv, tmp_path / "log")
+    try:
+        r = s.post("/chat/completions", json={"messages": CHAT, "max_tokens": 4})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "messages", r.text
+        assert "--raw" not in err["message"] and "/v1/completions" in err["message"]
+        r = s.post("/completions", json={"prompt": "Hello", "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     finally:
         assert s.stop() == 0
 
