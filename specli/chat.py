@@ -16,7 +16,7 @@ from rich.console import Console
 from .engine import GenerationConfig, Result
 from .errors import NoChatTemplate, SpecliError
 from .report import stats_lines
-from .runtime import Loaded, encode_messages, more_context
+from .runtime import Loaded, ctx_advice, encode_messages, more_context
 from .session import blank, stream_text
 from .textin import check_text, read_line
 
@@ -117,7 +117,8 @@ class ChatSession:
                               "text as is: specli generate --raw") from None
         if self.system and n >= target.n_ctx:
             raise SpecliError(f"the --system message and a one-word turn are {n} tokens; "
-                              f"the context holds {target.n_ctx}: raise --ctx or shorten it")
+                              f"the context holds {target.n_ctx}: "
+                              f"{ctx_advice(self.loaded, 'shorten it')}")
 
     def _fit(self) -> list[int]:
         """The conversation's tokens, its oldest turns dropped (the system message kept)
@@ -135,7 +136,8 @@ class ChatSession:
             if len(self.messages) - first > 1 and self.messages[first]["role"] == "assistant":
                 del self.messages[first]
             dropped += 1
-        self.loaded.engine.check_prompt(tokens)  # the newest message alone may not fit
+        # the newest message alone may not fit
+        self.loaded.engine.check_prompt(tokens, ctx_advice(self.loaded))
         if dropped:
             self.learned = len(tokens)  # hd then learns the answer (the rest it has seen)
             turns = "turn" if dropped == 1 else f"{dropped} turns"

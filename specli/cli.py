@@ -435,7 +435,7 @@ def generate(
                                           "", *names)) + "\n")
         raise
     tokens = runtime.encode_prompt(loaded.target, text_in, system=system, raw=raw)
-    loaded.engine.check_prompt(tokens)
+    loaded.engine.check_prompt(tokens, runtime.ctx_advice(loaded))
     cfg = GenerationConfig(max_tokens=max_tokens, params=params,
                            draft_max=fit_draft_max(shared, loaded))
     res = Result(method=loaded.method)

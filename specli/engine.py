@@ -199,13 +199,15 @@ class Engine:
             lineup = Lineup([Member(drafter.name, drafter, budget or FixedBudget())])
         self.lineup = lineup
 
-    def check_prompt(self, prompt: Sequence[int]) -> None:
+    def check_prompt(self, prompt: Sequence[int],
+                     advice: str = "raise --ctx or shorten the prompt") -> None:
+        """`advice`: the way out of a prompt the context cannot hold (the front end's)."""
         if not prompt:
             raise SpecliError("empty prompt: nothing to continue")
         if len(prompt) >= self.target.n_ctx:
             raise SpecliError(
                 f"prompt is {len(prompt)} tokens but the context holds {self.target.n_ctx}; "
-                "raise --ctx or shorten the prompt"
+                f"{advice}"
             )
 
     def stream(

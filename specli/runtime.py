@@ -340,13 +340,27 @@ def _duo_opts(draft_opts: LoadOptions, gpu_layers: int | None = None) -> LoadOpt
     return replace(draft_opts, branches=1, n_gpu_layers=gpu_layers or 0)
 
 
+def _ctx_capped(loaded: Loaded) -> str | None:
+    """"MODEL was trained for N tokens" when the backend capped --ctx there, else None."""
+    if loaded.target.n_ctx < loaded.opts.n_ctx:
+        return f"{Path(loaded.target.path).name} was trained for {loaded.target.n_ctx} tokens"
+    return None
+
+
 def more_context(loaded: Loaded) -> str:
     """What would let a generation cut by a full context go on: a larger --ctx, unless
     the backend already capped it at what the model was trained for."""
-    if loaded.target.n_ctx < loaded.opts.n_ctx:
-        return (f"{Path(loaded.target.path).name} was trained for {loaded.target.n_ctx} "
-                "tokens, so a larger --ctx cannot help; a shorter prompt can")
+    capped = _ctx_capped(loaded)
+    if capped:
+        return f"{capped}, so a larger --ctx cannot help; a shorter prompt can"
     return "a larger --ctx lets it go on"
+
+
+def ctx_advice(loaded: Loaded, shorten: str = "shorten the prompt") -> str:
+    """The way out of text the context cannot hold: a larger --ctx or `shorten`, or only
+    `shorten` where --ctx is capped at the model's trained length already."""
+    capped = _ctx_capped(loaded)
+    return f"{capped}: {shorten}" if capped else f"raise --ctx or {shorten}"
 
 
 def on_accelerator(opts: LoadOptions) -> bool:

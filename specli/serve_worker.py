@@ -140,7 +140,7 @@ class Worker:
             else:
                 assert req.prompt is not None
                 tokens = runtime.encode_prompt(target, req.prompt, raw=True)
-            self.loaded.engine.check_prompt(tokens)
+            self.loaded.engine.check_prompt(tokens, runtime.ctx_advice(self.loaded))
         except NoChatTemplate as e:  # its advice, --raw, is a flag no client can pass
             raise ApiError(400, f"{e.model} has no chat template, so it takes no messages; "
                            "send text as is to /v1/completions", param=param,

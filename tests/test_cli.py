@@ -283,6 +283,10 @@ def test_a_context_the_model_caps_does_not_ask_for_a_larger_ctx(tmp_path, env):
     assert p.stderr.strip() == ("note: the context is full (--ctx 64): the answer stops here; "
                                 "short.gguf was trained for 64 tokens, so a larger --ctx "
                                 "cannot help; a shorter prompt can")
+    p = run(["generate", str(t), "-m", "none", "--ctx", "4096", "-p", "Hello there " * 40],
+            env)
+    assert_one_line_error(p, "but the context holds 64; short.gguf was trained for 64 tokens: "
+                             "shorten the prompt")
 
 
 def test_chat_is_scriptable(tiny_paths, env):
