@@ -41,7 +41,7 @@ def load_prompts(path: str | Path | None = None) -> list[Prompt]:
         try:
             row = json.loads(line)
             turns = row["turns"]
-            text = turns[0] if isinstance(turns, list) else str(turns)
+            text = turns[0] if isinstance(turns, list) else turns  # a string: the turn
             if not isinstance(text, str):
                 raise TypeError(text)
             qid, cat = str(row.get("question_id", n)), str(row.get("category", "all"))

@@ -305,7 +305,12 @@ def test_prompts_files_are_read_as_prompt_files_are(tmp_path):
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
     assert [(p.category, p.text) for p in load_prompts(bom)] == [("a", "Résumé"), ("b", "Hi")]
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"turns": "Hi there"}\n', encoding="utf-8")  # one turn, not a list
+    assert [p.text for p in load_prompts(one)] == ["Hi there"]
     for bad, needle in (('{"turns": [5]}', "expected JSON"), ("[1]", "expected JSON"),
+                        ('{"turns": null}', "expected JSON"),  # benched "None" as the prompt
+                        ('{"turns": 5}', "expected JSON"),
                         ('{"turns": ["\\ud800"]}', "unpaired surrogate"),
                         ('{"turns": ["\\udcff"]}', "not UTF-8 text")):
         f = tmp_path / "bad.jsonl"
