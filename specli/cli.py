@@ -275,6 +275,7 @@ def model_options(model: str | None, draft: str | None, method: str, shared: dic
     """The shared options as the one object the loading path takes, after the checks
     that need no model (check_model_flags)."""
     check_model_flags(draft, method, shared["device"], shared["corpus"], asked, ngrams)
+    _unused_flags(method, shared["budget"], shared["branches"], asked, tree)
     keys = ("ctx", "threads", "gpu_layers", "device", "branches", "budget", "corpus",
             "draft_threads", "draft_gpu_layers")
     return ModelOptions(model, draft, method, history=history, tree=tree,
@@ -293,12 +294,26 @@ def check_model_flags(draft: str | None, method: str, device: str, corpus: str |
     if draft and not chosen.draft_model:
         err.print(f"note: {asked or '-m ' + method} uses no draft model: --draft {draft} "
                   "is not loaded", markup=False)
-    if corpus:
-        existing_corpus(corpus)  # not after a load
     if corpus and not (chosen.ngrams if ngrams is None else ngrams):
         err.print(f"note: {asked or '-m ' + method} drafts from no n-gram index: --corpus "
                   f"{corpus} is not used (hd, draft+hd and auto use it)", markup=False)
+    elif corpus:
+        existing_corpus(corpus)  # not after a load
     check_device(device)
+
+
+def _unused_flags(method: str, budget: str, branches: int, asked: str,
+                  tree: bool | None) -> None:
+    """Notes for the shared flags a method ignores that check_model_flags has no model
+    question for: --budget with plain decoding, --branches without candidate trees.
+    (--branches at its default is indistinguishable from not given: no note.)"""
+    who = asked or f"-m {method}"
+    if method == "none" and budget != "auto":
+        err.print(f"note: {who} drafts nothing: --budget {budget} is not used", markup=False)
+    trees = method_table.get(method).trees if tree is None else tree
+    if not trees and branches not in (1, SHARED_OPTIONS["branches"][1]):  # 1: a chain
+        err.print(f"note: {who} verifies no candidate trees: --branches {branches} is not "
+                  "used (hd, duo and auto draft them)", markup=False)
 
 
 def _history(no_history: bool, params: SamplingParams) -> bool:

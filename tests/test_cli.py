@@ -341,6 +341,20 @@ def test_flags_that_would_be_ignored_say_so(tiny_paths, env):
     assert p.returncode == 0, p.stderr
     assert p.stderr.strip() == ("note: -m none drafts from no n-gram index: --corpus docs is "
                                 "not used (hd, draft+hd and auto use it)")
+    # the audit of 2026-11-29: a corpus -m none never opens was still required to exist,
+    # and --budget / --branches went unused without a word
+    p = run(["generate", t, "-m", "none", "--corpus", "nosuch", "--budget", "fixed:3",
+             "--branches", "5", "-p", "hi", "-n", "2"], env)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.splitlines() == [
+        "note: -m none drafts from no n-gram index: --corpus nosuch is not used (hd, draft+hd "
+        "and auto use it)",
+        "note: -m none drafts nothing: --budget fixed:3 is not used",
+        "note: -m none verifies no candidate trees: --branches 5 is not used (hd, duo and auto "
+        "draft them)"]
+    p = run(["generate", t, "-m", "hd", "--branches", "5", "-p", "hi", "-n", "2",
+             "--no-history"], env)
+    assert p.returncode == 0 and "note" not in p.stderr, p.stderr
     assert_one_line_error(run(["calibrate", t, "--device", "tpu"], env), "unknown --device")
     assert_one_line_error(run(["calibrate", t, "-d", ""], env), "--draft is empty")
     # checked before the models load and calibrate (and not after the answer)
