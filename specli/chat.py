@@ -87,7 +87,7 @@ class ChatSession:
                 continue
             if not interactive and line == "":
                 break  # end of the script
-            line = line.rstrip("\n")
+            line = line.rstrip("\r\n")  # a script written on Windows too
             if blank(line):
                 continue
             if line.startswith("/"):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from .budget import Budget, Outcome, Plan
 from .drafters.base import Drafter
+from .errors import SpecliError
 
 
 @dataclass
@@ -56,7 +57,11 @@ class Lineup:
         # a lineup drafts what it does on hardware one cannot sit at (the GPU check)
         self._trace = os.environ.get("SPECLI_TRACE") or None
         if self._trace:  # a path that cannot be written fails now, not after the answer
-            open(self._trace, "a").close()
+            try:
+                open(self._trace, "a").close()
+            except OSError as e:  # named: the command line has no path in it
+                raise SpecliError(f"SPECLI_TRACE={self._trace} cannot be written: "
+                                  f"{e.strerror or e}") from None
         # kept in memory and written when the generation pauses: serialising and writing
         # a line every round cost ~165 us a round (auto, this 2-core VM), 3% of a GPU
         # step, in exactly the bench whose speed the trace is there to explain

@@ -212,6 +212,21 @@ def test_chat_with_a_model_that_has_no_chat_template_fails_once_pointing_to_gene
     assert p.returncode == 1 and p.stdout == ""
 
 
+def test_a_chat_script_with_windows_line_ends_is_answered_as_with_unix_ones(tiny_paths, env):
+    """The turn kept its \r: another prompt, another answer, from the same script."""
+    t = str(tiny_paths["target"])
+    unix = run(["chat", t, "-m", "none", "-n", "8"], env, stdin="Hello there\n/stats\n")
+    windows = run(["chat", t, "-m", "none", "-n", "8"], env,
+                  stdin="Hello there\r\n/stats\r\n")
+    assert unix.returncode == windows.returncode == 0, windows.stderr
+    assert unix.stdout.strip() and windows.stdout == unix.stdout
+
+    def prompt_line(p):
+        return next(ln for ln in p.stderr.splitlines() if ln.startswith("prompt ")).split(",")[0]
+
+    assert prompt_line(windows) == prompt_line(unix)  # the same tokens went in
+
+
 def test_a_long_chat_drops_its_oldest_turns_instead_of_refusing(tiny_paths, env):
     """Once the conversation fills --ctx, every turn used to be refused ("context holds")
     while the script went on, exit 0.  The oldest turns now leave instead."""
@@ -363,7 +378,7 @@ def test_flags_that_would_be_ignored_say_so(tiny_paths, env):
     assert "loading" not in p.stderr
     p = run(["generate", t, "-m", "auto", "-p", "hi", "-n", "2"],
             {**env, "SPECLI_TRACE": "/nonexistent/dir/trace"})
-    assert_one_line_error(p, "/nonexistent/dir/trace")
+    assert_one_line_error(p, "SPECLI_TRACE=/nonexistent/dir/trace cannot be written")
     assert p.stdout == ""  # it generated the whole answer first
 
 
