@@ -355,9 +355,11 @@ class NgramStore:
         try:
             return cls.open_history(fingerprint)
         except SpecliError as e:
-            if note is not None:
-                note(f"warning: {e}; going on without your history (delete that file to "
-                     "start a new history; --no-history silences this)")
+            if note is not None:  # deleting helps a broken store, not a folder that fails
+                fix = ("delete that file to start a new history; "
+                       if history_path(fingerprint).is_file() else "")
+                note(f"warning: {e}; going on without your history ({fix}--no-history "
+                     "silences this)")
             return None
 
     @classmethod

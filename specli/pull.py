@@ -53,6 +53,7 @@ from specli.registry import (
     human_size,
     load_registry,
     models_dir,
+    unknown_name,
 )
 
 PIP_ARGS_ENV = "SPECLI_PIP_ARGS"
@@ -197,7 +198,9 @@ def resolve_model(
     seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
     if any(s in spec for s in seps) or spec.lower().endswith(".gguf"):
         raise SpecliError(f"model file not found: {spec}")
-    return registry.get(spec).local_path  # raises the "unknown model ... did you mean" error
+    # every name MODEL may be: registry models, pairs (`specli models`), exports
+    known = [*registry.models, *registry.pairs, *catalog.load()]
+    raise SpecliError(unknown_name("model", spec, known, "models, pairs and exports"))
 
 
 def render_models(registry: Registry, console: Console) -> None:

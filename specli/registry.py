@@ -152,7 +152,7 @@ class Registry:
         """Look a model up by name (case-insensitive); unknown names suggest close ones."""
         entry = self.find(name)
         if entry is None:
-            raise SpecliError(_unknown("model", name, list(self.models)))
+            raise SpecliError(unknown_name("model", name, list(self.models)))
         return entry
 
     def find(self, name: str) -> ModelEntry | None:
@@ -166,7 +166,7 @@ class Registry:
         """Look a pair up by name; unknown names suggest close ones."""
         pair = self.find_pair(name)
         if pair is None:
-            raise SpecliError(_unknown("pair", name, list(self.pairs)))
+            raise SpecliError(unknown_name("pair", name, list(self.pairs)))
         return pair
 
     def find_pair(self, name: str) -> Pair | None:
@@ -183,12 +183,12 @@ class Registry:
             return [entry]
         pair = self.find_pair(name)
         if pair is None:
-            raise SpecliError(_unknown("model or pair", name, [*self.models, *self.pairs],
+            raise SpecliError(unknown_name("model or pair", name, [*self.models, *self.pairs],
                                        "models and pairs"))
         return [self.models[pair.target], self.models[pair.draft]]
 
 
-def _unknown(what: str, name: str, known: list[str], plural: str | None = None) -> str:
+def unknown_name(what: str, name: str, known: list[str], plural: str | None = None) -> str:
     """One-line 'unknown X' message with the likeliest intended names."""
     low = name.lower()
     close = difflib.get_close_matches(low, [k.lower() for k in known], n=3, cutoff=0.5)

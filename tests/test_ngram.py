@@ -198,6 +198,7 @@ def test_an_unusable_history_is_a_warning_not_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECLI_HOME", str(tmp_path / "file.gguf" / "sub"))
     assert NgramStore.open_history_or_none(FP, notes.append) is None
     assert len(notes) == 2 and str(history_path(FP)) in notes[1]
+    assert "delete" not in notes[1]  # no file of its own to delete: the folder is the trouble
     assert NgramStore.open_history_or_none(FP) is None  # no one to tell: silent
 
 

@@ -414,6 +414,10 @@ def test_resolve_model(env: Path) -> None:
         resolve_model("missing.gguf", registry=reg)
     with pytest.raises(SpecliError, match="unknown model 'fake-modl'; did you mean: fake-model"):
         resolve_model("fake-modl", registry=reg)
+    with pytest.raises(SpecliError, match="unknown model .fak.; did you mean: fake, "):
+        resolve_model("fak", registry=reg)  # the pair's name too: MODEL may be one
+    with pytest.raises(SpecliError, match="known models, pairs and exports: fake, fake-draft"):
+        resolve_model("zzz", registry=reg)
     with pytest.raises(SpecliError, match="not downloaded; run: specli pull fake-model"):
         resolve_model("fake-model", registry=reg, pull_missing=False)
     con = quiet()
