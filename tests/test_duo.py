@@ -418,9 +418,12 @@ def test_cli_duo_generates_with_stats_and_draft_flags(tiny_paths, env):
              "-n", "16", "--draft-threads", "1", "--draft-gpu-layers", "0", "--stats"], env)
     assert p.returncode == 0, p.stderr
     assert "method duo" in p.stderr and "drafted beside verification" in p.stderr
-    j = run(["generate", t, "-d", d, "-m", "duo", "-p", "Hello", "-n", "8", "--json"], env)
-    assert j.returncode == 0, j.stderr  # budget auto: calibrates the pair side by side
-    assert json.loads(j.stdout)["method"] == "duo"
+    for _ in range(3):  # costs timed beside a busy neighbour (CI's own) are not saved
+        j = run(["generate", t, "-d", d, "-m", "duo", "-p", "Hello", "-n", "8", "--json"], env)
+        assert j.returncode == 0, j.stderr  # budget auto: calibrates the pair side by side
+        assert json.loads(j.stdout)["method"] == "duo"
+        if "not saved" not in j.stderr:
+            break
     cal = list((env_home(env) / "calibration").glob("*.json"))
     assert any("overlap_verify" in json.loads(f.read_text()) for f in cal)
 

@@ -135,6 +135,8 @@ def test_duo_drafter_placed_by_measurement_when_the_target_is_on_a_gpu(tmp_path,
         return chosen[-1][1]
 
     monkeypatch.setattr(runtime, "choose_placement", spy)
+    # a busy neighbour (CI's own processes) would keep the calibrations unsaved
+    monkeypatch.setattr("specli.calibrate.disturbed", lambda before, after: None)
     opts = LoadOptions(n_ctx=256, n_gpu_layers=99)
     loaded = runtime.load(str(target), str(draft), "duo", opts, history=False)
     try:
