@@ -28,6 +28,7 @@ from .budget import parse_budget
 from .engine import GenerationConfig, Result
 from .entry import exit_code_for_interrupt, interrupt
 from .errors import SpecliError
+from .lineup import trace_path
 from .ngram import existing_corpus
 from .report import result_json, stats_lines
 from .runtime import Loaded
@@ -300,6 +301,8 @@ def check_model_flags(draft: str | None, method: str, device: str, corpus: str |
     elif corpus:
         existing_corpus(corpus)  # not after a load
     check_device(device)
+    if method != "none":
+        trace_path()  # SPECLI_TRACE: not after a load and a calibration
 
 
 def _unused_flags(method: str, budget: str, branches: int, asked: str,

@@ -42,6 +42,19 @@ class Pick:
     lag: int = 0
 
 
+def trace_path() -> str | None:
+    """SPECLI_TRACE's file, None when unset; one that cannot be written fails now, not
+    after the answer (the CLI asks before it loads and calibrates)."""
+    path = os.environ.get("SPECLI_TRACE") or None
+    if path:
+        try:
+            open(path, "a").close()
+        except OSError as e:  # named: the command line has no path in it
+            raise SpecliError(f"SPECLI_TRACE={path} cannot be written: "
+                              f"{e.strerror or e}") from None
+    return path
+
+
 class Lineup:
     def __init__(self, members: Sequence[Member], learner: Drafter | None = None,
                  name: str = "") -> None:
@@ -55,13 +68,7 @@ class Lineup:
         self._drafted_at = {id(m): 0 for m in self.members}  # round of each one's last draft
         # SPECLI_TRACE=FILE: one JSON line per round with every budget's state, to see why
         # a lineup drafts what it does on hardware one cannot sit at (the GPU check)
-        self._trace = os.environ.get("SPECLI_TRACE") or None
-        if self._trace:  # a path that cannot be written fails now, not after the answer
-            try:
-                open(self._trace, "a").close()
-            except OSError as e:  # named: the command line has no path in it
-                raise SpecliError(f"SPECLI_TRACE={self._trace} cannot be written: "
-                                  f"{e.strerror or e}") from None
+        self._trace = trace_path()
         # kept in memory and written when the generation pauses: serialising and writing
         # a line every round cost ~165 us a round (auto, this 2-core VM), 3% of a GPU
         # step, in exactly the bench whose speed the trace is there to explain
