@@ -63,8 +63,12 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 
 
 def _bad(param: str, what: str, got: Any) -> ApiError:
-    return ApiError(400, f"'{param}' must be {what} (got {json.dumps(got)[:80]})",
-                    param=param, code="invalid_value")
+    try:
+        shown = json.dumps(got)[:80]
+    except (RecursionError, ValueError):  # parsed, yet nested too deeply to write back
+        shown = f"a deeply nested {type(got).__name__}"
+    return ApiError(400, f"'{param}' must be {what} (got {shown})", param=param,
+                    code="invalid_value")
 
 
 def _text(v: str, param: str) -> str:
@@ -83,32 +87,42 @@ def _number(body: dict[str, Any], name: str, default: float) -> float:
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _bad(name, "a number", v)
+    try:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _bad(name, "a number", v)
+    except OverflowError:  # an integer of hundreds of digits: valid JSON, no float
+        raise _bad(name, "a number", v) from None
     return float(v)
 
 
 def _integer(body: dict[str, Any], name: str) -> int | None:
+    """An integer; a whole float (8.0, as JavaScript clients write 8) is one too."""
     v = body.get(name)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
     if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
         raise _bad(name, "an integer", v)
     return v
 
 
 def _sampling(body: dict[str, Any]) -> SamplingParams:
-    """temperature (default 1.0, as OpenAI's), top_p, top_k (an extension) and seed."""
+    """temperature (default 1.0, as OpenAI's), top_p, top_k (an extension) and seed.
+    top_p 0 keeps only the likeliest token (top_k 1); a negative seed (clients of
+    llama.cpp's server send -1) means none: a fresh one each request."""
     temperature = _number(body, "temperature", 1.0)
     if not 0 <= temperature <= 2:  # OpenAI's range: past 2 an answer is noise
         raise _bad("temperature", "a number from 0 to 2", temperature)
     top_p = _number(body, "top_p", 1.0)
-    if not 0 < top_p <= 1:
-        raise _bad("top_p", "a number in (0, 1]", top_p)
+    if not 0 <= top_p <= 1:
+        raise _bad("top_p", "a number from 0 to 1", top_p)
     top_k = _integer(body, "top_k") or 0
     if top_k < 0:
         raise _bad("top_k", "an integer >= 0", top_k)
+    if top_p == 0:
+        top_p, top_k = 1.0, 1
     seed = _integer(body, "seed")
     if seed is not None and seed < 0:
-        raise _bad("seed", "an integer >= 0", seed)
+        seed = None
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
 
@@ -130,9 +144,9 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         return ()
     items = [v] if isinstance(v, str) else v
     if (not isinstance(items, list) or len(items) > 4
-            or not all(isinstance(s, str) and s for s in items)):
-        raise _bad("stop", "a non-empty string or a list of up to 4 of them", v)
-    return tuple(_text(s, "stop") for s in items)
+            or not all(isinstance(s, str) for s in items)):
+        raise _bad("stop", "a string or a list of up to 4 of them", v)
+    return tuple(_text(s, "stop") for s in items if s)  # "" stops nothing
 
 
 def _content(v: Any, i: int) -> str:
@@ -172,6 +186,9 @@ def _prompt(body: dict[str, Any]) -> str:
     v = body.get("prompt")
     if isinstance(v, list) and len(v) == 1:
         v = v[0]
+    if isinstance(v, list) and v:  # a batch, or token ids (OpenAI takes both)
+        raise _bad("prompt", "one non-empty string (several prompts, and prompts as "
+                   "token ids, are not supported)", v)
     if not isinstance(v, str) or not v.strip():
         raise _bad("prompt", "a non-empty string", v)
     return _text(v, "prompt")
@@ -224,9 +241,10 @@ def _include_usage(body: dict[str, Any], stream: bool) -> bool:
     if not stream:
         raise ApiError(400, "'stream_options' is only allowed when 'stream' is true",
                        param="stream_options", code="invalid_value")
-    if not isinstance(v, dict) or not isinstance(v.get("include_usage", False), bool):
+    include = v.get("include_usage") if isinstance(v, dict) else None
+    if not isinstance(v, dict) or not isinstance(include, (bool, type(None))):
         raise _bad("stream_options", 'an object like {"include_usage": true}', v)
-    return bool(v.get("include_usage", False))
+    return bool(include)  # null: the default, as for stream
 
 
 def parse_request(body: dict[str, Any], kind: str, max_tokens_cap: int) -> GenRequest:
@@ -313,6 +331,7 @@ class Answer:
 
     kind: str
     model: str
+    usage_asked: bool = False  # stream_options.include_usage: every chunk has "usage"
     id: str = ""
     created: int = 0
 
@@ -357,7 +376,7 @@ class Answer:
             choice, head = {"index": 0, "text": text or ""}, self._head("text_completion")
         choice |= {"finish_reason": finish, "logprobs": None}
         out = head | {"choices": [choice]}
-        if use is not None:
+        if use is not None or self.usage_asked:  # null until the usage chunk (OpenAI's)
             out["usage"] = use
         if extra is not None:
             out["specli"] = extra

@@ -188,7 +188,7 @@ async def _complete(request: Request, kind: str, worker: Worker, settings: Setti
         event, payload = await job.events.get()
         if event == "error":
             return error_response(payload)
-        answer = Answer(kind, settings.model_id)
+        answer = Answer(kind, settings.model_id, usage_asked=req.include_usage)
         if req.stream:  # from here on Starlette watches the connection itself
             return StreamingResponse(_stream(job, answer), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})

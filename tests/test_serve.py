@@ -372,6 +372,56 @@ def test_request_rules_found_by_the_audit():
         assert err.value.status == 400 and err.value.code == "invalid_json"
 
 
+def test_request_rules_found_by_the_third_audit():
+    """Two were 500s (a huge integer as temperature or top_p: OverflowError; a wrong
+    value nested ~945 deep: RecursionError quoting it back); the rest were 400s for what
+    OpenAI's API takes."""
+    from specli.openai_api import Answer, ApiError, parse_json, parse_request
+
+    def refused(body: dict) -> ApiError:
+        with pytest.raises(ApiError) as e:
+            parse_request(body, "chat", 64)
+        assert e.value.status == 400
+        return e.value
+
+    chat = {"messages": CHAT}
+    for name in ("temperature", "top_p"):
+        body = parse_json(b'{"%s": 1%s}' % (name.encode(), b"0" * 400))
+        assert refused({**chat, **body}).param == name
+    # near the recursion limit is a band of depths json.loads reads and json.dumps (the
+    # error quoting the value) cannot write; where it lies depends on the stack's depth
+    # (under pytest here: ~20 depths below the limit), so every depth is tried
+    for depth in range(1, sys.getrecursionlimit() + 50):
+        try:
+            deep = parse_json(b'{"max_tokens": ' + b"[" * depth + b"]" * depth + b"}")
+        except ApiError:  # too deep to read: the 400 parse_json gives
+            continue
+        assert refused({**chat, **deep}).param == "max_tokens"
+
+    def parsed(**kw):
+        return parse_request({**chat, **kw}, "chat", 64)
+
+    assert parsed(top_p=0).params.top_k == 1  # only the likeliest token
+    assert parsed(top_p=0, top_k=5).params.top_k == 1
+    assert parsed(seed=-1).params.seed is None  # llama.cpp clients' "random"
+    assert parsed(seed=7).params.seed == 7
+    assert parsed(max_tokens=8.0, n=1.0).max_tokens == 8
+    assert refused({**chat, "max_tokens": 8.5}).param == "max_tokens"
+    assert parsed(stop="").stop == () and parsed(stop=["", "x"]).stop == ("x",)
+    assert not parsed(stream=True, stream_options={"include_usage": None}).include_usage
+    for prompt in (["Hi", "Yo"], [1, 2, 3], [[1, 2, 3]]):
+        with pytest.raises(ApiError) as err:
+            parse_request({"prompt": prompt}, "completion", 64)
+        assert err.value.param == "prompt" and "not supported" in err.value.message
+    assert parse_request({"prompt": ["Hi"]}, "completion", 64).prompt == "Hi"
+    # usage asked for: every chunk before the usage chunk says "usage": null (OpenAI's)
+    for kind in ("chat", "completion"):
+        asked = Answer(kind, "m", usage_asked=True)
+        assert asked.chunk("x")["usage"] is None
+        assert asked.chunk(None, "stop", extra={})["usage"] is None
+        assert "usage" not in Answer(kind, "m").chunk("x")
+
+
 def test_a_full_queue_says_so_in_english():
     from types import SimpleNamespace
 
