@@ -69,6 +69,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     if settings.cors_origins:  # outside _QuietErrors: it answers browsers' preflights
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(_TrailingSlash)  # the outermost: every route, preflights too
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, Any]:
@@ -99,6 +100,22 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         return await _complete(request, "completion", worker, settings)
 
     return app
+
+
+class _TrailingSlash:
+    """`/v1/chat/completions/` is `/v1/chat/completions`: Starlette answered it with a
+    307 redirect and an empty body, which curl and httpx do not follow for a POST."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            raw = scope.get("raw_path") or path.encode()
+            scope = {**scope, "path": path.rstrip("/") or "/",
+                     "raw_path": raw.rstrip(b"/") or b"/"}
+        await self.app(scope, receive, send)
 
 
 class _QuietErrors:

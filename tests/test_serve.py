@@ -219,6 +219,9 @@ def test_bad_requests_get_openai_errors(tiny_server):
                "logprobs": False, "tool_choice": "none", "response_format": {"type": "text"}}
     assert tiny_server.post("/chat/completions", json=neutral).status_code == 200
     assert httpx.get(tiny_server.url + "/nowhere").json()["error"]["code"] == "not_found"
+    r = tiny_server.post("/chat/completions/", json=ok)  # was a 307 with an empty body
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+    assert httpx.get(tiny_server.url + "/models/").json()["object"] == "list"
     r = tiny_server.post("/chat/completions", json=ok)  # still up
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
 
