@@ -87,12 +87,15 @@ def _number(body: dict[str, Any], name: str, default: float) -> float:
     v = body.get(name)
     if v is None:
         return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _bad(name, "a number", v)
     try:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise _bad(name, "a number", v)
+        f = float(v)
     except OverflowError:  # an integer of hundreds of digits: valid JSON, no float
         raise _bad(name, "a number", v) from None
-    return float(v)
+    if not math.isfinite(f):
+        raise _bad(name, "a number", v)
+    return f
 
 
 def _integer(body: dict[str, Any], name: str) -> int | None:
